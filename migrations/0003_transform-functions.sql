@@ -1,0 +1,527 @@
+-- Up Migration
+-- The in-database transform: validation, snapshot resolution and flattening, all set-based.
+-- Error codes raised here (class HE) are mapped to clear messages by scripts/db.ts.
+
+-- Is the text a real calendar date written YYYY-MM-DD? (no exception handler: cheap in bulk)
+CREATE FUNCTION etl.is_ymd(t text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT CASE WHEN t ~ '^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$' THEN
+    substr(t, 1, 4)::int >= 1
+    AND substr(t, 9, 2)::int <= CASE
+      WHEN substr(t, 6, 2)::int IN (4, 6, 9, 11) THEN 30
+      WHEN substr(t, 6, 2)::int = 2 THEN
+        CASE WHEN (substr(t, 1, 4)::int % 4 = 0 AND substr(t, 1, 4)::int % 100 <> 0)
+               OR substr(t, 1, 4)::int % 400 = 0 THEN 29 ELSE 28 END
+      ELSE 31 END
+  ELSE false END
+$$;
+
+-- Is the text an RFC 3339 timestamp with a real calendar date and an explicit offset?
+CREATE FUNCTION etl.is_rfc3339(t text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT t ~ '^\d{4}-\d{2}-\d{2}[Tt ]([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d{1,9})?([Zz]|[+-](0\d|1[0-5]):[0-5]\d)$'
+     AND etl.is_ymd(substr(t, 1, 10))
+$$;
+
+-- YYYY-MM-DD text to date, NULL when it is not a real date.
+CREATE FUNCTION etl.to_date(t text) RETURNS date
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+  SELECT CASE WHEN etl.is_ymd(t) THEN t::date END
+$$;
+
+-- RFC 3339 text to timestamptz, NULL when it is not one.
+CREATE FUNCTION etl.to_timestamptz(t text) RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+  SELECT CASE WHEN etl.is_rfc3339(t) THEN t::timestamptz END
+$$;
+
+-- YYYY-MM-DD or RFC 3339 text to the calendar date as written, NULL when neither.
+CREATE FUNCTION etl.to_visit_date(t text) RETURNS date
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+  SELECT CASE WHEN etl.is_ymd(t) THEN t::date
+              WHEN etl.is_rfc3339(t) THEN substr(t, 1, 10)::date END
+$$;
+
+-- The array itself, or an empty array for anything else (so element functions never raise).
+CREATE FUNCTION etl.jarr(j jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT CASE WHEN jsonb_typeof(j) = 'array' THEN j ELSE '[]'::jsonb END
+$$;
+
+-- A string or number as text; NULL for JSON null, missing, or a structure.
+CREATE FUNCTION etl.jtext(j jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT CASE WHEN jsonb_typeof(j) IN ('string', 'number', 'boolean') THEN j #>> '{}' END
+$$;
+
+-- Is an optional value absent: missing or JSON null? (An empty string is a value, and a problem.)
+CREATE FUNCTION etl.is_absent(j jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT j IS NULL OR jsonb_typeof(j) = 'null'
+$$;
+
+-- Is the value absent for a required field: missing, JSON null or the empty string?
+CREATE FUNCTION etl.is_blank(j jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT j IS NULL OR jsonb_typeof(j) = 'null' OR j = '""'::jsonb
+$$;
+
+-- The name of a yearly visits partition.
+CREATE FUNCTION etl.visit_partition_name(y int) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT 'visits_y' || lpad(y::text, 4, '0')
+$$;
+
+-- Create the yearly clinical.visits partitions for the given years that do not exist yet.
+-- CREATE TABLE + ATTACH takes only SHARE UPDATE EXCLUSIVE on clinical.visits, so analysts'
+-- queries keep running while a new year is added.
+CREATE FUNCTION etl.ensure_visit_partitions(years int[]) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+  y int;
+  created int := 0;
+BEGIN
+  FOR y IN SELECT DISTINCT u FROM unnest(years) u WHERE u IS NOT NULL ORDER BY u LOOP
+    IF to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL THEN
+      EXECUTE format('CREATE TABLE clinical.%I (LIKE clinical.visits INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                     etl.visit_partition_name(y));
+      EXECUTE format('ALTER TABLE clinical.visits ATTACH PARTITION clinical.%I FOR VALUES FROM (%L) TO (%L)',
+                     etl.visit_partition_name(y), make_date(y, 1, 1), make_date(y + 1, 1, 1));
+      created := created + 1;
+    END IF;
+  END LOOP;
+  RETURN created;
+END
+$$;
+
+-- The advisory lock a loader holds on its batch while it stages documents.
+CREATE FUNCTION etl.loader_lock_key(batch_id bigint) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT 4848000000000000 + batch_id
+$$;
+
+-- The advisory lock that serializes transforms (one at a time keeps them deadlock-free).
+CREATE FUNCTION etl.transform_lock_key() RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT 4848000000000000::bigint - 1
+$$;
+
+-- Record documents the loader refused before staging (unparseable, too large): one landing row
+-- each (payload NULL, status rejected) and its reason, so every received document is counted.
+-- p_rejects is a JSON array of {source_file, line, item, byte_offset, sha256 (hex), format, reason}.
+CREATE FUNCTION etl.stage_rejects(p_batch_id bigint, p_rejects jsonb) RETURNS bigint
+LANGUAGE sql AS $$
+  WITH r AS (
+    SELECT x.*, substring(x.reason FROM '^[^:]*') AS field
+    FROM jsonb_to_recordset(p_rejects) AS x(source_file text, line bigint, item bigint, byte_offset bigint,
+                                            sha256 text, format text, reason text)
+  ), ins AS (
+    INSERT INTO landing.raw_documents (batch_id, source_file, line, item, byte_offset, content_sha256, format, status, payload)
+    SELECT p_batch_id, r.source_file, r.line, r.item, r.byte_offset, decode(r.sha256, 'hex'), r.format, 'rejected', NULL
+    FROM r
+    RETURNING document_id, source_file, byte_offset, line, item
+  ), rej AS (
+    INSERT INTO etl.rejected_documents (document_id, batch_id, source_file, line, item, byte_offset, field, reason, all_reasons)
+    SELECT ins.document_id, p_batch_id, ins.source_file, ins.line, ins.item, ins.byte_offset, r.field, r.reason, ARRAY[r.reason]
+    FROM ins JOIN r ON r.source_file = ins.source_file AND r.byte_offset = ins.byte_offset
+    RETURNING 1
+  )
+  SELECT count(*) FROM rej
+$$;
+
+-- Record a file whose bytes are identical to a file already staged: its documents are counted as
+-- duplicates, copied from the first staging's positions, without reading or parsing them again.
+CREATE FUNCTION etl.stage_duplicate_file(p_batch_id bigint, p_source_file text, p_size bigint, p_sha256 bytea,
+                                         p_of_batch bigint, p_of_file text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+  n bigint;
+BEGIN
+  INSERT INTO landing.raw_documents (batch_id, source_file, line, item, byte_offset, content_sha256, format, status, payload)
+  SELECT p_batch_id, p_source_file, d.line, d.item, d.byte_offset, d.content_sha256, d.format, 'duplicate', NULL
+  FROM landing.raw_documents d
+  WHERE d.batch_id = p_of_batch AND d.source_file = p_of_file
+  ORDER BY d.document_id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  INSERT INTO etl.batch_files (batch_id, source_file, size_bytes, file_sha256, documents, status, duplicate_of_batch, duplicate_of_file)
+  VALUES (p_batch_id, p_source_file, p_size, p_sha256, n, 'duplicate_file', p_of_batch, p_of_file);
+  RETURN n;
+END
+$$;
+
+-- Counts of a batch's documents by outcome; received must equal the sum of the outcomes.
+CREATE VIEW etl.batch_summary AS
+SELECT b.batch_id, b.status, b.started_at, b.staged_at, b.transformed_at,
+       count(d.document_id)                                AS received,
+       count(d.document_id) FILTER (WHERE d.status = 'staged')     AS staged,
+       count(d.document_id) FILTER (WHERE d.status = 'loaded')     AS loaded,
+       count(d.document_id) FILTER (WHERE d.status = 'rejected')   AS rejected,
+       count(d.document_id) FILTER (WHERE d.status = 'duplicate')  AS duplicate,
+       count(d.document_id) FILTER (WHERE d.status = 'superseded') AS superseded,
+       (SELECT count(*) FROM etl.batch_files f WHERE f.batch_id = b.batch_id) AS files,
+       (SELECT count(*) FROM etl.batch_files f WHERE f.batch_id = b.batch_id AND f.status IN ('unreadable', 'rejected')) AS failed_files
+FROM etl.batches b
+LEFT JOIN landing.raw_documents d ON d.batch_id = b.batch_id
+GROUP BY b.batch_id;
+COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents received and what became of them.';
+
+-- Transform one staged batch into the clinical tables, atomically, and return its outcome counts.
+CREATE FUNCTION etl.transform_batch(p_batch_id bigint)
+RETURNS TABLE (documents bigint, loaded bigint, rejected bigint, duplicate bigint, superseded bigint, problems bigint)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_status text;
+  v_years int[];
+BEGIN
+  PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
+
+  SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'batch % does not exist', p_batch_id
+      USING ERRCODE = 'HE001', HINT = 'Run "healthetl status" to list batches.';
+  END IF;
+  IF v_status = 'loading' THEN
+    -- A loader holds this lock while it stages; if we can take it, the loader is gone and
+    -- what it committed (whole files) is complete and can be transformed.
+    IF NOT pg_try_advisory_xact_lock(etl.loader_lock_key(p_batch_id)) THEN
+      RAISE EXCEPTION 'batch % is still being loaded', p_batch_id
+        USING ERRCODE = 'HE002', HINT = 'Wait for its loader to finish, then run "healthetl transform".';
+    END IF;
+  END IF;
+
+  DROP TABLE IF EXISTS pg_temp.t_docs, pg_temp.t_errors, pg_temp.t_visits, pg_temp.t_outcome, pg_temp.t_apply;
+
+  -- 1. The batch's staged documents, with the top-level fields validation needs.
+  CREATE TEMP TABLE t_docs ON COMMIT DROP AS
+  SELECT d.document_id, d.content_sha256,
+         jsonb_typeof(d.payload)        AS doc_type,
+         d.payload -> 'patient_id'      AS pid_j,
+         d.payload -> 'source_system'   AS ss_j,
+         jsonb_typeof(d.payload -> 'visits') AS visits_type,
+         d.payload ->> 'updated_at'     AS updated_raw
+  FROM landing.raw_documents d
+  WHERE d.batch_id = p_batch_id AND d.status = 'staged';
+
+  CREATE TEMP TABLE t_outcome (document_id bigint PRIMARY KEY, status text NOT NULL) ON COMMIT DROP;
+
+  -- 2. Duplicates: the same bytes were accepted before (loaded, superseded or themselves a
+  --    duplicate), or came earlier in this batch. Bytes rejected before are judged again, so a
+  --    re-sent bad document shows up as rejected in the new batch too.
+  INSERT INTO t_outcome
+  SELECT d.document_id, 'duplicate'
+  FROM t_docs d
+  WHERE EXISTS (SELECT 1 FROM landing.raw_documents o
+                WHERE o.content_sha256 = d.content_sha256
+                  AND (o.status IN ('loaded', 'superseded', 'duplicate')
+                       OR (o.batch_id = p_batch_id AND o.status = 'staged' AND o.document_id < d.document_id)));
+
+  -- 3. Document-level rules. sort_key orders the reasons: the first one is reported.
+  CREATE TEMP TABLE t_errors (document_id bigint, sort_key int[], field text, reason text) ON COMMIT DROP;
+  INSERT INTO t_errors
+  SELECT d.document_id, ARRAY[0, c.n], c.field, c.field || ': ' || c.msg
+  FROM t_docs d
+  CROSS JOIN LATERAL (VALUES
+    (1, '$', CASE WHEN d.doc_type <> 'object' THEN format('document is not a JSON object (found %s)', d.doc_type) END),
+    (2, 'patient_id', CASE WHEN d.doc_type = 'object' THEN CASE
+        WHEN etl.is_blank(d.pid_j) THEN 'is required'
+        WHEN jsonb_typeof(d.pid_j) NOT IN ('string', 'number')
+          THEN format('must be a string or a number (found %s)', jsonb_typeof(d.pid_j)) END END),
+    (3, 'source_system', CASE WHEN d.doc_type = 'object' AND jsonb_typeof(d.ss_j) NOT IN ('string', 'null')
+        THEN format('must be a string (found %s)', jsonb_typeof(d.ss_j)) END),
+    (4, 'visits', CASE WHEN d.doc_type = 'object' AND d.visits_type NOT IN ('array', 'null')
+        THEN format('must be an array (found %s)', d.visits_type) END)
+  ) AS c(n, field, msg)
+  WHERE c.msg IS NOT NULL
+    AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id);
+
+  -- 4. Visits of the documents still in play, each with its key assigned up front so that
+  --    children never join back to find it.
+  CREATE TEMP TABLE t_visits ON COMMIT DROP AS
+  SELECT d.document_id,
+         (e.ord - 1)::int                   AS position,
+         jsonb_typeof(e.v)                  AS vtype,
+         e.v -> 'visit_id'                  AS vid_j,
+         e.v ->> 'visit_date'               AS vdate_raw,
+         etl.to_visit_date(e.v ->> 'visit_date') AS visit_date,
+         nextval('clinical.visits_visit_key_seq') AS visit_key,  -- gaps from rejects are fine
+         e.v
+  FROM t_docs d
+  JOIN landing.raw_documents r ON r.document_id = d.document_id
+  CROSS JOIN LATERAL jsonb_array_elements(etl.jarr(r.payload -> 'visits')) WITH ORDINALITY AS e(v, ord)
+  WHERE d.doc_type = 'object' AND d.visits_type = 'array'
+    AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id);
+  ANALYZE t_visits;
+
+  -- 5. Visit-level rules.
+  INSERT INTO t_errors
+  SELECT v.document_id, ARRAY[1, v.position, 0, c.n], c.field, c.field || ': ' || c.msg
+  FROM (SELECT tv.*, etl.jtext(tv.vid_j) AS vid,
+               min(tv.position) OVER (PARTITION BY tv.document_id, etl.jtext(tv.vid_j)) AS first_pos
+        FROM t_visits tv) v
+  CROSS JOIN LATERAL (VALUES
+    (1, format('visits[%s]', v.position), CASE WHEN v.vtype <> 'object' THEN format('must be an object (found %s)', v.vtype) END),
+    (2, format('visits[%s].visit_id', v.position), CASE WHEN v.vtype = 'object' THEN CASE
+        WHEN etl.is_blank(v.vid_j) THEN 'is required'
+        WHEN jsonb_typeof(v.vid_j) NOT IN ('string', 'number')
+          THEN format('must be a string or a number (found %s)', jsonb_typeof(v.vid_j))
+        WHEN v.position > v.first_pos
+          THEN format('%s is a duplicate of visits[%s].visit_id', to_json(v.vid), v.first_pos) END END),
+    (3, format('visits[%s].visit_date', v.position), CASE WHEN v.vtype = 'object' THEN CASE
+        WHEN etl.is_blank(v.v -> 'visit_date') THEN 'is required'
+        WHEN v.visit_date IS NULL THEN format('%s is not a valid date', (v.v -> 'visit_date')::text) END END),
+    (4, format('visits[%s].diagnoses', v.position), CASE WHEN jsonb_typeof(v.v -> 'diagnoses') NOT IN ('array', 'null')
+        THEN format('must be an array (found %s)', jsonb_typeof(v.v -> 'diagnoses')) END),
+    (5, format('visits[%s].treatments', v.position), CASE WHEN jsonb_typeof(v.v -> 'treatments') NOT IN ('array', 'null')
+        THEN format('must be an array (found %s)', jsonb_typeof(v.v -> 'treatments')) END),
+    (6, format('visits[%s].provider_notes', v.position), CASE WHEN jsonb_typeof(v.v -> 'provider_notes') NOT IN ('array', 'null')
+        THEN format('must be an array (found %s)', jsonb_typeof(v.v -> 'provider_notes')) END)
+  ) AS c(n, field, msg)
+  WHERE c.msg IS NOT NULL;
+
+  -- 6. Child-level rules: every element an object; diagnoses need a code, notes a text.
+  INSERT INTO t_errors
+  SELECT tv.document_id, ARRAY[1, tv.position, k.n, (c.ord - 1)::int],
+         CASE WHEN jsonb_typeof(c.e) <> 'object'
+              THEN format('visits[%s].%s[%s]', tv.position, k.kind, c.ord - 1)
+              ELSE format('visits[%s].%s[%s].%s', tv.position, k.kind, c.ord - 1, k.required) END,
+         CASE WHEN jsonb_typeof(c.e) <> 'object'
+              THEN format('visits[%s].%s[%s]: must be an object (found %s)', tv.position, k.kind, c.ord - 1, jsonb_typeof(c.e))
+              ELSE format('visits[%s].%s[%s].%s: is required', tv.position, k.kind, c.ord - 1, k.required) END
+  FROM t_visits tv
+  CROSS JOIN LATERAL (VALUES (1, 'diagnoses', 'code'), (2, 'treatments', NULL), (3, 'provider_notes', 'text')) AS k(n, kind, required)
+  CROSS JOIN LATERAL jsonb_array_elements(etl.jarr(tv.v -> k.kind)) WITH ORDINALITY AS c(e, ord)
+  WHERE tv.vtype = 'object'
+    AND (jsonb_typeof(c.e) <> 'object' OR (k.required IS NOT NULL AND etl.is_blank(c.e -> k.required)));
+
+  -- 7. Rejected documents: one row each, the first reason and all of them.
+  INSERT INTO etl.rejected_documents (document_id, batch_id, source_file, line, item, byte_offset, field, reason, all_reasons)
+  SELECT r.document_id, r.batch_id, r.source_file, r.line, r.item, r.byte_offset,
+         e.fields[1], e.reasons[1], e.reasons
+  FROM (SELECT document_id, array_agg(field ORDER BY sort_key) AS fields, array_agg(reason ORDER BY sort_key) AS reasons
+        FROM t_errors GROUP BY document_id) e
+  JOIN landing.raw_documents r ON r.document_id = e.document_id;
+
+  INSERT INTO t_outcome SELECT DISTINCT document_id, 'rejected' FROM t_errors;
+
+  -- 8. Snapshot resolution. Order of snapshots: updated_at (missing or invalid = oldest), then
+  --    arrival (document_id). The newest candidate per patient may replace the current row.
+  CREATE TEMP TABLE t_apply ON COMMIT DROP AS
+  WITH cand AS (
+    SELECT d.document_id, d.content_sha256,
+           coalesce(nullif(etl.jtext(d.ss_j), ''), 'default') AS source_system,
+           etl.jtext(d.pid_j)                     AS source_patient_id,
+           etl.to_timestamptz(d.updated_raw)      AS updated_at
+    FROM t_docs d
+    WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id)
+  ), ranked AS (
+    SELECT c.*, row_number() OVER (PARTITION BY c.source_system, c.source_patient_id
+                                   ORDER BY coalesce(c.updated_at, '-infinity') DESC, c.document_id DESC) AS rn
+    FROM cand c
+  )
+  SELECT r.document_id, r.content_sha256, r.source_system, r.source_patient_id, r.updated_at, r.rn,
+         k.patient_key,
+         (p.patient_key IS NOT NULL) AS replacing,
+         (p.patient_key IS NOT NULL AND
+          (coalesce(p.source_updated_at, '-infinity'), p.document_id) > (coalesce(r.updated_at, '-infinity'), r.document_id)) AS older_than_current
+  FROM ranked r
+  LEFT JOIN etl.patient_keys k ON k.source_system = r.source_system AND k.source_patient_id = r.source_patient_id
+  LEFT JOIN clinical.patients p ON p.patient_key = k.patient_key;
+
+  INSERT INTO t_outcome SELECT document_id, 'superseded' FROM t_apply WHERE rn > 1 OR older_than_current;
+  DELETE FROM t_apply WHERE rn > 1 OR older_than_current;
+
+  -- 9. Keys for new patients, then the replaced patients' old visits and children go.
+  INSERT INTO etl.patient_keys (source_system, source_patient_id)
+  SELECT a.source_system, a.source_patient_id FROM t_apply a WHERE a.patient_key IS NULL
+  ORDER BY a.document_id
+  ON CONFLICT DO NOTHING;
+  UPDATE t_apply a SET patient_key = k.patient_key
+  FROM etl.patient_keys k
+  WHERE a.patient_key IS NULL AND k.source_system = a.source_system AND k.source_patient_id = a.source_patient_id;
+  CREATE UNIQUE INDEX ON t_apply (document_id);
+  ANALYZE t_apply;
+
+  DELETE FROM clinical.provider_notes c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+  DELETE FROM clinical.treatments     c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+  DELETE FROM clinical.diagnoses      c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+  DELETE FROM clinical.visits         c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+
+  -- 10. Patients: insert or replace the row.
+  INSERT INTO clinical.patients AS p (
+    patient_key, source_system, source_patient_id, mrn, ssn, name_prefix, given_name, family_name, name_suffix,
+    birth_date, sex, phone, email, address_lines, city, state, postal_code, country,
+    source_updated_at, document_id, content_sha256, batch_id, loaded_at)
+  SELECT a.patient_key, a.source_system, a.source_patient_id,
+         etl.jtext(j -> 'mrn'), etl.jtext(j -> 'ssn'),
+         etl.jtext(j #> '{name,prefix}'),
+         CASE jsonb_typeof(j #> '{name,given}')
+           WHEN 'string' THEN j #>> '{name,given}'
+           WHEN 'array' THEN (SELECT string_agg(g #>> '{}', ' ' ORDER BY o)
+                              FROM jsonb_array_elements(j #> '{name,given}') WITH ORDINALITY AS x(g, o)
+                              WHERE jsonb_typeof(g) = 'string') END,
+         etl.jtext(j #> '{name,family}'),
+         etl.jtext(j #> '{name,suffix}'),
+         etl.to_date(j ->> 'birth_date'),
+         CASE WHEN lower(j ->> 'sex') IN ('female', 'male', 'other', 'unknown') THEN lower(j ->> 'sex') END,
+         etl.jtext(j #> '{contact,phone}'), etl.jtext(j #> '{contact,email}'),
+         CASE WHEN jsonb_typeof(j #> '{address,line}') = 'array'
+              THEN ARRAY(SELECT etl.jtext(l) FROM jsonb_array_elements(j #> '{address,line}') AS x(l))
+              WHEN jsonb_typeof(j #> '{address,line}') = 'string' THEN ARRAY[j #>> '{address,line}'] END,
+         etl.jtext(j #> '{address,city}'), etl.jtext(j #> '{address,state}'),
+         etl.jtext(j #> '{address,postal_code}'), etl.jtext(j #> '{address,country}'),
+         a.updated_at, a.document_id, a.content_sha256, p_batch_id, now()
+  FROM t_apply a
+  JOIN landing.raw_documents r ON r.document_id = a.document_id
+  CROSS JOIN LATERAL (SELECT r.payload AS j) AS x
+  ON CONFLICT (patient_key) DO UPDATE SET
+    source_system = excluded.source_system, source_patient_id = excluded.source_patient_id,
+    mrn = excluded.mrn, ssn = excluded.ssn, name_prefix = excluded.name_prefix,
+    given_name = excluded.given_name, family_name = excluded.family_name, name_suffix = excluded.name_suffix,
+    birth_date = excluded.birth_date, sex = excluded.sex, phone = excluded.phone, email = excluded.email,
+    address_lines = excluded.address_lines, city = excluded.city, state = excluded.state,
+    postal_code = excluded.postal_code, country = excluded.country,
+    source_updated_at = excluded.source_updated_at, document_id = excluded.document_id,
+    content_sha256 = excluded.content_sha256, batch_id = excluded.batch_id, loaded_at = excluded.loaded_at;
+
+  -- 11. Visits (keys were assigned in step 4), partitions as needed, then one insert each.
+  DELETE FROM t_visits tv WHERE NOT EXISTS (SELECT 1 FROM t_apply a WHERE a.document_id = tv.document_id);
+  ALTER TABLE t_visits ADD COLUMN patient_key bigint;
+  UPDATE t_visits tv SET patient_key = a.patient_key FROM t_apply a WHERE a.document_id = tv.document_id;
+
+  SELECT array_agg(DISTINCT extract(year FROM tv.visit_date)::int) INTO v_years FROM t_visits tv;
+  PERFORM etl.ensure_visit_partitions(v_years);
+
+  INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, visit_start, discharge_date,
+                               visit_type, facility_id, facility_name, provider_npi, provider_name, position)
+  SELECT tv.patient_key, tv.visit_key, tv.visit_date, etl.jtext(tv.vid_j),
+         CASE WHEN NOT etl.is_ymd(tv.vdate_raw) THEN etl.to_timestamptz(tv.vdate_raw) END,
+         etl.to_visit_date(tv.v ->> 'discharge_date'),
+         CASE WHEN lower(tv.v ->> 'visit_type') IN ('outpatient', 'inpatient', 'emergency', 'telehealth', 'other')
+              THEN lower(tv.v ->> 'visit_type') END,
+         etl.jtext(tv.v #> '{facility,id}'), etl.jtext(tv.v #> '{facility,name}'),
+         etl.jtext(tv.v #> '{provider,npi}'), etl.jtext(tv.v #> '{provider,name}'),
+         tv.position
+  FROM t_visits tv;
+
+  INSERT INTO clinical.diagnoses (patient_key, visit_key, visit_date, position, code, code_system, description, is_primary)
+  SELECT tv.patient_key, tv.visit_key, tv.visit_date, (c.ord - 1)::int,
+         etl.jtext(c.e -> 'code'), coalesce(etl.jtext(c.e -> 'system'), 'ICD-10-CM'),
+         etl.jtext(c.e -> 'description'),
+         CASE WHEN jsonb_typeof(c.e -> 'primary') = 'boolean' THEN (c.e -> 'primary')::boolean END
+  FROM t_visits tv
+  CROSS JOIN LATERAL jsonb_array_elements(etl.jarr(tv.v -> 'diagnoses')) WITH ORDINALITY AS c(e, ord);
+
+  INSERT INTO clinical.treatments (patient_key, visit_key, visit_date, position, source_treatment_id, treatment_type,
+                                   code, code_system, name, dose, route, frequency, start_date, end_date)
+  SELECT tv.patient_key, tv.visit_key, tv.visit_date, (c.ord - 1)::int,
+         etl.jtext(c.e -> 'treatment_id'),
+         CASE WHEN etl.is_absent(c.e -> 'type') THEN 'medication'
+              WHEN lower(c.e ->> 'type') IN ('medication', 'procedure') THEN lower(c.e ->> 'type') END,
+         etl.jtext(c.e -> 'code'), etl.jtext(c.e -> 'system'), etl.jtext(c.e -> 'name'),
+         etl.jtext(c.e -> 'dose'), etl.jtext(c.e -> 'route'), etl.jtext(c.e -> 'frequency'),
+         etl.to_visit_date(c.e ->> 'start_date'), etl.to_visit_date(c.e ->> 'end_date')
+  FROM t_visits tv
+  CROSS JOIN LATERAL jsonb_array_elements(etl.jarr(tv.v -> 'treatments')) WITH ORDINALITY AS c(e, ord);
+
+  INSERT INTO clinical.provider_notes (patient_key, visit_key, visit_date, position, source_note_id, author, written_at, note_text)
+  SELECT tv.patient_key, tv.visit_key, tv.visit_date, (c.ord - 1)::int,
+         etl.jtext(c.e -> 'note_id'), etl.jtext(c.e -> 'author'),
+         etl.to_timestamptz(c.e ->> 'written_at'), etl.jtext(c.e -> 'text')
+  FROM t_visits tv
+  CROSS JOIN LATERAL jsonb_array_elements(etl.jarr(tv.v -> 'provider_notes')) WITH ORDINALITY AS c(e, ord);
+
+  -- 12. Problems: invalid optional values of the loaded documents (the value is not copied).
+  INSERT INTO etl.document_problems (document_id, batch_id, field, problem)
+  SELECT a.document_id, p_batch_id, c.field, c.problem
+  FROM t_apply a
+  JOIN landing.raw_documents r ON r.document_id = a.document_id
+  CROSS JOIN LATERAL (VALUES
+    ('birth_date', CASE WHEN NOT etl.is_absent(r.payload -> 'birth_date') AND etl.to_date(r.payload ->> 'birth_date') IS NULL
+                        THEN 'not a valid date (YYYY-MM-DD)' END),
+    ('sex', CASE WHEN NOT etl.is_absent(r.payload -> 'sex') AND lower(r.payload ->> 'sex') NOT IN ('female', 'male', 'other', 'unknown')
+                 THEN 'not one of female, male, other, unknown' END),
+    ('updated_at', CASE WHEN NOT etl.is_absent(r.payload -> 'updated_at') AND a.updated_at IS NULL
+                        THEN 'not a valid RFC 3339 timestamp' END),
+    ('name.given', CASE WHEN jsonb_typeof(r.payload #> '{name,given}') NOT IN ('string', 'array', 'null')
+                          OR (jsonb_typeof(r.payload #> '{name,given}') = 'array'
+                              AND jsonb_path_exists(r.payload #> '{name,given}', '$[*] ? (@.type() != "string")'))
+                        THEN 'not a string or an array of strings' END)
+  ) AS c(field, problem)
+  WHERE c.problem IS NOT NULL
+  UNION ALL
+  SELECT tv.document_id, p_batch_id, format('visits[%s].%s', tv.position, c.field), c.problem
+  FROM t_visits tv
+  CROSS JOIN LATERAL (VALUES
+    ('discharge_date', CASE WHEN NOT etl.is_absent(tv.v -> 'discharge_date') AND etl.to_visit_date(tv.v ->> 'discharge_date') IS NULL
+                            THEN 'not a valid date' END),
+    ('visit_type', CASE WHEN NOT etl.is_absent(tv.v -> 'visit_type')
+                             AND lower(tv.v ->> 'visit_type') NOT IN ('outpatient', 'inpatient', 'emergency', 'telehealth', 'other')
+                        THEN 'not one of outpatient, inpatient, emergency, telehealth, other' END)
+  ) AS c(field, problem)
+  WHERE c.problem IS NOT NULL
+  UNION ALL
+  SELECT tv.document_id, p_batch_id, format('visits[%s].%s[%s].%s', tv.position, c.kind, c.ord - 1, c.field), c.problem
+  FROM t_visits tv
+  CROSS JOIN LATERAL (
+    SELECT 'diagnoses' AS kind, x.ord, 'primary' AS field, 'not a boolean' AS problem
+    FROM jsonb_array_elements(etl.jarr(tv.v -> 'diagnoses')) WITH ORDINALITY AS x(e, ord)
+    WHERE NOT etl.is_absent(x.e -> 'primary') AND jsonb_typeof(x.e -> 'primary') <> 'boolean'
+    UNION ALL
+    SELECT 'treatments', x.ord, f.field, f.problem
+    FROM jsonb_array_elements(etl.jarr(tv.v -> 'treatments')) WITH ORDINALITY AS x(e, ord)
+    CROSS JOIN LATERAL (VALUES
+      ('type', CASE WHEN NOT etl.is_absent(x.e -> 'type') AND lower(x.e ->> 'type') NOT IN ('medication', 'procedure')
+                    THEN 'not one of medication, procedure' END),
+      ('start_date', CASE WHEN NOT etl.is_absent(x.e -> 'start_date') AND etl.to_visit_date(x.e ->> 'start_date') IS NULL
+                          THEN 'not a valid date' END),
+      ('end_date', CASE WHEN NOT etl.is_absent(x.e -> 'end_date') AND etl.to_visit_date(x.e ->> 'end_date') IS NULL
+                        THEN 'not a valid date' END)
+    ) AS f(field, problem)
+    WHERE f.problem IS NOT NULL
+    UNION ALL
+    SELECT 'provider_notes', x.ord, 'written_at', 'not a valid RFC 3339 timestamp'
+    FROM jsonb_array_elements(etl.jarr(tv.v -> 'provider_notes')) WITH ORDINALITY AS x(e, ord)
+    WHERE NOT etl.is_absent(x.e -> 'written_at') AND etl.to_timestamptz(x.e ->> 'written_at') IS NULL
+  ) AS c;
+
+  -- 13. Outcomes onto the landing rows, and the batch is done.
+  INSERT INTO t_outcome SELECT a.document_id, 'loaded' FROM t_apply a;
+  UPDATE landing.raw_documents d SET status = o.status
+  FROM t_outcome o WHERE o.document_id = d.document_id;
+
+  UPDATE etl.batches b
+  SET status = 'transformed', transformed_at = clock_timestamp(),
+      staged_at = coalesce(b.staged_at, clock_timestamp())
+  WHERE b.batch_id = p_batch_id;
+
+  RETURN QUERY
+  SELECT count(*),
+         count(*) FILTER (WHERE o.status = 'loaded'),
+         count(*) FILTER (WHERE o.status = 'rejected'),
+         count(*) FILTER (WHERE o.status = 'duplicate'),
+         count(*) FILTER (WHERE o.status = 'superseded'),
+         (SELECT count(*) FROM etl.document_problems p WHERE p.batch_id = p_batch_id)
+  FROM t_outcome o;
+END
+$fn$;
+COMMENT ON FUNCTION etl.transform_batch(bigint) IS
+  'Transform one staged batch into the clinical tables in one transaction; returns outcome counts.';
+
+-- Down Migration
+DROP FUNCTION etl.transform_batch(bigint);
+DROP VIEW etl.batch_summary;
+DROP FUNCTION etl.stage_duplicate_file(bigint, text, bigint, bytea, bigint, text);
+DROP FUNCTION etl.stage_rejects(bigint, jsonb);
+DROP FUNCTION etl.transform_lock_key();
+DROP FUNCTION etl.loader_lock_key(bigint);
+DROP FUNCTION etl.ensure_visit_partitions(int[]);
+DROP FUNCTION etl.visit_partition_name(int);
+DROP FUNCTION etl.is_blank(jsonb);
+DROP FUNCTION etl.is_absent(jsonb);
+DROP FUNCTION etl.jtext(jsonb);
+DROP FUNCTION etl.jarr(jsonb);
+DROP FUNCTION etl.to_visit_date(text);
+DROP FUNCTION etl.to_timestamptz(text);
+DROP FUNCTION etl.to_date(text);
+DROP FUNCTION etl.is_rfc3339(text);
+DROP FUNCTION etl.is_ymd(text);

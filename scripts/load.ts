@@ -1,0 +1,472 @@
+// Stages input files into landing.raw_documents with binary COPY: one batch per invocation,
+// one transaction per file (a killed loader leaves whole files or nothing), documents streamed
+// in chunks so memory does not grow with file size.
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { readdir, realpath, stat } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { PassThrough, type Readable } from 'node:stream';
+import { createGunzip } from 'node:zlib';
+import type pg from 'pg';
+import { from as copyFrom } from 'pg-copy-streams';
+import { connectPg, type Timeouts, DEFAULT_TIMEOUTS } from './db.ts';
+import { DEFAULT_MAX_DOCUMENT_BYTES, readJson, readNdjson, type DocumentFormat, type ReadEvent } from './read-documents.ts';
+
+export type Input =
+  | { kind: 'file'; path: string; format: DocumentFormat; gzip: boolean }
+  | { kind: 'stdin'; path: '-'; format: DocumentFormat; gzip: boolean }
+  | { kind: 'skipped'; path: string; reason: string }
+  | { kind: 'unreadable'; path: string; reason: string };
+
+export type FileOutcome = {
+  path: string;
+  status: 'staged' | 'duplicate_file' | 'unreadable' | 'rejected' | 'skipped';
+  documents: number;
+  rejected: number;
+  reason?: string;
+};
+
+export type LoadProgress = { files: number; documents: number; bytes: number; totalBytes: number };
+
+export type LoadOptions = {
+  maxDocumentBytes?: number;
+  chunkBytes?: number; // documents per COPY statement, by size
+  stdin?: Readable;
+  stdinFormat?: DocumentFormat;
+  timeouts?: Timeouts;
+  onProgress?: (p: LoadProgress) => void;
+  onFile?: (f: FileOutcome) => void;
+  onWait?: (message: string) => void;
+};
+
+export type LoadResult = { batchId: number; files: FileOutcome[]; documents: number; rejected: number };
+
+const SUPPORTED = /\.(ndjson|jsonl|json)(\.gz)?$/i;
+
+function classify(p: string): Input {
+  const m = SUPPORTED.exec(p);
+  if (!m) return { kind: 'skipped', path: p, reason: 'not a .json, .ndjson or .jsonl file (optionally .gz)' };
+  return { kind: 'file', path: p, format: m[1].toLowerCase() === 'json' ? 'json' : 'ndjson', gzip: Boolean(m[2]) };
+}
+
+function errorText(err: unknown): string {
+  const e = err as NodeJS.ErrnoException;
+  return e?.code ? `${e.code}: ${e.message.replace(/^[A-Z]+: /, '')}` : String((e as Error)?.message ?? err);
+}
+
+/** Expands the command-line paths: files as given, directories walked recursively (sorted), '-' for stdin. */
+export async function* expandInputs(paths: string[], stdinFormat: DocumentFormat = 'ndjson'): AsyncGenerator<Input> {
+  const seenDirs = new Set<string>();
+  async function* walk(dir: string): AsyncGenerator<Input> {
+    let real: string;
+    try {
+      real = await realpath(dir);
+    } catch (err) {
+      yield { kind: 'unreadable', path: dir, reason: errorText(err) };
+      return;
+    }
+    if (seenDirs.has(real)) {
+      yield { kind: 'skipped', path: dir, reason: 'directory already visited (symbolic link loop)' };
+      return;
+    }
+    seenDirs.add(real);
+    let entries: string[];
+    try {
+      entries = (await readdir(dir)).sort();
+    } catch (err) {
+      yield { kind: 'unreadable', path: dir, reason: errorText(err) };
+      return;
+    }
+    for (const name of entries) yield* visit(path.join(dir, name), false);
+  }
+  async function* visit(p: string, explicit: boolean): AsyncGenerator<Input> {
+    let st;
+    try {
+      st = await stat(p);
+    } catch (err) {
+      yield { kind: 'unreadable', path: p, reason: errorText(err) };
+      return;
+    }
+    if (st.isDirectory()) yield* walk(p);
+    else if (st.isFile()) {
+      const c = classify(p);
+      // A file named explicitly with an unknown extension is read as NDJSON rather than dropped.
+      yield explicit && c.kind === 'skipped' ? { kind: 'file', path: p, format: 'ndjson', gzip: false } : c;
+    } else yield { kind: 'skipped', path: p, reason: 'not a regular file' };
+  }
+  for (const p of paths) {
+    if (p === '-') yield { kind: 'stdin', path: '-', format: stdinFormat, gzip: false };
+    else yield* visit(p, true);
+  }
+}
+
+// ---- binary COPY encoding -------------------------------------------------------------------
+// Binary COPY needs no escaping of the JSON text: each field is a length and raw bytes
+// (jsonb's binary form is a version byte, 1, followed by the JSON text).
+const COPY_SIGNATURE = Buffer.from('PGCOPY\n\xff\r\n\0', 'latin1');
+const COPY_HEADER = Buffer.concat([COPY_SIGNATURE, Buffer.alloc(8)]);
+const COPY_TRAILER = Buffer.from([0xff, 0xff]);
+const NULL_FIELD = Buffer.from([0xff, 0xff, 0xff, 0xff]);
+const JSONB_VERSION = Buffer.from([1]);
+const COPY_SQL =
+  'COPY landing.raw_documents (batch_id, source_file, line, item, byte_offset, content_sha256, format, payload) FROM STDIN (FORMAT binary)';
+
+function int8Field(n: number | null): Buffer {
+  if (n === null) return NULL_FIELD;
+  const b = Buffer.allocUnsafe(12);
+  b.writeInt32BE(8, 0);
+  b.writeBigInt64BE(BigInt(n), 4);
+  return b;
+}
+function lengthOf(n: number): Buffer {
+  const b = Buffer.allocUnsafe(4);
+  b.writeInt32BE(n, 0);
+  return b;
+}
+function bytesField(b: Buffer): Buffer[] {
+  return [lengthOf(b.length), b];
+}
+
+type StagedDoc = { line: number | null; item: number | null; byteOffset: number; bytes: Buffer; sha256: Buffer };
+
+function encodeRow(batchId: number, file: Buffer, format: Buffer, d: StagedDoc): Buffer[] {
+  const count = Buffer.from([0, 8]);
+  return [
+    count,
+    int8Field(batchId),
+    ...bytesField(file),
+    int8Field(d.line),
+    int8Field(d.item),
+    int8Field(d.byteOffset),
+    ...bytesField(d.sha256),
+    ...bytesField(format),
+    lengthOf(d.bytes.length + 1),
+    JSONB_VERSION,
+    d.bytes,
+  ];
+}
+
+async function copyRows(client: pg.Client, parts: Buffer[]): Promise<void> {
+  const stream = client.query(copyFrom(COPY_SQL));
+  await new Promise<void>((resolve, reject) => {
+    stream.on('error', reject);
+    stream.on('finish', resolve);
+    stream.end(Buffer.concat([COPY_HEADER, ...parts, COPY_TRAILER]));
+  });
+}
+
+type Reject = { line: number | null; item: number | null; byteOffset: number; sha256: string; reason: string };
+
+/** Server message only: detail and context can quote the document, which may be PHI. */
+function serverReason(err: unknown): string {
+  const e = err as { message?: string; code?: string };
+  return `$: PostgreSQL refused the document: ${e.message ?? 'error'}${e.code ? ` (SQLSTATE ${e.code})` : ''}`;
+}
+
+const ZERO_SHA = '0'.repeat(64);
+
+class FileStager {
+  private docs: StagedDoc[] = [];
+  private bytes = 0;
+  private rejects: Reject[] = [];
+  private chunkNo = 0;
+  documents = 0;
+  rejected = 0;
+  private readonly file: Buffer;
+  private readonly fmt: Buffer;
+
+  constructor(
+    private readonly client: pg.Client,
+    private readonly batchId: number,
+    private readonly sourceFile: string,
+    private readonly format: DocumentFormat,
+    private readonly chunkBytes: number,
+  ) {
+    this.file = Buffer.from(sourceFile, 'utf8');
+    this.fmt = Buffer.from(format, 'utf8');
+  }
+
+  async add(ev: ReadEvent): Promise<void> {
+    if (ev.kind === 'file-error') throw new Error('file errors are handled by the caller');
+    this.documents++;
+    const sha = ev.bytes ? createHash('sha256').update(ev.bytes).digest() : null;
+    if (ev.kind === 'reject') {
+      this.rejects.push({ line: ev.line, item: ev.item, byteOffset: ev.byteOffset, sha256: sha ? sha.toString('hex') : ZERO_SHA, reason: ev.reason });
+      if (this.rejects.length >= 1000) await this.flushRejects();
+      return;
+    }
+    this.docs.push({ line: ev.line, item: ev.item, byteOffset: ev.byteOffset, bytes: ev.bytes, sha256: sha! });
+    this.bytes += ev.bytes.length;
+    if (this.bytes >= this.chunkBytes) await this.flushDocs();
+  }
+
+  async finish(): Promise<void> {
+    await this.flushDocs();
+    await this.flushRejects();
+  }
+
+  private async flushDocs(): Promise<void> {
+    if (this.docs.length === 0) return;
+    const docs = this.docs;
+    this.docs = [];
+    this.bytes = 0;
+    const sp = `chunk_${++this.chunkNo}`;
+    await this.client.query(`SAVEPOINT ${sp}`);
+    try {
+      await copyRows(this.client, docs.flatMap((d) => encodeRow(this.batchId, this.file, this.fmt, d)));
+      await this.client.query(`RELEASE SAVEPOINT ${sp}`);
+      return;
+    } catch (err) {
+      if (!isDataError(err)) throw err;
+      await this.client.query(`ROLLBACK TO SAVEPOINT ${sp}`);
+    }
+    // Rare path: the server refused something our checks let through. Find which, one by one.
+    for (const d of docs) {
+      await this.client.query(`SAVEPOINT one`);
+      try {
+        await copyRows(this.client, encodeRow(this.batchId, this.file, this.fmt, d));
+        await this.client.query(`RELEASE SAVEPOINT one`);
+      } catch (err) {
+        if (!isDataError(err)) throw err;
+        await this.client.query(`ROLLBACK TO SAVEPOINT one`);
+        this.rejects.push({ line: d.line, item: d.item, byteOffset: d.byteOffset, sha256: d.sha256.toString('hex'), reason: serverReason(err) });
+      }
+    }
+  }
+
+  async flushRejects(): Promise<void> {
+    if (this.rejects.length === 0) return;
+    const payload = this.rejects.map((r) => ({
+      source_file: this.sourceFile,
+      line: r.line,
+      item: r.item,
+      byte_offset: r.byteOffset,
+      sha256: r.sha256,
+      format: this.format,
+      reason: r.reason,
+    }));
+    this.rejected += this.rejects.length;
+    this.rejects = [];
+    await this.client.query('SELECT etl.stage_rejects($1, $2::jsonb)', [this.batchId, JSON.stringify(payload)]);
+  }
+}
+
+/** Class 22 (data exception) is a bad document; anything else (connection, lock) is not ours to swallow. */
+function isDataError(err: unknown): boolean {
+  const code = (err as { code?: string }).code;
+  return typeof code === 'string' && (code.startsWith('22') || code === '54001');
+}
+
+async function sha256OfFile(p: string): Promise<{ sha: Buffer; size: number }> {
+  const h = createHash('sha256');
+  let size = 0;
+  for await (const chunk of createReadStream(p, { highWaterMark: 1 << 20 }) as AsyncIterable<Buffer>) {
+    h.update(chunk);
+    size += chunk.length;
+  }
+  return { sha: h.digest(), size };
+}
+
+/** Stages all inputs as one new batch and returns what happened to each file. */
+export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input> | Input[], opts: LoadOptions = {}): Promise<LoadResult> {
+  const maxDoc = opts.maxDocumentBytes ?? DEFAULT_MAX_DOCUMENT_BYTES;
+  const chunkBytes = opts.chunkBytes ?? 4 * 1024 * 1024;
+  const client = await connectPg(databaseUrl, opts.timeouts ?? DEFAULT_TIMEOUTS);
+  const files: FileOutcome[] = [];
+  const progress: LoadProgress = { files: 0, documents: 0, bytes: 0, totalBytes: 0 };
+  let documents = 0;
+  let rejected = 0;
+  try {
+    const { rows } = await client.query<{ batch_id: string }>(
+      `INSERT INTO etl.batches (loader) VALUES ($1) RETURNING batch_id`,
+      [`healthetl on ${os.hostname()} (pid ${process.pid})`],
+    );
+    const batchId = Number(rows[0].batch_id);
+    // Held for the whole load: a transform that can take it knows this loader is gone.
+    await client.query('SELECT pg_advisory_lock(etl.loader_lock_key($1))', [batchId]);
+
+    const record = async (f: FileOutcome, extra?: { size?: number; sha?: Buffer }) => {
+      files.push(f);
+      if (f.status === 'unreadable' || f.status === 'skipped') {
+        await client.query(
+          `INSERT INTO etl.batch_files (batch_id, source_file, size_bytes, file_sha256, documents, status, error)
+           VALUES ($1, $2, $3, $4, 0, $5, $6) ON CONFLICT DO NOTHING`,
+          [batchId, f.path, extra?.size ?? null, extra?.sha ?? null, f.status, f.reason ?? null],
+        );
+      }
+      opts.onFile?.(f);
+    };
+
+    for await (const input of inputs) {
+      progress.files++;
+      if (input.kind === 'skipped' || input.kind === 'unreadable') {
+        await record({ path: input.path, status: input.kind, documents: 0, rejected: 0, reason: input.reason });
+        continue;
+      }
+      // Same bytes as a file already staged: count its documents as duplicates without parsing.
+      let fingerprint: { sha: Buffer; size: number } | undefined;
+      if (input.kind === 'file') {
+        try {
+          fingerprint = await sha256OfFile(input.path);
+        } catch (err) {
+          await record({ path: input.path, status: 'unreadable', documents: 0, rejected: 0, reason: errorText(err) });
+          continue;
+        }
+        progress.totalBytes += fingerprint.size;
+        const prior = await client.query<{ batch_id: string; source_file: string }>(
+          // A file with rejected documents is read again so that they are reported again.
+          `SELECT f.batch_id, f.source_file FROM etl.batch_files f
+           WHERE f.file_sha256 = $1 AND f.status = 'staged'
+             AND NOT EXISTS (SELECT 1 FROM landing.raw_documents d
+                             WHERE d.batch_id = f.batch_id AND d.source_file = f.source_file AND d.status = 'rejected')
+           ORDER BY f.batch_id LIMIT 1`,
+          [fingerprint.sha],
+        );
+        if (prior.rows.length > 0) {
+          const { rows: n } = await client.query<{ n: string }>(
+            'SELECT etl.stage_duplicate_file($1, $2, $3, $4, $5, $6) AS n',
+            [batchId, input.path, fingerprint.size, fingerprint.sha, prior.rows[0].batch_id, prior.rows[0].source_file],
+          );
+          const count = Number(n[0].n);
+          documents += count;
+          progress.documents += count;
+          progress.bytes += fingerprint.size;
+          opts.onProgress?.(progress);
+          await record({ path: input.path, status: 'duplicate_file', documents: count, rejected: 0 });
+          continue;
+        }
+      }
+      const outcome = await stageFile(client, batchId, input, fingerprint, maxDoc, chunkBytes, opts, progress);
+      documents += outcome.documents;
+      rejected += outcome.rejected;
+      await record(outcome, fingerprint);
+    }
+
+    await client.query(`UPDATE etl.batches SET status = 'staged', staged_at = clock_timestamp() WHERE batch_id = $1`, [batchId]);
+    await client.query('SELECT pg_advisory_unlock(etl.loader_lock_key($1))', [batchId]);
+    return { batchId, files, documents, rejected };
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
+async function stageFile(
+  client: pg.Client,
+  batchId: number,
+  input: Extract<Input, { kind: 'file' | 'stdin' }>,
+  fingerprint: { sha: Buffer; size: number } | undefined,
+  maxDoc: number,
+  chunkBytes: number,
+  opts: LoadOptions,
+  progress: LoadProgress,
+): Promise<FileOutcome> {
+  const sourceFile = input.path;
+  let readBytes = 0;
+  const raw: Readable = input.kind === 'stdin' ? (opts.stdin ?? process.stdin) : createReadStream(input.path, { highWaterMark: 1 << 20 });
+  raw.on('data', (c: Buffer) => {
+    readBytes += c.length;
+  });
+  let source: Readable = raw;
+  if (input.gzip) {
+    const gunzip = createGunzip();
+    raw.on('error', (e) => gunzip.destroy(e));
+    source = raw.pipe(gunzip);
+  } else if (input.kind === 'stdin') {
+    // Sniff gzip on stdin by its magic bytes.
+    source = await maybeGunzip(raw);
+  }
+  const events = input.format === 'json' ? readJson(source, maxDoc) : readNdjson(source, maxDoc);
+  const stager = new FileStager(client, batchId, sourceFile, input.format, chunkBytes);
+  const baseBytes = progress.bytes;
+  await client.query('BEGIN');
+  try {
+    let fileError: { byteOffset: number; reason: string } | null = null;
+    for await (const ev of events) {
+      if (ev.kind === 'file-error') {
+        fileError = ev;
+        break;
+      }
+      await stager.add(ev);
+      progress.documents++;
+      progress.bytes = baseBytes + readBytes;
+      if ((progress.documents & 255) === 0) opts.onProgress?.(progress);
+    }
+    if (fileError) {
+      // A malformed .json file is refused whole: undo what was staged from it, keep one reject row.
+      await client.query('ROLLBACK');
+      progress.documents -= stager.documents;
+      raw.destroy();
+      await client.query('BEGIN');
+      await client.query('SELECT etl.stage_rejects($1, $2::jsonb)', [
+        batchId,
+        JSON.stringify([
+          { source_file: sourceFile, line: null, item: null, byte_offset: 0, sha256: fingerprint?.sha.toString('hex') ?? ZERO_SHA, format: input.format, reason: fileError.reason },
+        ]),
+      ]);
+      await insertFileRow(client, batchId, sourceFile, fingerprint, 1, 'rejected', fileError.reason);
+      await client.query('COMMIT');
+      progress.documents++;
+      return { path: sourceFile, status: 'rejected', documents: 1, rejected: 1, reason: fileError.reason };
+    }
+    await stager.finish();
+    await insertFileRow(client, batchId, sourceFile, fingerprint, stager.documents, 'staged', null);
+    await client.query('COMMIT');
+    progress.bytes = baseBytes + readBytes;
+    opts.onProgress?.(progress);
+    return { path: sourceFile, status: 'staged', documents: stager.documents, rejected: stager.rejected };
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    raw.destroy();
+    progress.documents -= stager.documents;
+    if ((err as { code?: string }).code && /^[0-9A-Z]{5}$/.test((err as { code: string }).code)) throw err; // a server error
+    if (isConnectionError(err)) throw err;
+    // A read error (corrupt gzip, file vanished, I/O error): nothing from this file is kept.
+    return { path: sourceFile, status: 'unreadable', documents: 0, rejected: 0, reason: `${errorText(err)} (after ${readBytes} bytes)` };
+  }
+}
+
+function isConnectionError(err: unknown): boolean {
+  const m = (err as Error)?.message ?? '';
+  return /Connection terminated|ECONNRESET|ECONNREFUSED|Client has encountered a connection error|not queryable/.test(m);
+}
+
+async function insertFileRow(
+  client: pg.Client,
+  batchId: number,
+  sourceFile: string,
+  fingerprint: { sha: Buffer; size: number } | undefined,
+  documents: number,
+  status: 'staged' | 'rejected',
+  error: string | null,
+): Promise<void> {
+  await client.query(
+    `INSERT INTO etl.batch_files (batch_id, source_file, size_bytes, file_sha256, documents, status, error)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)
+     ON CONFLICT (batch_id, source_file) DO UPDATE SET documents = etl.batch_files.documents + excluded.documents`,
+    [batchId, sourceFile, fingerprint?.size ?? null, fingerprint?.sha ?? null, documents, status, error],
+  );
+}
+
+async function maybeGunzip(input: Readable): Promise<Readable> {
+  const out = new PassThrough();
+  const it = (input as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
+  const first = await it.next();
+  if (first.done) {
+    out.end();
+    return out;
+  }
+  const head: Buffer = first.value;
+  const gz = head.length >= 2 && head[0] === 0x1f && head[1] === 0x8b;
+  const target = gz ? createGunzip() : out;
+  if (gz) target.pipe(out);
+  (async () => {
+    target.write(head);
+    for (let r = await it.next(); !r.done; r = await it.next()) {
+      if (!target.write(r.value)) await new Promise((res) => target.once('drain', res));
+    }
+    target.end();
+  })().catch((e) => out.destroy(e));
+  if (gz) target.on('error', (e) => out.destroy(e));
+  return out;
+}

@@ -1,0 +1,91 @@
+// Schema migrations: node-pg-migrate over the SQL files in migrations/, under an advisory lock
+// that a second `migrate up` waits for (node-pg-migrate's own lock only fails fast).
+import { readdirSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { runner } from 'node-pg-migrate';
+import type pg from 'pg';
+import { connectPg } from './db.ts';
+
+export const MIGRATIONS_DIR = fileURLToPath(new URL('../migrations', import.meta.url));
+export const MIGRATIONS_TABLE = 'healthetl_migrations';
+// node-pg-migrate's lock id; holding it first makes its try-lock succeed on the same session.
+const MIGRATE_LOCK_ID = '7241865325823964';
+
+export type MigrationLog = (message: string) => void;
+
+export function migrationFiles(): string[] {
+  return readdirSync(MIGRATIONS_DIR)
+    .filter((f) => f.endsWith('.sql'))
+    .sort();
+}
+
+// Our files are numbered (0001_...), not timestamped; node-pg-migrate orders them by that
+// number correctly but complains about each one.
+function quietError(log: MigrationLog): MigrationLog {
+  return (m) => {
+    if (!/^Can't determine timestamp/.test(m)) log(m);
+  };
+}
+
+async function withMigrateLock<T>(client: pg.Client, log: MigrationLog, fn: () => Promise<T>): Promise<T> {
+  const { rows } = await client.query<{ ok: boolean }>(`SELECT pg_try_advisory_lock(${MIGRATE_LOCK_ID}) AS ok`);
+  if (!rows[0].ok) {
+    log('waiting for another migration to finish');
+    await client.query(`SET lock_timeout = 0`);
+    await client.query(`SELECT pg_advisory_lock(${MIGRATE_LOCK_ID})`);
+  }
+  try {
+    return await fn();
+  } finally {
+    await client.query(`SELECT pg_advisory_unlock(${MIGRATE_LOCK_ID})`).catch(() => undefined);
+  }
+}
+
+/** Applies (up) or reverts (down) migrations; count defaults to all for up and 1 for down. */
+export async function migrate(
+  databaseUrl: string,
+  direction: 'up' | 'down',
+  opts: { count?: number; log?: MigrationLog } = {},
+): Promise<string[]> {
+  const log = opts.log ?? (() => undefined);
+  const client = await connectPg(databaseUrl);
+  try {
+    return await withMigrateLock(client, log, async () => {
+      const ran = await runner({
+        dbClient: client,
+        dir: MIGRATIONS_DIR,
+        migrationsTable: MIGRATIONS_TABLE,
+        direction,
+        count: opts.count ?? (direction === 'up' ? Infinity : 1),
+        checkOrder: true,
+        // Each migration in its own transaction: a failed one leaves the previous ones applied.
+        singleTransaction: false,
+        logger: { debug: () => undefined, info: () => undefined, warn: log, error: quietError(log) },
+      });
+      return ran.map((m) => m.name);
+    });
+  } finally {
+    await client.end();
+  }
+}
+
+export type MigrationStatus = { name: string; appliedAt: Date | null };
+
+/** Every migration file with when it was applied (null when pending). */
+export async function migrationStatus(databaseUrl: string): Promise<MigrationStatus[]> {
+  const client = await connectPg(databaseUrl);
+  try {
+    const { rows: exists } = await client.query<{ t: string | null }>(`SELECT to_regclass($1) AS t`, [`public.${MIGRATIONS_TABLE}`]);
+    const applied = new Map<string, Date>();
+    if (exists[0].t) {
+      const { rows } = await client.query<{ name: string; run_on: Date }>(`SELECT name, run_on FROM public.${MIGRATIONS_TABLE}`);
+      for (const r of rows) applied.set(r.name, r.run_on);
+    }
+    return migrationFiles().map((f) => {
+      const name = f.replace(/\.sql$/, '');
+      return { name, appliedAt: applied.get(name) ?? null };
+    });
+  } finally {
+    await client.end();
+  }
+}

@@ -1,0 +1,348 @@
+// Splits an input stream into documents without holding more than one document in memory.
+// NDJSON: one document per line. JSON: one document, or the elements of a top-level array,
+// found by a byte scanner (strings, escapes, nesting) so each element's raw bytes and byte
+// offset are kept for hashing, COPY and error positions.
+import { isUtf8 } from 'node:buffer';
+import type { Readable } from 'node:stream';
+
+export type DocumentFormat = 'ndjson' | 'json';
+
+export type Position = {
+  line: number | null; // 1-based, NDJSON
+  item: number | null; // 0-based, element of a JSON array
+  byteOffset: number; // first byte of the document in the (decompressed) stream
+};
+
+/** A document whose bytes are valid UTF-8 JSON that PostgreSQL's jsonb will accept. */
+export type GoodDocument = Position & { kind: 'document'; bytes: Buffer };
+/** A document refused before staging; reason never quotes the document's content. */
+export type BadDocument = Position & { kind: 'reject'; bytes: Buffer | null; reason: string };
+/** The whole file is malformed (JSON files): nothing from it may be staged. */
+export type BadFile = { kind: 'file-error'; byteOffset: number; reason: string };
+export type ReadEvent = GoodDocument | BadDocument | BadFile;
+
+export const DEFAULT_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024;
+
+const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
+
+/** Collects the byte parts of one document across stream chunks; refuses to grow past a limit. */
+class Parts {
+  private parts: Buffer[] = [];
+  size = 0;
+  overflow = false;
+  constructor(private readonly max: number) {}
+  push(b: Buffer): void {
+    if (b.length === 0 || this.overflow) return;
+    if (this.size + b.length > this.max) {
+      this.overflow = true;
+      this.parts = [];
+      return;
+    }
+    this.parts.push(b);
+    this.size += b.length;
+  }
+  take(): Buffer {
+    const out = this.parts.length === 1 ? this.parts[0] : Buffer.concat(this.parts, this.size);
+    this.parts = [];
+    this.size = 0;
+    this.overflow = false;
+    return out;
+  }
+  reset(): void {
+    this.parts = [];
+    this.size = 0;
+    this.overflow = false;
+  }
+}
+
+function isSpace(c: number): boolean {
+  return c === 0x20 || c === 0x0a || c === 0x0d || c === 0x09;
+}
+
+function tooLarge(max: number): string {
+  return `$: document is larger than the ${Math.round(max / 1024 / 1024)} MiB limit (--max-document-mb)`;
+}
+
+/** Byte index of the first invalid UTF-8 sequence (only called once isUtf8 said there is one). */
+function firstInvalidUtf8(b: Buffer): number {
+  let i = 0;
+  while (i < b.length) {
+    const c = b[i];
+    const n = c < 0x80 ? 1 : c >= 0xc2 && c < 0xe0 ? 2 : c >= 0xe0 && c < 0xf0 ? 3 : c >= 0xf0 && c < 0xf5 ? 4 : 0;
+    if (n === 0 || i + n > b.length) return i;
+    for (let k = 1; k < n; k++) if ((b[i + k] & 0xc0) !== 0x80) return i;
+    const s = b.subarray(i, i + n).toString('utf8');
+    if (s === '\ufffd') return i; // overlong or surrogate encodings decode to U+FFFD
+    i += n;
+  }
+  return b.length;
+}
+
+// A \u escape preceded by an even number of backslashes is a real escape, not an escaped backslash.
+const NUL_ESCAPE = /(?<!\\)(?:\\\\)*\\u0000/;
+const SURROGATE_ESCAPE = /(?<!\\)(?:\\\\)*\\u([dD][89a-fA-F][0-9a-fA-F]{2})(\\u[dD][c-fC-F][0-9a-fA-F]{2})?/g;
+const LOW_SURROGATE = /(?<!\\)(?:\\\\)*\\u[dD][c-fC-F][0-9a-fA-F]{2}/g;
+
+/**
+ * Checks one document's bytes: UTF-8, JSON syntax, and what jsonb refuses (\u0000, lone surrogates).
+ * Returns null when good, else a reason naming the byte position (relative to the document start
+ * plus `base`) but never quoting the content.
+ */
+export function checkDocument(bytes: Buffer, base: number): string | null {
+  if (!isUtf8(bytes)) {
+    return `$: not valid UTF-8 (at byte ${base + firstInvalidUtf8(bytes)})`;
+  }
+  const text = bytes.toString('utf8');
+  try {
+    JSON.parse(text);
+  } catch (err) {
+    const m = /position (\d+)/.exec((err as Error).message);
+    const chars = m ? Number(m[1]) : text.length;
+    const at = base + Buffer.byteLength(text.slice(0, chars));
+    const what = m ? 'syntax error' : 'unexpected end of input';
+    return `$: not valid JSON: ${what} (at byte ${at})`;
+  }
+  if (text.includes('\\u')) {
+    const nul = NUL_ESCAPE.exec(text);
+    if (nul) {
+      const at = base + Buffer.byteLength(text.slice(0, nul.index));
+      return `$: contains \\u0000, which PostgreSQL cannot store (at byte ${at})`;
+    }
+    const paired = new Set<number>();
+    for (const s of text.matchAll(SURROGATE_ESCAPE)) {
+      if (!s[2]) {
+        return `$: contains an unpaired UTF-16 surrogate escape (at byte ${base + Buffer.byteLength(text.slice(0, s.index))})`;
+      }
+      paired.add(s.index! + s[0].length - s[2].length);
+    }
+    for (const s of text.matchAll(LOW_SURROGATE)) {
+      const escAt = s.index! + s[0].length - 6;
+      if (!paired.has(escAt)) {
+        return `$: contains an unpaired UTF-16 surrogate escape (at byte ${base + Buffer.byteLength(text.slice(0, escAt))})`;
+      }
+    }
+  }
+  return null;
+}
+
+function event(bytes: Buffer, pos: Position): GoodDocument | BadDocument {
+  const reason = checkDocument(bytes, pos.byteOffset);
+  return reason ? { kind: 'reject', bytes, reason, ...pos } : { kind: 'document', bytes, ...pos };
+}
+
+/** One document per line; blank lines are not documents. A bad line rejects that line only. */
+export async function* readNdjson(input: Readable, maxBytes = DEFAULT_MAX_DOCUMENT_BYTES): AsyncGenerator<ReadEvent> {
+  const parts = new Parts(maxBytes);
+  let line = 1;
+  let lineStart = 0; // byte offset of the current line
+  let offset = 0; // byte offset of the current chunk
+  let first = true;
+  for await (const raw of input as AsyncIterable<Buffer>) {
+    let chunk = raw;
+    if (first) {
+      first = false;
+      if (chunk.subarray(0, 3).equals(BOM)) {
+        chunk = chunk.subarray(3);
+        offset = 3;
+        lineStart = 3;
+      }
+    }
+    let from = 0;
+    for (;;) {
+      const nl = chunk.indexOf(0x0a, from);
+      if (nl < 0) {
+        parts.push(chunk.subarray(from));
+        break;
+      }
+      parts.push(chunk.subarray(from, nl));
+      const ev = finishLine(parts, line, lineStart, maxBytes);
+      if (ev) yield ev;
+      line++;
+      from = nl + 1;
+      lineStart = offset + from;
+    }
+    offset += chunk.length;
+  }
+  const ev = finishLine(parts, line, lineStart, maxBytes);
+  if (ev) yield ev;
+}
+
+function finishLine(parts: Parts, line: number, byteOffset: number, maxBytes: number): ReadEvent | null {
+  const pos = { line, item: null, byteOffset };
+  if (parts.overflow) {
+    parts.reset();
+    return { kind: 'reject', bytes: null, reason: tooLarge(maxBytes), ...pos };
+  }
+  let b = parts.take();
+  let end = b.length;
+  while (end > 0 && isSpace(b[end - 1])) end--;
+  let start = 0;
+  while (start < end && isSpace(b[start])) start++;
+  if (start === end) return null;
+  b = b.subarray(start, end);
+  return event(b, { ...pos, byteOffset: byteOffset + start });
+}
+
+/**
+ * A .json file: a single document, or an array whose elements are documents. Any syntax error
+ * makes the whole file bad (a file-error event; the caller discards what it staged from it).
+ */
+export async function* readJson(input: Readable, maxBytes = DEFAULT_MAX_DOCUMENT_BYTES): AsyncGenerator<ReadEvent> {
+  const parts = new Parts(maxBytes);
+  // Scanner state.
+  type Mode = 'start' | 'single' | 'array-value' | 'array-after' | 'end';
+  let mode = 'start' as Mode;
+  let depth = 0; // nesting inside the current element
+  let inString = false;
+  let escaped = false;
+  let scalar = false; // current element is a bare number/literal
+  let elemStart = -1; // byte offset where the current element began, -1 when between elements
+  let item = 0;
+  let offset = 0;
+  let singleStart = 0;
+  let first = true;
+
+  for await (const raw of input as AsyncIterable<Buffer>) {
+    let chunk = raw;
+    if (first) {
+      first = false;
+      if (chunk.subarray(0, 3).equals(BOM)) {
+        chunk = chunk.subarray(3);
+        offset = 3;
+      }
+    }
+    if (mode === 'single') {
+      parts.push(chunk);
+      offset += chunk.length;
+      continue;
+    }
+    let segStart = elemStart >= 0 ? 0 : -1; // where the current element's bytes start in this chunk
+    for (let i = 0; i < chunk.length; i++) {
+      const c = chunk[i];
+      if (mode === 'start') {
+        if (isSpace(c)) continue;
+        if (c === 0x5b /* [ */) {
+          mode = 'array-value';
+          continue;
+        }
+        mode = 'single';
+        singleStart = offset + i;
+        parts.push(chunk.subarray(i));
+        break;
+      }
+      if (mode === 'end') {
+        if (isSpace(c)) continue;
+        yield { kind: 'file-error', byteOffset: offset + i, reason: `$: not valid JSON: unexpected data after the top-level array (at byte ${offset + i})` };
+        return;
+      }
+      if (elemStart < 0) {
+        // Between elements.
+        if (isSpace(c)) continue;
+        if ((mode as Mode) === 'array-after') {
+          if (c === 0x2c /* , */) {
+            mode = 'array-value';
+            continue;
+          }
+          if (c === 0x5d /* ] */) {
+            mode = 'end';
+            continue;
+          }
+          yield { kind: 'file-error', byteOffset: offset + i, reason: `$: not valid JSON: expected ',' or ']' after array item ${item - 1} (at byte ${offset + i})` };
+          return;
+        }
+        // mode === 'array-value'
+        if (c === 0x5d && item === 0) {
+          mode = 'end';
+          continue;
+        }
+        if (c === 0x2c || c === 0x5d) {
+          yield { kind: 'file-error', byteOffset: offset + i, reason: `$: not valid JSON: expected a value for array item ${item} (at byte ${offset + i})` };
+          return;
+        }
+        elemStart = offset + i;
+        segStart = i;
+        depth = 0;
+        inString = false;
+        escaped = false;
+        scalar = !(c === 0x7b || c === 0x5b || c === 0x22);
+        if (scalar) continue;
+        if (c === 0x22) {
+          inString = true;
+          continue;
+        }
+        depth = 1;
+        continue;
+      }
+      // Inside an element.
+      if (inString) {
+        if (escaped) escaped = false;
+        else if (c === 0x5c) escaped = true;
+        else if (c === 0x22) {
+          inString = false;
+          if (depth === 0) {
+            yield* emitElement(chunk.subarray(segStart, i + 1));
+            continue;
+          }
+        }
+        continue;
+      }
+      if (scalar) {
+        if (isSpace(c) || c === 0x2c || c === 0x5d) {
+          yield* emitElement(chunk.subarray(segStart, i));
+          i--; // let the separator be read between elements
+        }
+        continue;
+      }
+      if (c === 0x22) inString = true;
+      else if (c === 0x7b || c === 0x5b) depth++;
+      else if (c === 0x7d || c === 0x5d) {
+        depth--;
+        if (depth === 0) yield* emitElement(chunk.subarray(segStart, i + 1));
+      }
+    }
+    if (elemStart >= 0 && segStart >= 0) parts.push(chunk.subarray(segStart));
+    offset += chunk.length;
+  }
+
+  if (mode === 'single') {
+    if (parts.overflow) {
+      yield { kind: 'reject', bytes: null, reason: tooLarge(maxBytes), line: null, item: null, byteOffset: singleStart };
+      return;
+    }
+    const b = parts.take();
+    let end = b.length;
+    while (end > 0 && isSpace(b[end - 1])) end--;
+    const ev = event(b.subarray(0, end), { line: null, item: null, byteOffset: singleStart });
+    // A single-document file that is not valid JSON is a malformed file.
+    if (ev.kind === 'reject') yield { kind: 'file-error', byteOffset: singleStart, reason: ev.reason };
+    else yield ev;
+    return;
+  }
+  if (mode === 'start') return; // empty or whitespace-only file: no documents
+  if (mode !== 'end') {
+    yield { kind: 'file-error', byteOffset: offset, reason: `$: not valid JSON: unexpected end of input inside the top-level array (at byte ${offset})` };
+  }
+
+  function* emitElement(tail: Buffer): Generator<ReadEvent> {
+    const pos = { line: null, item, byteOffset: elemStart };
+    parts.push(tail);
+    const overflow = parts.overflow;
+    const bytes = parts.take();
+    item++;
+    elemStart = -1;
+    mode = 'array-after';
+    if (overflow) {
+      yield { kind: 'reject', bytes: null, reason: tooLarge(maxBytes), ...pos };
+      return;
+    }
+    const ev = event(bytes, pos);
+    if (ev.kind === 'reject') {
+      // Inside a .json file a syntax error means the file is malformed as a whole.
+      if (ev.reason.startsWith('$: not valid JSON')) {
+        yield { kind: 'file-error', byteOffset: pos.byteOffset, reason: ev.reason.replace('$:', `$[${pos.item}]:`) };
+        return;
+      }
+    }
+    yield ev;
+  }
+}

@@ -1,0 +1,51 @@
+// Batch bookkeeping for `healthetl status`: what each batch received and what became of it.
+import { z } from 'zod';
+import type { DatabasePool } from 'slonik';
+import { sql } from './db.ts';
+
+const BatchSummary = z.object({
+  batch_id: z.coerce.number(),
+  status: z.string(),
+  started_at: z.coerce.number().transform((ms) => new Date(ms).toISOString()),
+  received: z.coerce.number(),
+  staged: z.coerce.number(),
+  loaded: z.coerce.number(),
+  rejected: z.coerce.number(),
+  duplicate: z.coerce.number(),
+  superseded: z.coerce.number(),
+  files: z.coerce.number(),
+  failed_files: z.coerce.number(),
+});
+export type BatchSummary = z.infer<typeof BatchSummary> & { balanced: boolean };
+
+/** received = staged + loaded + rejected + duplicate + superseded, for every batch. */
+export function isBalanced(b: z.infer<typeof BatchSummary>): boolean {
+  return b.received === b.staged + b.loaded + b.rejected + b.duplicate + b.superseded;
+}
+
+export async function batchSummaries(pool: DatabasePool, opts: { batchId?: number; limit?: number } = {}): Promise<BatchSummary[]> {
+  const where = opts.batchId === undefined ? sql.fragment`TRUE` : sql.fragment`batch_id = ${opts.batchId}`;
+  const rows = await pool.any(sql.type(BatchSummary)`
+    SELECT batch_id, status, started_at, received, staged, loaded, rejected, duplicate, superseded, files, failed_files
+    FROM etl.batch_summary WHERE ${where}
+    ORDER BY batch_id DESC LIMIT ${opts.limit ?? 20}`);
+  return rows.map((r) => ({ ...r, balanced: isBalanced(r) }));
+}
+
+const Rejected = z.object({
+  source_file: z.string(),
+  line: z.coerce.number().nullable(),
+  item: z.coerce.number().nullable(),
+  byte_offset: z.coerce.number(),
+  field: z.string(),
+});
+export type RejectedRow = z.infer<typeof Rejected>;
+
+/** Where the rejects of a batch are and which field each names (not the reason: it may quote a value). */
+export async function rejectedDocuments(pool: DatabasePool, batchId: number, limit = 20): Promise<RejectedRow[]> {
+  return [
+    ...(await pool.any(sql.type(Rejected)`
+      SELECT source_file, line, item, byte_offset, field FROM etl.rejected_documents
+      WHERE batch_id = ${batchId} ORDER BY document_id LIMIT ${limit}`)),
+  ];
+}
