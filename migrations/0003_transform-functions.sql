@@ -396,8 +396,8 @@ BEGIN
   SELECT tv.patient_key, tv.visit_key, tv.visit_date, etl.jtext(tv.vid_j),
          CASE WHEN NOT etl.is_ymd(tv.vdate_raw) THEN etl.to_timestamptz(tv.vdate_raw) END,
          etl.to_visit_date(tv.v ->> 'discharge_date'),
-         CASE WHEN lower(tv.v ->> 'visit_type') IN ('outpatient', 'inpatient', 'emergency', 'telehealth', 'other')
-              THEN lower(tv.v ->> 'visit_type') END,
+         CASE WHEN (tv.v ->> 'visit_type') IN ('outpatient', 'inpatient', 'emergency', 'telehealth', 'other')
+              THEN (tv.v ->> 'visit_type') END,
          etl.jtext(tv.v #> '{facility,id}'), etl.jtext(tv.v #> '{facility,name}'),
          etl.jtext(tv.v #> '{provider,npi}'), etl.jtext(tv.v #> '{provider,name}'),
          tv.position
@@ -416,7 +416,7 @@ BEGIN
   SELECT tv.patient_key, tv.visit_key, tv.visit_date, (c.ord - 1)::int,
          etl.jtext(c.e -> 'treatment_id'),
          CASE WHEN etl.is_absent(c.e -> 'type') THEN 'medication'
-              WHEN lower(c.e ->> 'type') IN ('medication', 'procedure') THEN lower(c.e ->> 'type') END,
+              WHEN c.e ->> 'type' IN ('medication', 'procedure') THEN c.e ->> 'type' END,
          etl.jtext(c.e -> 'code'), etl.jtext(c.e -> 'system'), etl.jtext(c.e -> 'name'),
          etl.jtext(c.e -> 'dose'), etl.jtext(c.e -> 'route'), etl.jtext(c.e -> 'frequency'),
          etl.to_visit_date(c.e ->> 'start_date'), etl.to_visit_date(c.e ->> 'end_date')
@@ -455,7 +455,7 @@ BEGIN
     ('discharge_date', CASE WHEN NOT etl.is_absent(tv.v -> 'discharge_date') AND etl.to_visit_date(tv.v ->> 'discharge_date') IS NULL
                             THEN 'not a valid date' END),
     ('visit_type', CASE WHEN NOT etl.is_absent(tv.v -> 'visit_type')
-                             AND lower(tv.v ->> 'visit_type') NOT IN ('outpatient', 'inpatient', 'emergency', 'telehealth', 'other')
+                             AND (tv.v ->> 'visit_type') NOT IN ('outpatient', 'inpatient', 'emergency', 'telehealth', 'other')
                         THEN 'not one of outpatient, inpatient, emergency, telehealth, other' END)
   ) AS c(field, problem)
   WHERE c.problem IS NOT NULL
@@ -470,7 +470,7 @@ BEGIN
     SELECT 'treatments', x.ord, f.field, f.problem
     FROM jsonb_array_elements(etl.jarr(tv.v -> 'treatments')) WITH ORDINALITY AS x(e, ord)
     CROSS JOIN LATERAL (VALUES
-      ('type', CASE WHEN NOT etl.is_absent(x.e -> 'type') AND lower(x.e ->> 'type') NOT IN ('medication', 'procedure')
+      ('type', CASE WHEN NOT etl.is_absent(x.e -> 'type') AND (x.e ->> 'type') NOT IN ('medication', 'procedure')
                     THEN 'not one of medication, procedure' END),
       ('start_date', CASE WHEN NOT etl.is_absent(x.e -> 'start_date') AND etl.to_visit_date(x.e ->> 'start_date') IS NULL
                           THEN 'not a valid date' END),

@@ -6,7 +6,7 @@ import { createReadStream } from 'node:fs';
 import { readdir, realpath, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { PassThrough, type Readable } from 'node:stream';
+import { PassThrough, Readable } from 'node:stream';
 import { createGunzip } from 'node:zlib';
 import type pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
@@ -364,17 +364,24 @@ async function stageFile(
   const sourceFile = input.path;
   let readBytes = 0;
   const raw: Readable = input.kind === 'stdin' ? (opts.stdin ?? process.stdin) : createReadStream(input.path, { highWaterMark: 1 << 20 });
-  raw.on('data', (c: Buffer) => {
-    readBytes += c.length;
-  });
-  let source: Readable = raw;
+  // Count bytes as the reader pulls them (a 'data' listener would race the reader for chunks).
+  const counted = Readable.from(
+    (async function* () {
+      for await (const c of raw as AsyncIterable<Buffer>) {
+        readBytes += c.length;
+        yield c;
+      }
+    })(),
+    { objectMode: false },
+  );
+  let source: Readable = counted;
   if (input.gzip) {
     const gunzip = createGunzip();
-    raw.on('error', (e) => gunzip.destroy(e));
-    source = raw.pipe(gunzip);
+    counted.on('error', (e) => gunzip.destroy(e));
+    source = counted.pipe(gunzip);
   } else if (input.kind === 'stdin') {
     // Sniff gzip on stdin by its magic bytes.
-    source = await maybeGunzip(raw);
+    source = await maybeGunzip(counted);
   }
   const events = input.format === 'json' ? readJson(source, maxDoc) : readNdjson(source, maxDoc);
   const stager = new FileStager(client, batchId, sourceFile, input.format, chunkBytes);

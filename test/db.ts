@@ -1,0 +1,38 @@
+// One database per test file, cloned from the migrated template that global-setup built.
+import pg from 'pg';
+import { afterAll, beforeAll, inject } from 'vitest';
+
+export function urlFor(db: string): string {
+  const u = new URL(inject('adminUrl'));
+  u.pathname = `/${db}`;
+  return u.toString();
+}
+
+let counter = 0;
+
+/** Creates a fresh migrated database for this file; dropped after the file's tests. */
+export function useTestDatabase(): { url: () => string; query: <R extends pg.QueryResultRow = any>(text: string, values?: unknown[]) => Promise<R[]> } {
+  // The template's creator process id keeps names unique per run (teardown drops leftovers).
+  const owner = inject('templateDb').split('_')[2];
+  const name = `healthetl_t_${owner}_${process.pid}_${++counter}_${Math.random().toString(36).slice(2, 8)}`;
+  let client: pg.Client;
+  beforeAll(async () => {
+    const admin = new pg.Client({ connectionString: inject('adminUrl') });
+    await admin.connect();
+    await admin.query(`CREATE DATABASE ${name} TEMPLATE ${inject('templateDb')}`);
+    await admin.end();
+    client = new pg.Client({ connectionString: urlFor(name) });
+    await client.connect();
+  });
+  afterAll(async () => {
+    await client?.end();
+    const admin = new pg.Client({ connectionString: inject('adminUrl') });
+    await admin.connect();
+    await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+    await admin.end();
+  });
+  return {
+    url: () => urlFor(name),
+    query: async (text, values) => (await client.query(text, values as unknown[])).rows,
+  };
+}
