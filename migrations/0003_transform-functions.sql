@@ -166,6 +166,12 @@ GROUP BY b.batch_id;
 COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents received and what became of them.';
 
 -- Transform one staged batch into the clinical tables, atomically, and return its outcome counts.
+-- Performance notes (measured with npm run bench):
+-- * each payload is decompressed a few times only: the top-level fields come out of ONE
+--   jsonb_to_record call into t_docs, visits out of one jsonb_array_elements pass into t_visits;
+--   every later statement reads those small values, never the landing payload again;
+-- * checks first compute a cheap boolean per row and build messages only for the rows that fail;
+-- * visit keys are taken from the sequence up front, so children never join back to find them.
 CREATE FUNCTION etl.transform_batch(p_batch_id bigint)
 RETURNS TABLE (documents bigint, loaded bigint, rejected bigint, duplicate bigint, superseded bigint, problems bigint)
 LANGUAGE plpgsql AS $fn$
@@ -173,6 +179,7 @@ DECLARE
   v_status text;
   v_years int[];
 BEGIN
+
   PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
 
   SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id FOR UPDATE;
@@ -189,18 +196,31 @@ BEGIN
     END IF;
   END IF;
 
-  DROP TABLE IF EXISTS pg_temp.t_docs, pg_temp.t_errors, pg_temp.t_visits, pg_temp.t_outcome, pg_temp.t_apply;
+  -- Sorts and hashes of a whole batch fit in memory rather than spilling to disk.
+  PERFORM set_config('work_mem', '64MB', true);
+  -- The batch's temporary tables are scanned several times: keep them in local buffers rather
+  -- than re-reading them through the kernel (8MB by default). Settable only before a session's
+  -- first temporary table, so later calls in the same session keep the value set here.
+  BEGIN
+    PERFORM set_config('temp_buffers', '1GB', false);
+  EXCEPTION WHEN OTHERS THEN
+    NULL;
+  END;
+  DROP TABLE IF EXISTS pg_temp.t_docs, pg_temp.t_errors, pg_temp.t_visits, pg_temp.t_outcome, pg_temp.t_apply, pg_temp.t_dup;
 
-  -- 1. The batch's staged documents, with the top-level fields validation needs.
+  -- 1. The batch's staged documents: the top-level fields, extracted once.
   CREATE TEMP TABLE t_docs ON COMMIT DROP AS
-  SELECT d.document_id, d.content_sha256,
-         jsonb_typeof(d.payload)        AS doc_type,
-         d.payload -> 'patient_id'      AS pid_j,
-         d.payload -> 'source_system'   AS ss_j,
-         jsonb_typeof(d.payload -> 'visits') AS visits_type,
-         d.payload ->> 'updated_at'     AS updated_raw
-  FROM landing.raw_documents d
-  WHERE d.batch_id = p_batch_id AND d.status = 'staged';
+  SELECT d.document_id, d.content_sha256, d.doc_type, d.visits_type, x.*
+  FROM (SELECT r.document_id, r.content_sha256, r.payload, jsonb_typeof(r.payload) AS doc_type,
+               jsonb_typeof(r.payload -> 'visits') AS visits_type
+        FROM landing.raw_documents r
+        WHERE r.batch_id = p_batch_id AND r.status = 'staged'
+        OFFSET 0) d
+  CROSS JOIN LATERAL jsonb_to_record(CASE WHEN d.doc_type = 'object' THEN d.payload ELSE '{}'::jsonb END)
+    AS x(patient_id jsonb, source_system jsonb, updated_at jsonb, mrn jsonb, ssn jsonb, name jsonb,
+         birth_date jsonb, sex jsonb, contact jsonb, address jsonb);
+  CREATE UNIQUE INDEX ON t_docs (document_id);
+  ANALYZE t_docs;
 
   CREATE TEMP TABLE t_outcome (document_id bigint PRIMARY KEY, status text NOT NULL) ON COMMIT DROP;
 
@@ -223,41 +243,69 @@ BEGIN
   CROSS JOIN LATERAL (VALUES
     (1, '$', CASE WHEN d.doc_type <> 'object' THEN format('document is not a JSON object (found %s)', d.doc_type) END),
     (2, 'patient_id', CASE WHEN d.doc_type = 'object' THEN CASE
-        WHEN etl.is_blank(d.pid_j) THEN 'is required'
-        WHEN jsonb_typeof(d.pid_j) NOT IN ('string', 'number')
-          THEN format('must be a string or a number (found %s)', jsonb_typeof(d.pid_j)) END END),
-    (3, 'source_system', CASE WHEN d.doc_type = 'object' AND jsonb_typeof(d.ss_j) NOT IN ('string', 'null')
-        THEN format('must be a string (found %s)', jsonb_typeof(d.ss_j)) END),
+        WHEN etl.is_blank(d.patient_id) THEN 'is required'
+        WHEN jsonb_typeof(d.patient_id) NOT IN ('string', 'number')
+          THEN format('must be a string or a number (found %s)', jsonb_typeof(d.patient_id)) END END),
+    (3, 'source_system', CASE WHEN d.doc_type = 'object' AND jsonb_typeof(d.source_system) NOT IN ('string', 'null')
+        THEN format('must be a string (found %s)', jsonb_typeof(d.source_system)) END),
     (4, 'visits', CASE WHEN d.doc_type = 'object' AND d.visits_type NOT IN ('array', 'null')
         THEN format('must be an array (found %s)', d.visits_type) END)
   ) AS c(n, field, msg)
   WHERE c.msg IS NOT NULL
+    AND (d.doc_type <> 'object' OR etl.is_blank(d.patient_id) OR jsonb_typeof(d.patient_id) NOT IN ('string', 'number')
+         OR jsonb_typeof(d.source_system) NOT IN ('string', 'null') OR d.visits_type NOT IN ('array', 'null'))
     AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id);
 
-  -- 4. Visits of the documents still in play, each with its key assigned up front so that
-  --    children never join back to find it.
+  -- 4. Visits of the documents still in play, keys assigned up front (gaps from rejects are
+  --    fine); `bad` marks the few rows that need a closer look.
   CREATE TEMP TABLE t_visits ON COMMIT DROP AS
-  SELECT d.document_id,
-         (e.ord - 1)::int                   AS position,
-         jsonb_typeof(e.v)                  AS vtype,
-         e.v -> 'visit_id'                  AS vid_j,
-         e.v ->> 'visit_date'               AS vdate_raw,
-         etl.to_visit_date(e.v ->> 'visit_date') AS visit_date,
-         nextval('clinical.visits_visit_key_seq') AS visit_key,  -- gaps from rejects are fine
-         e.v
-  FROM t_docs d
-  JOIN landing.raw_documents r ON r.document_id = d.document_id
-  CROSS JOIN LATERAL jsonb_array_elements(etl.jarr(r.payload -> 'visits')) WITH ORDINALITY AS e(v, ord)
-  WHERE d.doc_type = 'object' AND d.visits_type = 'array'
-    AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id);
+  SELECT v.*,
+         (v.vtype <> 'object' OR etl.is_blank(v.vid_j) OR jsonb_typeof(v.vid_j) NOT IN ('string', 'number')
+          OR v.visit_date IS NULL
+          OR coalesce(jsonb_typeof(v.v -> 'diagnoses') NOT IN ('array', 'null'), false)
+          OR coalesce(jsonb_typeof(v.v -> 'treatments') NOT IN ('array', 'null'), false)
+          OR coalesce(jsonb_typeof(v.v -> 'provider_notes') NOT IN ('array', 'null'), false)
+          -- children without their required field, or not objects (jsonpath: one C-level pass)
+          OR v.v @? '$.diagnoses[*] ? (@.type() != "object" || !exists(@.code) || @.code == null || @.code == "")'
+          OR v.v @? '$.treatments[*] ? (@.type() != "object")'
+          OR v.v @? '$.provider_notes[*] ? (@.type() != "object" || !exists(@.text) || @.text == null || @.text == "")'
+         ) AS bad
+  FROM (
+    SELECT d.document_id,
+           (e.ord - 1)::int                   AS position,
+           jsonb_typeof(e.v)                  AS vtype,
+           e.v -> 'visit_id'                  AS vid_j,
+           etl.jtext(e.v -> 'visit_id')       AS vid,
+           e.v ->> 'visit_date'               AS vdate_raw,
+           etl.to_visit_date(e.v ->> 'visit_date') AS visit_date,
+           nextval('clinical.visits_visit_key_seq') AS visit_key,
+           e.v ->> 'discharge_date'           AS discharge_raw,
+           e.v ->> 'visit_type'               AS type_raw,
+           e.v -> 'facility'                  AS facility,
+           e.v -> 'provider'                  AS provider,
+           e.v
+    FROM t_docs d
+    JOIN landing.raw_documents r ON r.document_id = d.document_id
+    CROSS JOIN LATERAL jsonb_array_elements(etl.jarr(r.payload -> 'visits')) WITH ORDINALITY AS e(v, ord)
+    WHERE d.doc_type = 'object' AND d.visits_type = 'array'
+      AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id)
+  ) v;
   ANALYZE t_visits;
 
-  -- 5. Visit-level rules.
+  -- Repeated visit_ids within a document (compared as text).
+  CREATE TEMP TABLE t_dup ON COMMIT DROP AS
+  SELECT tv.document_id, tv.vid, min(tv.position) AS first_pos
+  FROM t_visits tv WHERE tv.vid IS NOT NULL AND tv.vid <> ''
+  GROUP BY tv.document_id, tv.vid HAVING count(*) > 1;
+  ANALYZE t_dup;  -- usually empty: lets the planner hash it rather than all of t_visits
+
+  -- 5. Visit-level rules, for the flagged rows only.
   INSERT INTO t_errors
   SELECT v.document_id, ARRAY[1, v.position, 0, c.n], c.field, c.field || ': ' || c.msg
-  FROM (SELECT tv.*, etl.jtext(tv.vid_j) AS vid,
-               min(tv.position) OVER (PARTITION BY tv.document_id, etl.jtext(tv.vid_j)) AS first_pos
-        FROM t_visits tv) v
+  FROM (SELECT tv.*, dp.first_pos
+        FROM t_visits tv
+        LEFT JOIN t_dup dp ON dp.document_id = tv.document_id AND dp.vid = tv.vid
+        WHERE tv.bad OR tv.position > dp.first_pos) v
   CROSS JOIN LATERAL (VALUES
     (1, format('visits[%s]', v.position), CASE WHEN v.vtype <> 'object' THEN format('must be an object (found %s)', v.vtype) END),
     (2, format('visits[%s].visit_id', v.position), CASE WHEN v.vtype = 'object' THEN CASE
@@ -278,7 +326,8 @@ BEGIN
   ) AS c(n, field, msg)
   WHERE c.msg IS NOT NULL;
 
-  -- 6. Child-level rules: every element an object; diagnoses need a code, notes a text.
+  -- 6. Child-level rules, for the flagged visits only: every element an object; diagnoses need
+  --    a code, notes a text.
   INSERT INTO t_errors
   SELECT tv.document_id, ARRAY[1, tv.position, k.n, (c.ord - 1)::int],
          CASE WHEN jsonb_typeof(c.e) <> 'object'
@@ -290,7 +339,7 @@ BEGIN
   FROM t_visits tv
   CROSS JOIN LATERAL (VALUES (1, 'diagnoses', 'code'), (2, 'treatments', NULL), (3, 'provider_notes', 'text')) AS k(n, kind, required)
   CROSS JOIN LATERAL jsonb_array_elements(etl.jarr(tv.v -> k.kind)) WITH ORDINALITY AS c(e, ord)
-  WHERE tv.vtype = 'object'
+  WHERE tv.bad AND tv.vtype = 'object'
     AND (jsonb_typeof(c.e) <> 'object' OR (k.required IS NOT NULL AND etl.is_blank(c.e -> k.required)));
 
   -- 7. Rejected documents: one row each, the first reason and all of them.
@@ -308,9 +357,9 @@ BEGIN
   CREATE TEMP TABLE t_apply ON COMMIT DROP AS
   WITH cand AS (
     SELECT d.document_id, d.content_sha256,
-           coalesce(nullif(etl.jtext(d.ss_j), ''), 'default') AS source_system,
-           etl.jtext(d.pid_j)                     AS source_patient_id,
-           etl.to_timestamptz(d.updated_raw)      AS updated_at
+           coalesce(nullif(etl.jtext(d.source_system), ''), 'default') AS source_system,
+           etl.jtext(d.patient_id)                     AS source_patient_id,
+           etl.to_timestamptz(d.updated_at #>> '{}')   AS updated_at
     FROM t_docs d
     WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id)
   ), ranked AS (
@@ -341,38 +390,39 @@ BEGIN
   CREATE UNIQUE INDEX ON t_apply (document_id);
   ANALYZE t_apply;
 
-  DELETE FROM clinical.provider_notes c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
-  DELETE FROM clinical.treatments     c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
-  DELETE FROM clinical.diagnoses      c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
-  DELETE FROM clinical.visits         c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+  IF EXISTS (SELECT 1 FROM t_apply WHERE replacing) THEN
+    DELETE FROM clinical.provider_notes c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+    DELETE FROM clinical.treatments     c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+    DELETE FROM clinical.diagnoses      c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+    DELETE FROM clinical.visits         c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+  END IF;
 
-  -- 10. Patients: insert or replace the row.
+  -- 10. Patients: insert or replace the row, from the fields extracted in step 1.
   INSERT INTO clinical.patients AS p (
     patient_key, source_system, source_patient_id, mrn, ssn, name_prefix, given_name, family_name, name_suffix,
     birth_date, sex, phone, email, address_lines, city, state, postal_code, country,
     source_updated_at, document_id, content_sha256, batch_id, loaded_at)
   SELECT a.patient_key, a.source_system, a.source_patient_id,
-         etl.jtext(j -> 'mrn'), etl.jtext(j -> 'ssn'),
-         etl.jtext(j #> '{name,prefix}'),
-         CASE jsonb_typeof(j #> '{name,given}')
-           WHEN 'string' THEN j #>> '{name,given}'
+         etl.jtext(d.mrn), etl.jtext(d.ssn),
+         etl.jtext(d.name -> 'prefix'),
+         CASE jsonb_typeof(d.name -> 'given')
+           WHEN 'string' THEN d.name ->> 'given'
            WHEN 'array' THEN (SELECT string_agg(g #>> '{}', ' ' ORDER BY o)
-                              FROM jsonb_array_elements(j #> '{name,given}') WITH ORDINALITY AS x(g, o)
+                              FROM jsonb_array_elements(d.name -> 'given') WITH ORDINALITY AS x(g, o)
                               WHERE jsonb_typeof(g) = 'string') END,
-         etl.jtext(j #> '{name,family}'),
-         etl.jtext(j #> '{name,suffix}'),
-         etl.to_date(j ->> 'birth_date'),
-         CASE WHEN lower(j ->> 'sex') IN ('female', 'male', 'other', 'unknown') THEN lower(j ->> 'sex') END,
-         etl.jtext(j #> '{contact,phone}'), etl.jtext(j #> '{contact,email}'),
-         CASE WHEN jsonb_typeof(j #> '{address,line}') = 'array'
-              THEN ARRAY(SELECT etl.jtext(l) FROM jsonb_array_elements(j #> '{address,line}') AS x(l))
-              WHEN jsonb_typeof(j #> '{address,line}') = 'string' THEN ARRAY[j #>> '{address,line}'] END,
-         etl.jtext(j #> '{address,city}'), etl.jtext(j #> '{address,state}'),
-         etl.jtext(j #> '{address,postal_code}'), etl.jtext(j #> '{address,country}'),
+         etl.jtext(d.name -> 'family'),
+         etl.jtext(d.name -> 'suffix'),
+         etl.to_date(d.birth_date #>> '{}'),
+         CASE WHEN lower(d.sex #>> '{}') IN ('female', 'male', 'other', 'unknown') THEN lower(d.sex #>> '{}') END,
+         etl.jtext(d.contact -> 'phone'), etl.jtext(d.contact -> 'email'),
+         CASE jsonb_typeof(d.address -> 'line')
+           WHEN 'array' THEN ARRAY(SELECT etl.jtext(l) FROM jsonb_array_elements(d.address -> 'line') AS x(l))
+           WHEN 'string' THEN ARRAY[d.address ->> 'line'] END,
+         etl.jtext(d.address -> 'city'), etl.jtext(d.address -> 'state'),
+         etl.jtext(d.address -> 'postal_code'), etl.jtext(d.address -> 'country'),
          a.updated_at, a.document_id, a.content_sha256, p_batch_id, now()
   FROM t_apply a
-  JOIN landing.raw_documents r ON r.document_id = a.document_id
-  CROSS JOIN LATERAL (SELECT r.payload AS j) AS x
+  JOIN t_docs d ON d.document_id = a.document_id
   ON CONFLICT (patient_key) DO UPDATE SET
     source_system = excluded.source_system, source_patient_id = excluded.source_patient_id,
     mrn = excluded.mrn, ssn = excluded.ssn, name_prefix = excluded.name_prefix,
@@ -383,106 +433,118 @@ BEGIN
     source_updated_at = excluded.source_updated_at, document_id = excluded.document_id,
     content_sha256 = excluded.content_sha256, batch_id = excluded.batch_id, loaded_at = excluded.loaded_at;
 
-  -- 11. Visits (keys were assigned in step 4), partitions as needed, then one insert each.
-  DELETE FROM t_visits tv WHERE NOT EXISTS (SELECT 1 FROM t_apply a WHERE a.document_id = tv.document_id);
-  ALTER TABLE t_visits ADD COLUMN patient_key bigint;
-  UPDATE t_visits tv SET patient_key = a.patient_key FROM t_apply a WHERE a.document_id = tv.document_id;
-
-  SELECT array_agg(DISTINCT extract(year FROM tv.visit_date)::int) INTO v_years FROM t_visits tv;
+  -- 11. Visits (keys assigned in step 4) into the partitions they need, then the children.
+  SELECT array_agg(DISTINCT extract(year FROM tv.visit_date)::int) INTO v_years
+  FROM t_visits tv JOIN t_apply a ON a.document_id = tv.document_id;
   PERFORM etl.ensure_visit_partitions(v_years);
 
   INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, visit_start, discharge_date,
                                visit_type, facility_id, facility_name, provider_npi, provider_name, position)
-  SELECT tv.patient_key, tv.visit_key, tv.visit_date, etl.jtext(tv.vid_j),
+  SELECT a.patient_key, tv.visit_key, tv.visit_date, tv.vid,
          CASE WHEN NOT etl.is_ymd(tv.vdate_raw) THEN etl.to_timestamptz(tv.vdate_raw) END,
-         etl.to_visit_date(tv.v ->> 'discharge_date'),
-         CASE WHEN (tv.v ->> 'visit_type') IN ('outpatient', 'inpatient', 'emergency', 'telehealth', 'other')
-              THEN (tv.v ->> 'visit_type') END,
-         etl.jtext(tv.v #> '{facility,id}'), etl.jtext(tv.v #> '{facility,name}'),
-         etl.jtext(tv.v #> '{provider,npi}'), etl.jtext(tv.v #> '{provider,name}'),
+         etl.to_visit_date(tv.discharge_raw),
+         CASE WHEN tv.type_raw IN ('outpatient', 'inpatient', 'emergency', 'telehealth', 'other') THEN tv.type_raw END,
+         etl.jtext(tv.facility -> 'id'), etl.jtext(tv.facility -> 'name'),
+         etl.jtext(tv.provider -> 'npi'), etl.jtext(tv.provider -> 'name'),
          tv.position
-  FROM t_visits tv;
-
-  INSERT INTO clinical.diagnoses (patient_key, visit_key, visit_date, position, code, code_system, description, is_primary)
-  SELECT tv.patient_key, tv.visit_key, tv.visit_date, (c.ord - 1)::int,
-         etl.jtext(c.e -> 'code'), coalesce(etl.jtext(c.e -> 'system'), 'ICD-10-CM'),
-         etl.jtext(c.e -> 'description'),
-         CASE WHEN jsonb_typeof(c.e -> 'primary') = 'boolean' THEN (c.e -> 'primary')::boolean END
   FROM t_visits tv
-  CROSS JOIN LATERAL jsonb_array_elements(etl.jarr(tv.v -> 'diagnoses')) WITH ORDINALITY AS c(e, ord);
+  JOIN t_apply a ON a.document_id = tv.document_id;
 
-  INSERT INTO clinical.treatments (patient_key, visit_key, visit_date, position, source_treatment_id, treatment_type,
-                                   code, code_system, name, dose, route, frequency, start_date, end_date)
-  SELECT tv.patient_key, tv.visit_key, tv.visit_date, (c.ord - 1)::int,
-         etl.jtext(c.e -> 'treatment_id'),
-         CASE WHEN etl.is_absent(c.e -> 'type') THEN 'medication'
-              WHEN c.e ->> 'type' IN ('medication', 'procedure') THEN c.e ->> 'type' END,
-         etl.jtext(c.e -> 'code'), etl.jtext(c.e -> 'system'), etl.jtext(c.e -> 'name'),
-         etl.jtext(c.e -> 'dose'), etl.jtext(c.e -> 'route'), etl.jtext(c.e -> 'frequency'),
-         etl.to_visit_date(c.e ->> 'start_date'), etl.to_visit_date(c.e ->> 'end_date')
-  FROM t_visits tv
-  CROSS JOIN LATERAL jsonb_array_elements(etl.jarr(tv.v -> 'treatments')) WITH ORDINALITY AS c(e, ord);
+  -- Children: each kind expanded once; the same rows feed the insert and the problem check.
+  WITH src AS MATERIALIZED (
+    SELECT a.patient_key, tv.document_id, tv.position AS vpos, tv.visit_key, tv.visit_date, (c.ord - 1)::int AS position, x.*
+    FROM t_visits tv
+    JOIN t_apply a ON a.document_id = tv.document_id
+    CROSS JOIN LATERAL jsonb_array_elements(tv.v -> 'diagnoses') WITH ORDINALITY AS c(e, ord)
+    CROSS JOIN LATERAL jsonb_to_record(c.e) AS x(code jsonb, system jsonb, description jsonb, "primary" jsonb)
+  ), ins AS (
+    INSERT INTO clinical.diagnoses (patient_key, visit_key, visit_date, position, code, code_system, description, is_primary)
+    SELECT s.patient_key, s.visit_key, s.visit_date, s.position,
+           etl.jtext(s.code), coalesce(etl.jtext(s.system), 'ICD-10-CM'), etl.jtext(s.description),
+           CASE WHEN jsonb_typeof(s."primary") = 'boolean' THEN s."primary"::boolean END
+    FROM src s
+  )
+  INSERT INTO etl.document_problems (document_id, batch_id, field, problem)
+  SELECT s.document_id, p_batch_id, format('visits[%s].diagnoses[%s].primary', s.vpos, s.position), 'not a boolean'
+  FROM src s
+  WHERE NOT etl.is_absent(s."primary") AND jsonb_typeof(s."primary") <> 'boolean';
 
-  INSERT INTO clinical.provider_notes (patient_key, visit_key, visit_date, position, source_note_id, author, written_at, note_text)
-  SELECT tv.patient_key, tv.visit_key, tv.visit_date, (c.ord - 1)::int,
-         etl.jtext(c.e -> 'note_id'), etl.jtext(c.e -> 'author'),
-         etl.to_timestamptz(c.e ->> 'written_at'), etl.jtext(c.e -> 'text')
-  FROM t_visits tv
-  CROSS JOIN LATERAL jsonb_array_elements(etl.jarr(tv.v -> 'provider_notes')) WITH ORDINALITY AS c(e, ord);
+  WITH src AS MATERIALIZED (
+    SELECT a.patient_key, tv.document_id, tv.position AS vpos, tv.visit_key, tv.visit_date, (c.ord - 1)::int AS position, x.*,
+           CASE WHEN etl.is_absent(x.type) THEN 'medication'
+                WHEN x.type #>> '{}' IN ('medication', 'procedure') THEN x.type #>> '{}' END AS treatment_type,
+           etl.to_visit_date(x.start_date #>> '{}') AS start_d,
+           etl.to_visit_date(x.end_date #>> '{}') AS end_d
+    FROM t_visits tv
+    JOIN t_apply a ON a.document_id = tv.document_id
+    CROSS JOIN LATERAL jsonb_array_elements(tv.v -> 'treatments') WITH ORDINALITY AS c(e, ord)
+    CROSS JOIN LATERAL jsonb_to_record(c.e) AS x(treatment_id jsonb, type jsonb, code jsonb, system jsonb, name jsonb,
+                                                  dose jsonb, route jsonb, frequency jsonb, start_date jsonb, end_date jsonb)
+  ), ins AS (
+    INSERT INTO clinical.treatments (patient_key, visit_key, visit_date, position, source_treatment_id, treatment_type,
+                                     code, code_system, name, dose, route, frequency, start_date, end_date)
+    SELECT s.patient_key, s.visit_key, s.visit_date, s.position, etl.jtext(s.treatment_id), s.treatment_type,
+           etl.jtext(s.code), etl.jtext(s.system), etl.jtext(s.name),
+           etl.jtext(s.dose), etl.jtext(s.route), etl.jtext(s.frequency), s.start_d, s.end_d
+    FROM src s
+  )
+  INSERT INTO etl.document_problems (document_id, batch_id, field, problem)
+  SELECT s.document_id, p_batch_id, format('visits[%s].treatments[%s].%s', s.vpos, s.position, f.field), f.problem
+  FROM src s
+  CROSS JOIN LATERAL (VALUES
+    ('type', CASE WHEN s.treatment_type IS NULL THEN 'not one of medication, procedure' END),
+    ('start_date', CASE WHEN s.start_d IS NULL AND NOT etl.is_absent(s.start_date) THEN 'not a valid date' END),
+    ('end_date', CASE WHEN s.end_d IS NULL AND NOT etl.is_absent(s.end_date) THEN 'not a valid date' END)
+  ) AS f(field, problem)
+  WHERE (s.treatment_type IS NULL OR s.start_d IS NULL OR s.end_d IS NULL) AND f.problem IS NOT NULL;
 
-  -- 12. Problems: invalid optional values of the loaded documents (the value is not copied).
+  WITH src AS MATERIALIZED (
+    SELECT a.patient_key, tv.document_id, tv.position AS vpos, tv.visit_key, tv.visit_date, (c.ord - 1)::int AS position, x.*,
+           etl.to_timestamptz(x.written_at #>> '{}') AS written_ts
+    FROM t_visits tv
+    JOIN t_apply a ON a.document_id = tv.document_id
+    CROSS JOIN LATERAL jsonb_array_elements(tv.v -> 'provider_notes') WITH ORDINALITY AS c(e, ord)
+    CROSS JOIN LATERAL jsonb_to_record(c.e) AS x(note_id jsonb, author jsonb, written_at jsonb, text jsonb)
+  ), ins AS (
+    INSERT INTO clinical.provider_notes (patient_key, visit_key, visit_date, position, source_note_id, author, written_at, note_text)
+    SELECT s.patient_key, s.visit_key, s.visit_date, s.position,
+           etl.jtext(s.note_id), etl.jtext(s.author), s.written_ts, etl.jtext(s.text)
+    FROM src s
+  )
+  INSERT INTO etl.document_problems (document_id, batch_id, field, problem)
+  SELECT s.document_id, p_batch_id, format('visits[%s].provider_notes[%s].written_at', s.vpos, s.position), 'not a valid RFC 3339 timestamp'
+  FROM src s
+  WHERE s.written_ts IS NULL AND NOT etl.is_absent(s.written_at);
+
+  -- 12. Problems of the patient and visit levels (invalid optional values; never the value).
   INSERT INTO etl.document_problems (document_id, batch_id, field, problem)
   SELECT a.document_id, p_batch_id, c.field, c.problem
   FROM t_apply a
-  JOIN landing.raw_documents r ON r.document_id = a.document_id
+  JOIN t_docs d ON d.document_id = a.document_id
   CROSS JOIN LATERAL (VALUES
-    ('birth_date', CASE WHEN NOT etl.is_absent(r.payload -> 'birth_date') AND etl.to_date(r.payload ->> 'birth_date') IS NULL
+    ('birth_date', CASE WHEN NOT etl.is_absent(d.birth_date) AND etl.to_date(d.birth_date #>> '{}') IS NULL
                         THEN 'not a valid date (YYYY-MM-DD)' END),
-    ('sex', CASE WHEN NOT etl.is_absent(r.payload -> 'sex') AND lower(r.payload ->> 'sex') NOT IN ('female', 'male', 'other', 'unknown')
+    ('sex', CASE WHEN NOT etl.is_absent(d.sex) AND lower(d.sex #>> '{}') NOT IN ('female', 'male', 'other', 'unknown')
                  THEN 'not one of female, male, other, unknown' END),
-    ('updated_at', CASE WHEN NOT etl.is_absent(r.payload -> 'updated_at') AND a.updated_at IS NULL
+    ('updated_at', CASE WHEN NOT etl.is_absent(d.updated_at) AND a.updated_at IS NULL
                         THEN 'not a valid RFC 3339 timestamp' END),
-    ('name.given', CASE WHEN jsonb_typeof(r.payload #> '{name,given}') NOT IN ('string', 'array', 'null')
-                          OR (jsonb_typeof(r.payload #> '{name,given}') = 'array'
-                              AND jsonb_path_exists(r.payload #> '{name,given}', '$[*] ? (@.type() != "string")'))
+    ('name.given', CASE WHEN jsonb_typeof(d.name -> 'given') NOT IN ('string', 'array', 'null')
+                          OR (jsonb_typeof(d.name -> 'given') = 'array'
+                              AND jsonb_path_exists(d.name -> 'given', '$[*] ? (@.type() != "string")'))
                         THEN 'not a string or an array of strings' END)
   ) AS c(field, problem)
   WHERE c.problem IS NOT NULL
   UNION ALL
   SELECT tv.document_id, p_batch_id, format('visits[%s].%s', tv.position, c.field), c.problem
-  FROM t_visits tv
+  FROM (SELECT tv0.* FROM t_visits tv0 JOIN t_apply a ON a.document_id = tv0.document_id
+        WHERE (tv0.discharge_raw IS NOT NULL AND etl.to_visit_date(tv0.discharge_raw) IS NULL)
+           OR tv0.type_raw NOT IN ('outpatient', 'inpatient', 'emergency', 'telehealth', 'other')) tv
   CROSS JOIN LATERAL (VALUES
-    ('discharge_date', CASE WHEN NOT etl.is_absent(tv.v -> 'discharge_date') AND etl.to_visit_date(tv.v ->> 'discharge_date') IS NULL
-                            THEN 'not a valid date' END),
-    ('visit_type', CASE WHEN NOT etl.is_absent(tv.v -> 'visit_type')
-                             AND (tv.v ->> 'visit_type') NOT IN ('outpatient', 'inpatient', 'emergency', 'telehealth', 'other')
+    ('discharge_date', CASE WHEN tv.discharge_raw IS NOT NULL AND etl.to_visit_date(tv.discharge_raw) IS NULL THEN 'not a valid date' END),
+    ('visit_type', CASE WHEN tv.type_raw NOT IN ('outpatient', 'inpatient', 'emergency', 'telehealth', 'other')
                         THEN 'not one of outpatient, inpatient, emergency, telehealth, other' END)
   ) AS c(field, problem)
-  WHERE c.problem IS NOT NULL
-  UNION ALL
-  SELECT tv.document_id, p_batch_id, format('visits[%s].%s[%s].%s', tv.position, c.kind, c.ord - 1, c.field), c.problem
-  FROM t_visits tv
-  CROSS JOIN LATERAL (
-    SELECT 'diagnoses' AS kind, x.ord, 'primary' AS field, 'not a boolean' AS problem
-    FROM jsonb_array_elements(etl.jarr(tv.v -> 'diagnoses')) WITH ORDINALITY AS x(e, ord)
-    WHERE NOT etl.is_absent(x.e -> 'primary') AND jsonb_typeof(x.e -> 'primary') <> 'boolean'
-    UNION ALL
-    SELECT 'treatments', x.ord, f.field, f.problem
-    FROM jsonb_array_elements(etl.jarr(tv.v -> 'treatments')) WITH ORDINALITY AS x(e, ord)
-    CROSS JOIN LATERAL (VALUES
-      ('type', CASE WHEN NOT etl.is_absent(x.e -> 'type') AND (x.e ->> 'type') NOT IN ('medication', 'procedure')
-                    THEN 'not one of medication, procedure' END),
-      ('start_date', CASE WHEN NOT etl.is_absent(x.e -> 'start_date') AND etl.to_visit_date(x.e ->> 'start_date') IS NULL
-                          THEN 'not a valid date' END),
-      ('end_date', CASE WHEN NOT etl.is_absent(x.e -> 'end_date') AND etl.to_visit_date(x.e ->> 'end_date') IS NULL
-                        THEN 'not a valid date' END)
-    ) AS f(field, problem)
-    WHERE f.problem IS NOT NULL
-    UNION ALL
-    SELECT 'provider_notes', x.ord, 'written_at', 'not a valid RFC 3339 timestamp'
-    FROM jsonb_array_elements(etl.jarr(tv.v -> 'provider_notes')) WITH ORDINALITY AS x(e, ord)
-    WHERE NOT etl.is_absent(x.e -> 'written_at') AND etl.to_timestamptz(x.e ->> 'written_at') IS NULL
-  ) AS c;
+  WHERE c.problem IS NOT NULL;
 
   -- 13. Outcomes onto the landing rows, and the batch is done.
   INSERT INTO t_outcome SELECT a.document_id, 'loaded' FROM t_apply a;

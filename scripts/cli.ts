@@ -4,12 +4,13 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { createDbPool, describeTarget, EXIT, explainError, resolveDatabaseUrl, UserError } from './db.ts';
+import { z } from 'zod';
+import { createDbPool, describeTarget, EXIT, explainError, resolveDatabaseUrl, sql, UserError } from './db.ts';
 import { expandInputs, loadBatch, type FileOutcome, type LoadResult } from './load.ts';
 import { chooseFormat, createOutput, type Output } from './log.ts';
 import { migrate, migrationStatus } from './migrate.ts';
 import type { DocumentFormat } from './read-documents.ts';
-import { batchSummaries, rejectedDocuments } from './status.ts';
+import { batchSummaries, rejectedDocuments, type BatchSummary } from './status.ts';
 import { transformPending, type BatchTransform } from './transform.ts';
 import { showDemo } from './demo.ts';
 
@@ -50,8 +51,13 @@ function logFile(o: Output, f: FileOutcome): void {
   }
 }
 
+// yargs drops a bare '-' from a variadic positional (it re-parses `--paths -` and takes '-' for
+// the start of an option), so '-' is swapped for this token before parsing and back in load().
+const STDIN_ARG = '\0stdin';
+
 async function load(o: Output, url: string, argv: LoadArgs): Promise<LoadResult> {
-  const result = await loadBatch(url, expandInputs(argv.paths, argv['stdin-format']), {
+  const paths = argv.paths.map((p) => (p === STDIN_ARG ? '-' : p));
+  const result = await loadBatch(url, expandInputs(paths, argv['stdin-format']), {
     maxDocumentBytes: Math.round(argv['max-document-mb'] * 1024 * 1024),
     stdinFormat: argv['stdin-format'],
     onProgress: (p) => o.progress(p),
@@ -109,7 +115,7 @@ const loadOptions = <T>(y: Argv<T>) =>
     .option('stdin-format', { choices: ['ndjson', 'json'] as const, default: 'ndjson' as const, describe: 'what - (standard input) contains' });
 
 export function buildCli(args: string[]) {
-  return commonOptions(yargs(args))
+  return commonOptions(yargs(args.map((a) => (a === '-' ? STDIN_ARG : a))))
     .scriptName('healthetl')
     .usage('$0 <command> [options]\n\nNested JSON patient records into PostgreSQL. Exit codes: 0 ok, 1 failure, 2 bad usage, 3 database unreachable, 4 some documents or files rejected, 5 schema not migrated, 6 counts do not reconcile.')
     .command(
@@ -159,11 +165,13 @@ export function buildCli(args: string[]) {
       (argv) =>
         guarded(argv, async (o, url) => {
           const loaded = await load(o, url, argv as unknown as LoadArgs);
-          const done = await transform(o, url);
-          const mine = done.find((b) => b.batchId === loaded.batchId);
-          const rejected = loaded.rejected + (mine?.rejected ?? 0);
+          await transform(o, url);
+          // The batch's outcome as recorded, not as this process's transform returned it: another
+          // run may have transformed this batch while this one waited for the transform lock.
+          const c = await batchOutcome(url, loaded.batchId);
+          const rejected = c.rejected;
           o.log.info(
-            { batch: loaded.batchId, documents: loaded.documents, loaded: mine?.loaded ?? 0, rejected, duplicate: (mine?.duplicate ?? 0) + dupFiles(loaded.files), superseded: mine?.superseded ?? 0, problems: mine?.problems ?? 0, failed_files: fileProblems(loaded.files) },
+            { batch: loaded.batchId, documents: loaded.documents, loaded: c.loaded, rejected, duplicate: c.duplicate, superseded: c.superseded, staged: c.staged, problems: c.problems, failed_files: fileProblems(loaded.files) },
             'run finished',
           );
           await printRejects(o, url, rejected > 0 ? [loaded.batchId] : []);
@@ -221,20 +229,37 @@ export function buildCli(args: string[]) {
         }),
     )
     .demandCommand(1, 'name a command; see --help')
+    // yargs turns a non-number into NaN silently (--max-document-mb abc would disable the limit).
+    .check((argv) => {
+      for (const key of ['count', 'batch', 'limit', 'max-document-mb']) {
+        const values = ([] as unknown[]).concat(argv[key] ?? []);
+        if (values.some((v) => typeof v !== 'number' || Number.isNaN(v))) throw new UserError(`--${key} must be a number`, EXIT.USAGE);
+      }
+      return true;
+    }, true)
     .strict()
     .help()
     .alias('h', 'help')
     .version(false)
     .wrap(Math.min(110, process.stdout.columns || 110))
     .fail((msg, err) => {
-      if (err) throw err;
-      process.stderr.write(`healthetl: ${msg}\nRun "healthetl --help" for usage.\n`);
+      if (err && !(err instanceof UserError)) throw err;
+      // One line, so that a scheduler's log shows the whole reason.
+      process.stderr.write(`healthetl: ${String(msg ?? err).replace(/\s*\n\s*/g, ' ')} (see "healthetl --help")\n`);
       process.exit(EXIT.USAGE);
     });
 }
 
-function dupFiles(files: FileOutcome[]): number {
-  return files.filter((f) => f.status === 'duplicate_file').reduce((n, f) => n + f.documents, 0);
+async function batchOutcome(url: string, batchId: number): Promise<BatchSummary & { problems: number }> {
+  const pool = await createDbPool(url);
+  try {
+    const [summary] = await batchSummaries(pool, { batchId });
+    const problems = await pool.oneFirst(sql.type(z.object({ n: z.coerce.number() }))`
+      SELECT count(*) AS n FROM etl.document_problems WHERE batch_id = ${batchId}`);
+    return { ...summary, problems };
+  } finally {
+    await pool.end();
+  }
 }
 
 await buildCli(hideBin(process.argv)).parseAsync();

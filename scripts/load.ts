@@ -316,7 +316,12 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
         progress.totalBytes += fingerprint.size;
         const prior = await client.query<{ batch_id: string; source_file: string }>(
           // A file with rejected documents is read again so that they are reported again.
+          // Only a transformed batch counts: the transform takes a 'duplicate' row as proof that the
+          // bytes were accepted, so pointing at a batch still waiting for its transform (another
+          // loader's, or a `load` without `transform`) made that batch's own documents duplicates
+          // of these rows and nobody loaded them.
           `SELECT f.batch_id, f.source_file FROM etl.batch_files f
+           JOIN etl.batches b ON b.batch_id = f.batch_id AND b.status = 'transformed'
            WHERE f.file_sha256 = $1 AND f.status = 'staged'
              AND NOT EXISTS (SELECT 1 FROM landing.raw_documents d
                              WHERE d.batch_id = f.batch_id AND d.source_file = f.source_file AND d.status = 'rejected')
@@ -383,6 +388,9 @@ async function stageFile(
     // Sniff gzip on stdin by its magic bytes.
     source = await maybeGunzip(counted);
   }
+  // An error emitted before the loop below starts reading (a corrupt gzip while BEGIN is in
+  // flight) must not crash the process: the stream keeps it and the loop throws it.
+  source.on('error', () => undefined);
   const events = input.format === 'json' ? readJson(source, maxDoc) : readNdjson(source, maxDoc);
   const stager = new FileStager(client, batchId, sourceFile, input.format, chunkBytes);
   const baseBytes = progress.bytes;

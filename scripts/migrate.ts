@@ -54,6 +54,8 @@ export async function migrate(
       const ran = await runner({
         dbClient: client,
         dir: MIGRATIONS_DIR,
+        // Only the .sql files are migrations (the directory also holds checksums.txt).
+        ignorePattern: '(?!.*\\.sql$).*',
         migrationsTable: MIGRATIONS_TABLE,
         direction,
         count: opts.count ?? (direction === 'up' ? Infinity : 1),

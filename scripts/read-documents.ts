@@ -25,6 +25,31 @@ export const DEFAULT_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024;
 
 const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
 
+// Room beyond the limit for a trailing \r\n (or a little whitespace) around a document of exactly
+// the limit: parts are collected up to maxBytes + SLACK, and the trimmed document is held to maxBytes.
+const SLACK = 2;
+
+/**
+ * The stream's chunks without a leading UTF-8 BOM, also when the BOM is split across chunks or comes
+ * after empty chunks. `bom.skipped` (0 or 3) is set before the first chunk is yielded.
+ */
+async function* withoutBom(input: Readable, bom: { skipped: number }): AsyncGenerator<Buffer> {
+  let head: Buffer | null = Buffer.alloc(0); // the start while it may still be a BOM; null once decided
+  for await (const raw of input as AsyncIterable<Buffer>) {
+    if (head === null) {
+      yield raw;
+      continue;
+    }
+    head = head.length === 0 ? raw : Buffer.concat([head, raw]);
+    if (head.length < BOM.length && head.equals(BOM.subarray(0, head.length))) continue;
+    const chunk: Buffer = head.subarray(0, BOM.length).equals(BOM) ? head.subarray(BOM.length) : head;
+    bom.skipped = head.length - chunk.length;
+    head = null;
+    yield chunk;
+  }
+  if (head !== null && head.length > 0) yield head; // the whole input is a strict prefix of a BOM
+}
+
 /** Collects the byte parts of one document across stream chunks; refuses to grow past a limit. */
 class Parts {
   private parts: Buffer[] = [];
@@ -71,8 +96,9 @@ function firstInvalidUtf8(b: Buffer): number {
     const n = c < 0x80 ? 1 : c >= 0xc2 && c < 0xe0 ? 2 : c >= 0xe0 && c < 0xf0 ? 3 : c >= 0xf0 && c < 0xf5 ? 4 : 0;
     if (n === 0 || i + n > b.length) return i;
     for (let k = 1; k < n; k++) if ((b[i + k] & 0xc0) !== 0x80) return i;
-    const s = b.subarray(i, i + n).toString('utf8');
-    if (s === '\ufffd') return i; // overlong or surrogate encodings decode to U+FFFD
+    // The second byte has a narrower range after E0 (overlong), ED (surrogates), F0 (overlong), F4 (> U+10FFFF).
+    const c1 = b[i + 1];
+    if ((c === 0xe0 && c1 < 0xa0) || (c === 0xed && c1 > 0x9f) || (c === 0xf0 && c1 < 0x90) || (c === 0xf4 && c1 > 0x8f)) return i;
     i += n;
   }
   return b.length;
@@ -82,6 +108,103 @@ function firstInvalidUtf8(b: Buffer): number {
 const NUL_ESCAPE = /(?<!\\)(?:\\\\)*\\u0000/;
 const SURROGATE_ESCAPE = /(?<!\\)(?:\\\\)*\\u([dD][89a-fA-F][0-9a-fA-F]{2})(\\u[dD][c-fC-F][0-9a-fA-F]{2})?/g;
 const LOW_SURROGATE = /(?<!\\)(?:\\\\)*\\u[dD][c-fC-F][0-9a-fA-F]{2}/g;
+
+/**
+ * Index (UTF-16 units) of the first character at which `text` stops being JSON: for the errors
+ * V8 gives no position for ("Unexpected token ..."). text.length if the text ends too early.
+ */
+function syntaxErrorIndex(text: string): number {
+  let i = 0;
+  const fail = (): never => {
+    throw i;
+  };
+  const ws = () => {
+    while (i < text.length && (text[i] === ' ' || text[i] === '\t' || text[i] === '\n' || text[i] === '\r')) i++;
+  };
+  const char = (c: string) => {
+    if (text[i] !== c) fail();
+    i++;
+  };
+  const digits = () => {
+    const from = i;
+    while (text[i] >= '0' && text[i] <= '9') i++;
+    if (i === from) fail();
+  };
+  const string = () => {
+    i++; // the opening quote
+    for (;;) {
+      if (i >= text.length || text.charCodeAt(i) < 0x20) fail();
+      if (text[i] === '"') {
+        i++;
+        return;
+      }
+      if (text[i] === '\\') {
+        i++;
+        if (text[i] === 'u') {
+          for (let k = 0; k < 4; k++) if (!/[0-9a-fA-F]/.test(text[++i] ?? '')) fail();
+        } else if (!'"\\/bfnrt'.includes(text[i] ?? 'x')) fail();
+      }
+      i++;
+    }
+  };
+  const value = (): void => {
+    ws();
+    const c = text[i];
+    if (c === '{' || c === '[') {
+      const close = c === '{' ? '}' : ']';
+      i++;
+      ws();
+      if (text[i] === close) {
+        i++;
+        return;
+      }
+      for (;;) {
+        if (c === '{') {
+          ws();
+          if (text[i] !== '"') fail();
+          string();
+          ws();
+          char(':');
+        }
+        value();
+        ws();
+        if (text[i] !== ',') return char(close);
+        i++;
+      }
+    }
+    if (c === '"') return string();
+    if (c === '-' || (c >= '0' && c <= '9')) {
+      if (c === '-') i++;
+      if (text[i] === '0') i++;
+      else digits();
+      if (text[i] === '.') {
+        i++;
+        digits();
+      }
+      if (text[i] === 'e' || text[i] === 'E') {
+        i++;
+        if (text[i] === '+' || text[i] === '-') i++;
+        digits();
+      }
+      return;
+    }
+    for (const word of ['true', 'false', 'null']) {
+      if (c === word[0]) {
+        for (const w of word) char(w);
+        return;
+      }
+    }
+    fail();
+  };
+  try {
+    value();
+    ws();
+    if (i < text.length) fail();
+  } catch (at) {
+    if (typeof at === 'number') return at;
+  }
+  return text.length; // not expected: JSON.parse refused it
+}
 
 /**
  * Checks one document's bytes: UTF-8, JSON syntax, and what jsonb refuses (\u0000, lone surrogates).
@@ -96,22 +219,26 @@ export function checkDocument(bytes: Buffer, base: number): string | null {
   try {
     JSON.parse(text);
   } catch (err) {
-    const m = /position (\d+)/.exec((err as Error).message);
-    const chars = m ? Number(m[1]) : text.length;
+    const message = (err as Error).message;
+    const m = /position (\d+)/.exec(message);
+    // V8 names no position for "Unexpected end of JSON input" nor for "Unexpected token 'x', ..."
+    const end = !m && message.includes('end of JSON input');
+    const chars = m ? Number(m[1]) : end ? text.length : syntaxErrorIndex(text);
     const at = base + Buffer.byteLength(text.slice(0, chars));
-    const what = m ? 'syntax error' : 'unexpected end of input';
+    const what = end ? 'unexpected end of input' : 'syntax error';
     return `$: not valid JSON: ${what} (at byte ${at})`;
   }
   if (text.includes('\\u')) {
     const nul = NUL_ESCAPE.exec(text);
     if (nul) {
-      const at = base + Buffer.byteLength(text.slice(0, nul.index));
+      // The match starts with any escaped backslashes before the escape; point at the escape itself.
+      const at = base + Buffer.byteLength(text.slice(0, nul.index + nul[0].length - 6));
       return `$: contains \\u0000, which PostgreSQL cannot store (at byte ${at})`;
     }
     const paired = new Set<number>();
     for (const s of text.matchAll(SURROGATE_ESCAPE)) {
       if (!s[2]) {
-        return `$: contains an unpaired UTF-16 surrogate escape (at byte ${base + Buffer.byteLength(text.slice(0, s.index))})`;
+        return `$: contains an unpaired UTF-16 surrogate escape (at byte ${base + Buffer.byteLength(text.slice(0, s.index! + s[0].length - 6))})`;
       }
       paired.add(s.index! + s[0].length - s[2].length);
     }
@@ -132,20 +259,16 @@ function event(bytes: Buffer, pos: Position): GoodDocument | BadDocument {
 
 /** One document per line; blank lines are not documents. A bad line rejects that line only. */
 export async function* readNdjson(input: Readable, maxBytes = DEFAULT_MAX_DOCUMENT_BYTES): AsyncGenerator<ReadEvent> {
-  const parts = new Parts(maxBytes);
+  const parts = new Parts(maxBytes + SLACK);
   let line = 1;
   let lineStart = 0; // byte offset of the current line
   let offset = 0; // byte offset of the current chunk
   let first = true;
-  for await (const raw of input as AsyncIterable<Buffer>) {
-    let chunk = raw;
+  const bom = { skipped: 0 };
+  for await (const chunk of withoutBom(input, bom)) {
     if (first) {
       first = false;
-      if (chunk.subarray(0, 3).equals(BOM)) {
-        chunk = chunk.subarray(3);
-        offset = 3;
-        lineStart = 3;
-      }
+      offset = lineStart = bom.skipped;
     }
     let from = 0;
     for (;;) {
@@ -179,6 +302,7 @@ function finishLine(parts: Parts, line: number, byteOffset: number, maxBytes: nu
   let start = 0;
   while (start < end && isSpace(b[start])) start++;
   if (start === end) return null;
+  if (end - start > maxBytes) return { kind: 'reject', bytes: null, reason: tooLarge(maxBytes), ...pos, byteOffset: byteOffset + start };
   b = b.subarray(start, end);
   return event(b, { ...pos, byteOffset: byteOffset + start });
 }
@@ -188,7 +312,7 @@ function finishLine(parts: Parts, line: number, byteOffset: number, maxBytes: nu
  * makes the whole file bad (a file-error event; the caller discards what it staged from it).
  */
 export async function* readJson(input: Readable, maxBytes = DEFAULT_MAX_DOCUMENT_BYTES): AsyncGenerator<ReadEvent> {
-  const parts = new Parts(maxBytes);
+  const parts = new Parts(maxBytes + SLACK);
   // Scanner state.
   type Mode = 'start' | 'single' | 'array-value' | 'array-after' | 'end';
   let mode = 'start' as Mode;
@@ -201,15 +325,12 @@ export async function* readJson(input: Readable, maxBytes = DEFAULT_MAX_DOCUMENT
   let offset = 0;
   let singleStart = 0;
   let first = true;
+  const bom = { skipped: 0 };
 
-  for await (const raw of input as AsyncIterable<Buffer>) {
-    let chunk = raw;
+  for await (const chunk of withoutBom(input, bom)) {
     if (first) {
       first = false;
-      if (chunk.subarray(0, 3).equals(BOM)) {
-        chunk = chunk.subarray(3);
-        offset = 3;
-      }
+      offset = bom.skipped;
     }
     if (mode === 'single') {
       parts.push(chunk);
@@ -280,7 +401,7 @@ export async function* readJson(input: Readable, maxBytes = DEFAULT_MAX_DOCUMENT
         else if (c === 0x22) {
           inString = false;
           if (depth === 0) {
-            yield* emitElement(chunk.subarray(segStart, i + 1));
+            if (yield* emitElement(chunk.subarray(segStart, i + 1))) return;
             continue;
           }
         }
@@ -288,7 +409,7 @@ export async function* readJson(input: Readable, maxBytes = DEFAULT_MAX_DOCUMENT
       }
       if (scalar) {
         if (isSpace(c) || c === 0x2c || c === 0x5d) {
-          yield* emitElement(chunk.subarray(segStart, i));
+          if (yield* emitElement(chunk.subarray(segStart, i))) return;
           i--; // let the separator be read between elements
         }
         continue;
@@ -297,7 +418,7 @@ export async function* readJson(input: Readable, maxBytes = DEFAULT_MAX_DOCUMENT
       else if (c === 0x7b || c === 0x5b) depth++;
       else if (c === 0x7d || c === 0x5d) {
         depth--;
-        if (depth === 0) yield* emitElement(chunk.subarray(segStart, i + 1));
+        if (depth === 0 && (yield* emitElement(chunk.subarray(segStart, i + 1)))) return;
       }
     }
     if (elemStart >= 0 && segStart >= 0) parts.push(chunk.subarray(segStart));
@@ -312,10 +433,16 @@ export async function* readJson(input: Readable, maxBytes = DEFAULT_MAX_DOCUMENT
     const b = parts.take();
     let end = b.length;
     while (end > 0 && isSpace(b[end - 1])) end--;
+    if (end > maxBytes) {
+      yield { kind: 'reject', bytes: null, reason: tooLarge(maxBytes), line: null, item: null, byteOffset: singleStart };
+      return;
+    }
     const ev = event(b.subarray(0, end), { line: null, item: null, byteOffset: singleStart });
-    // A single-document file that is not valid JSON is a malformed file.
-    if (ev.kind === 'reject') yield { kind: 'file-error', byteOffset: singleStart, reason: ev.reason };
-    else yield ev;
+    // A single-document file that is not valid JSON is a malformed file; one that is valid JSON
+    // but refused (\u0000, lone surrogate, bad UTF-8) is a rejected document, as in an array.
+    if (ev.kind === 'reject' && ev.reason.startsWith('$: not valid JSON')) {
+      yield { kind: 'file-error', byteOffset: singleStart, reason: ev.reason };
+    } else yield ev;
     return;
   }
   if (mode === 'start') return; // empty or whitespace-only file: no documents
@@ -323,7 +450,8 @@ export async function* readJson(input: Readable, maxBytes = DEFAULT_MAX_DOCUMENT
     yield { kind: 'file-error', byteOffset: offset, reason: `$: not valid JSON: unexpected end of input inside the top-level array (at byte ${offset})` };
   }
 
-  function* emitElement(tail: Buffer): Generator<ReadEvent> {
+  /** Yields the element's event; returns true after a file error (reading must stop). */
+  function* emitElement(tail: Buffer): Generator<ReadEvent, boolean> {
     const pos = { line: null, item, byteOffset: elemStart };
     parts.push(tail);
     const overflow = parts.overflow;
@@ -331,18 +459,19 @@ export async function* readJson(input: Readable, maxBytes = DEFAULT_MAX_DOCUMENT
     item++;
     elemStart = -1;
     mode = 'array-after';
-    if (overflow) {
+    if (overflow || bytes.length > maxBytes) {
       yield { kind: 'reject', bytes: null, reason: tooLarge(maxBytes), ...pos };
-      return;
+      return false;
     }
     const ev = event(bytes, pos);
     if (ev.kind === 'reject') {
       // Inside a .json file a syntax error means the file is malformed as a whole.
       if (ev.reason.startsWith('$: not valid JSON')) {
         yield { kind: 'file-error', byteOffset: pos.byteOffset, reason: ev.reason.replace('$:', `$[${pos.item}]:`) };
-        return;
+        return true;
       }
     }
     yield ev;
+    return false;
   }
 }

@@ -1,0 +1,314 @@
+// Migrations: up / down / up gives the same schema, concurrent `up`s apply it once, released
+// files never change (migrations/checksums.txt), and every file can be reverted.
+import { createHash } from 'node:crypto';
+import { cpSync, mkdtempSync, readdirSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import pg from 'pg';
+import { afterAll, describe, expect, inject, test } from 'vitest';
+import { migrate, MIGRATIONS_DIR, MIGRATIONS_TABLE } from '../scripts/migrate.ts';
+import { urlFor } from './db.ts';
+
+const SCHEMAS = ['landing', 'etl', 'clinical', 'analytics', 'dq'];
+// node-pg-migrate's advisory lock id, which scripts/migrate.ts takes before running it.
+const MIGRATE_LOCK_ID = '7241865325823964';
+
+// ---- fresh, empty databases (not clones of the migrated template) ---------------------------
+
+const created: string[] = [];
+
+async function admin<T>(fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const c = new pg.Client({ connectionString: inject('adminUrl') });
+  await c.connect();
+  try {
+    return await fn(c);
+  } finally {
+    await c.end();
+  }
+}
+
+/** A new empty database; named like test/db.ts's so the global teardown drops it if we do not. */
+async function freshDatabase(): Promise<string> {
+  const owner = inject('templateDb').split('_')[2];
+  const name = `healthetl_t_${owner}_${process.pid}_mig_${Math.random().toString(36).slice(2, 8)}`;
+  await admin((c) => c.query(`CREATE DATABASE ${name}`));
+  created.push(name);
+  return urlFor(name);
+}
+
+afterAll(async () => {
+  await admin(async (c) => {
+    for (const name of created) await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+  });
+});
+
+async function withClient<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const c = new pg.Client({ connectionString: url });
+  await c.connect();
+  try {
+    return await fn(c);
+  } finally {
+    await c.end();
+  }
+}
+
+function migrationNames(): string[] {
+  return readdirSync(MIGRATIONS_DIR)
+    .filter((f) => f.endsWith('.sql'))
+    .sort()
+    .map((f) => f.replace(/\.sql$/, ''));
+}
+
+// ---- catalog snapshot -----------------------------------------------------------------------
+
+/** Everything the migrations define in the five schemas, without OIDs, in a stable order. */
+async function catalogSnapshot(url: string): Promise<Record<string, any[]>> {
+  const queries: Record<string, string> = {
+    schemas: `
+      SELECT n.nspname, obj_description(n.oid, 'pg_namespace') AS comment
+      FROM pg_namespace n WHERE n.nspname = ANY($1) ORDER BY 1`,
+    relations: `
+      SELECT n.nspname, c.relname, c.relkind, c.relpersistence, c.relispartition,
+             pg_get_partkeydef(c.oid) AS partition_key, pg_get_expr(c.relpartbound, c.oid) AS partition_bound,
+             c.reloptions, c.relacl::text AS acl, obj_description(c.oid, 'pg_class') AS comment
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = ANY($1) ORDER BY 1, 2`,
+    columns: `
+      SELECT n.nspname, c.relname, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod) AS type,
+             a.attnotnull, pg_get_expr(d.adbin, d.adrelid) AS default_expr, a.attidentity, a.attgenerated,
+             a.attcompression, col_description(c.oid, a.attnum) AS comment
+      FROM pg_attribute a
+      JOIN pg_class c ON c.oid = a.attrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+      WHERE n.nspname = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
+      ORDER BY 1, 2, 3`,
+    indexes: `
+      SELECT schemaname, tablename, indexname, indexdef FROM pg_indexes
+      WHERE schemaname = ANY($1) ORDER BY 1, 2, 3`,
+    constraints: `
+      SELECT n.nspname, coalesce(c.relname, '-') AS relname, co.conname, co.contype,
+             pg_get_constraintdef(co.oid) AS definition, co.condeferrable, co.condeferred
+      FROM pg_constraint co
+      JOIN pg_namespace n ON n.oid = co.connamespace
+      LEFT JOIN pg_class c ON c.oid = co.conrelid
+      WHERE n.nspname = ANY($1) ORDER BY 1, 2, 3`,
+    functions: `
+      SELECT n.nspname, p.proname, pg_get_function_identity_arguments(p.oid) AS args, p.prokind,
+             pg_get_functiondef(p.oid) AS definition, obj_description(p.oid, 'pg_proc') AS comment,
+             p.proacl::text AS acl
+      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+      WHERE n.nspname = ANY($1) AND p.prokind <> 'a' ORDER BY 1, 2, 3`,
+    views: `
+      SELECT schemaname, viewname, definition FROM pg_views
+      WHERE schemaname = ANY($1) ORDER BY 1, 2`,
+    sequences: `
+      SELECT schemaname, sequencename, data_type::text, start_value, min_value, max_value, increment_by, cycle, cache_size
+      FROM pg_sequences WHERE schemaname = ANY($1) ORDER BY 1, 2`,
+    triggers: `
+      SELECT n.nspname, c.relname, t.tgname, pg_get_triggerdef(t.oid) AS definition
+      FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = ANY($1) AND NOT t.tgisinternal ORDER BY 1, 2, 3`,
+    types: `
+      SELECT n.nspname, t.typname, t.typtype, format_type(t.oid, NULL) AS formatted,
+             pg_catalog.array_to_string(ARRAY(SELECT e.enumlabel FROM pg_enum e WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder), ',') AS labels
+      FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+      WHERE n.nspname = ANY($1) AND t.typtype IN ('e', 'd', 'r', 'm') ORDER BY 1, 2`,
+  };
+  return withClient(url, async (c) => {
+    const out: Record<string, any[]> = {};
+    for (const [k, q] of Object.entries(queries)) out[k] = (await c.query(q, [SCHEMAS])).rows;
+    return out;
+  });
+}
+
+// ---- tests ----------------------------------------------------------------------------------
+
+describe('up, down, up', () => {
+  test('down to nothing leaves no healthetl schema, and up again gives the identical schema', async () => {
+    const url = await freshDatabase();
+    const names = migrationNames();
+
+    expect(await migrate(url, 'up')).toEqual(names);
+    const first = await catalogSnapshot(url);
+    // The snapshot sees what the migrations made (so comparing snapshots means something).
+    expect(first.schemas.map((s: any) => s.nspname).sort()).toEqual([...SCHEMAS].sort());
+    expect(first.relations.map((r: any) => `${r.nspname}.${r.relname}`)).toEqual(
+      expect.arrayContaining(['landing.raw_documents', 'etl.batches', 'clinical.patients', 'clinical.visits', 'etl.batch_summary']),
+    );
+    expect(first.functions.map((f: any) => `${f.nspname}.${f.proname}`)).toContain('etl.transform_batch');
+    expect(first.functions.find((f: any) => f.proname === 'transform_batch')!.definition).toMatch(/CREATE OR REPLACE FUNCTION etl\.transform_batch/);
+    expect(first.columns.length).toBeGreaterThan(50);
+    expect(first.indexes.length).toBeGreaterThan(5);
+    expect(first.constraints.length).toBeGreaterThan(5);
+
+    // Use the schema the way the transform does: a yearly visits partition is created at run time.
+    await withClient(url, (c) => c.query('SELECT etl.ensure_visit_partitions(ARRAY[2024])'));
+    const [{ n: partitions }] = await withClient(url, async (c) =>
+      (await c.query(`SELECT count(*)::int AS n FROM pg_inherits WHERE inhparent = 'clinical.visits'::regclass`)).rows,
+    );
+    expect(partitions).toBe(1);
+
+    expect(await migrate(url, 'down', { count: Infinity })).toEqual([...names].reverse());
+    await withClient(url, async (c) => {
+      const { rows: schemas } = await c.query(`SELECT nspname FROM pg_namespace WHERE nspname = ANY($1)`, [SCHEMAS]);
+      expect(schemas).toEqual([]);
+      const { rows: applied } = await c.query(`SELECT name FROM public.${MIGRATIONS_TABLE}`);
+      expect(applied).toEqual([]);
+      // Nothing else was left behind in public: only node-pg-migrate's own bookkeeping.
+      const { rows: publicObjects } = await c.query(`
+        SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public' AND c.relname NOT LIKE '${MIGRATIONS_TABLE}%' ORDER BY 1`);
+      expect(publicObjects).toEqual([]);
+      const { rows: publicFunctions } = await c.query(`
+        SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public'`);
+      expect(publicFunctions).toEqual([]);
+    });
+    const empty = await catalogSnapshot(url);
+    for (const [kind, rows] of Object.entries(empty)) expect(rows, kind).toEqual([]);
+
+    expect(await migrate(url, 'up')).toEqual(names);
+    expect(await catalogSnapshot(url)).toEqual(first);
+  });
+
+  test('migrating down one at a time works for every migration', async () => {
+    const url = await freshDatabase();
+    const names = migrationNames();
+    await migrate(url, 'up');
+    for (const name of [...names].reverse()) expect(await migrate(url, 'down')).toEqual([name]);
+    expect(await migrate(url, 'down')).toEqual([]);
+    expect(await migrate(url, 'up', { count: 1 })).toEqual(names.slice(0, 1));
+  });
+});
+
+describe('concurrent migrate up', () => {
+  async function appliedOnce(url: string) {
+    const rows = await withClient(url, async (c) => (await c.query(`SELECT name, count(*)::int AS n FROM public.${MIGRATIONS_TABLE} GROUP BY name ORDER BY name`)).rows);
+    expect(rows).toEqual(migrationNames().map((name) => ({ name, n: 1 })));
+  }
+
+  test('two ups started together both resolve and apply the schema once', async () => {
+    const url = await freshDatabase();
+    const results = await Promise.all([migrate(url, 'up'), migrate(url, 'up')]);
+    // One applied everything; the other waited for its lock and found nothing to do.
+    expect(results.map((r) => r.length).sort()).toEqual([0, migrationNames().length]);
+    await appliedOnce(url);
+  });
+
+  test('while another session holds the migration lock, both wait, then one applies and one does nothing', async () => {
+    const url = await freshDatabase();
+    const holder = new pg.Client({ connectionString: url });
+    await holder.connect();
+    try {
+      await holder.query(`SELECT pg_advisory_lock(${MIGRATE_LOCK_ID})`);
+      const waited: string[] = [];
+      const running = [1, 2].map((i) => migrate(url, 'up', { log: (m) => waited.push(`${i}: ${m}`) }));
+      // Both are blocked on the lock (visible in pg_locks) before it is released.
+      await expect
+        .poll(async () => (await holder.query(`SELECT count(*)::int AS n FROM pg_locks
+                           WHERE locktype = 'advisory' AND NOT granted
+                             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`)).rows[0].n, { timeout: 10_000 })
+        .toBe(2);
+      expect(waited.sort()).toEqual(['1: waiting for another migration to finish', '2: waiting for another migration to finish']);
+      await holder.query(`SELECT pg_advisory_unlock(${MIGRATE_LOCK_ID})`);
+      const results = await Promise.all(running);
+      expect(results.map((r) => r.length).sort()).toEqual([0, migrationNames().length]);
+    } finally {
+      await holder.end();
+    }
+    await appliedOnce(url);
+  });
+});
+
+// ---- immutability of released migrations ----------------------------------------------------
+
+const MANIFEST = 'checksums.txt';
+
+/** What is wrong with the migrations in dir against dir/checksums.txt (empty when all is well). */
+function manifestProblems(dir: string): string[] {
+  const problems: string[] = [];
+  const listed = new Map<string, string>();
+  const text = readFileSync(path.join(dir, MANIFEST), 'utf8');
+  for (const [i, raw] of text.split('\n').entries()) {
+    const line = raw.trim();
+    if (!line || line.startsWith('#')) continue;
+    const m = /^([0-9a-f]{64}) {2}(\S+\.sql)$/.exec(line);
+    if (!m) {
+      problems.push(`${MANIFEST} line ${i + 1} is not "sha256  file.sql"`);
+      continue;
+    }
+    if (listed.has(m[2])) problems.push(`${m[2]} is listed twice in ${MANIFEST}`);
+    listed.set(m[2], m[1]);
+  }
+  const files = readdirSync(dir).filter((f) => f.endsWith('.sql')).sort();
+  for (const [file, sha] of listed) {
+    if (!files.includes(file)) {
+      problems.push(`${file} is listed in ${MANIFEST} but missing: released migrations are never removed`);
+      continue;
+    }
+    const actual = createHash('sha256').update(readFileSync(path.join(dir, file))).digest('hex');
+    if (actual !== sha) {
+      problems.push(
+        `${file} changed (sha256 ${actual}, released as ${sha}): released migrations are immutable; ` +
+          'put the change in a new migration (restate a function whole with CREATE OR REPLACE) and restore this file',
+      );
+    }
+  }
+  for (const f of files) {
+    if (!listed.has(f)) problems.push(`${f} is not listed in ${MANIFEST}: append "sha256  ${f}" (see the file's header)`);
+  }
+  return problems;
+}
+
+describe('released migrations are immutable', () => {
+  test('every migration file matches migrations/checksums.txt', () => {
+    expect(manifestProblems(MIGRATIONS_DIR)).toEqual([]);
+  });
+
+  test('the check catches a changed, a missing and an unlisted file', () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'healthetl-migrations-'));
+    try {
+      cpSync(MIGRATIONS_DIR, dir, { recursive: true });
+      // Against the manifest of the copy itself, so this test does not depend on the real files' state.
+      const files = readdirSync(dir).filter((f) => f.endsWith('.sql')).sort();
+      const manifest = (names: string[]) =>
+        names.map((f) => `${createHash('sha256').update(readFileSync(path.join(dir, f))).digest('hex')}  ${f}`).join('\n') + '\n';
+      writeFileSync(path.join(dir, MANIFEST), `# header\n\n${manifest(files)}`);
+      expect(manifestProblems(dir)).toEqual([]);
+
+      writeFileSync(path.join(dir, files[0]), readFileSync(path.join(dir, files[0]), 'utf8') + '\n-- a small edit\n');
+      expect(manifestProblems(dir)).toEqual([expect.stringMatching(new RegExp(`^${files[0]} changed .*immutable`))]);
+
+      writeFileSync(path.join(dir, MANIFEST), manifest(files));
+      unlinkSync(path.join(dir, files[1]));
+      expect(manifestProblems(dir)).toEqual([expect.stringMatching(new RegExp(`^${files[1]} is listed .* but missing`))]);
+
+      writeFileSync(path.join(dir, MANIFEST), manifest(files.filter((f) => f !== files[1])));
+      writeFileSync(path.join(dir, '9999_new.sql'), '-- Up Migration\nSELECT 1;\n-- Down Migration\nSELECT 1;\n');
+      expect(manifestProblems(dir)).toEqual([expect.stringMatching(/^9999_new\.sql is not listed/)]);
+
+      writeFileSync(path.join(dir, MANIFEST), 'not a checksum line\n');
+      unlinkSync(path.join(dir, '9999_new.sql'));
+      expect(manifestProblems(dir)).toContain(`${MANIFEST} line 1 is not "sha256  file.sql"`);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('every migration file has an Up and a Down section, in that order, each with SQL', () => {
+    const files = readdirSync(MIGRATIONS_DIR).filter((f) => f.endsWith('.sql'));
+    expect(files.length).toBeGreaterThanOrEqual(3);
+    for (const f of files) {
+      const lines = readFileSync(path.join(MIGRATIONS_DIR, f), 'utf8').split('\n');
+      const up = lines.filter((l) => l.trim() === '-- Up Migration').length;
+      const down = lines.filter((l) => l.trim() === '-- Down Migration').length;
+      expect({ file: f, up, down }).toEqual({ file: f, up: 1, down: 1 });
+      const upAt = lines.findIndex((l) => l.trim() === '-- Up Migration');
+      const downAt = lines.findIndex((l) => l.trim() === '-- Down Migration');
+      expect(upAt, f).toBeLessThan(downAt);
+      const sql = (from: number, to: number) => lines.slice(from + 1, to).filter((l) => l.trim() && !l.trim().startsWith('--'));
+      expect(sql(upAt, downAt).length, `${f}: Up section has no SQL`).toBeGreaterThan(0);
+      expect(sql(downAt, lines.length).length, `${f}: Down section has no SQL`).toBeGreaterThan(0);
+    }
+  });
+});
