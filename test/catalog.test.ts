@@ -1,0 +1,46 @@
+// Schema rules checked on the catalog of a migrated database.
+import { expect, test } from 'vitest';
+import { useTestDatabase } from './db.ts';
+
+const db = useTestDatabase();
+
+test('every clinical table carries patient_key, and every primary and unique key includes it (Citus co-location)', async () => {
+  const tables = await db.query(`
+    SELECT c.relname,
+           EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'patient_key' AND NOT a.attisdropped) AS has_key
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'clinical' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+    ORDER BY 1`);
+  expect(tables.map((t) => t.relname)).toEqual(['diagnoses', 'patients', 'provider_notes', 'treatments', 'visits']);
+  expect(tables.filter((t) => !t.has_key)).toEqual([]);
+
+  const keys = await db.query(`
+    SELECT c.relname, con.conname, con.contype,
+           EXISTS (SELECT 1 FROM unnest(con.conkey) k JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k
+                   WHERE a.attname = 'patient_key') AS includes_key
+    FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'clinical' AND con.contype IN ('p', 'u') AND NOT c.relispartition`);
+  expect(keys.length).toBeGreaterThanOrEqual(5); // one primary key per table at least
+  expect(keys.filter((k) => !k.includes_key)).toEqual([]);
+
+  // Unique indexes made without a constraint count too.
+  const idx = await db.query(`
+    SELECT i.indexrelid::regclass::text AS name,
+           EXISTS (SELECT 1 FROM unnest(i.indkey) k JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k
+                   WHERE a.attname = 'patient_key') AS includes_key
+    FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'clinical' AND i.indisunique AND NOT c.relispartition`);
+  expect(idx.filter((i) => !i.includes_key)).toEqual([]);
+});
+
+test('no row-level foreign keys into the partitioned visits table (integrity is kept by the transform)', async () => {
+  const fks = await db.query(`SELECT conname FROM pg_constraint WHERE contype = 'f' AND confrelid = 'clinical.visits'::regclass`);
+  expect(fks).toEqual([]);
+});
+
+test('the indexes analysts filter by exist: diagnosis code, treatment name, visit date and type', async () => {
+  const defs = (await db.query(`SELECT indexdef FROM pg_indexes WHERE schemaname = 'clinical'`)).map((r) => r.indexdef as string);
+  expect(defs.some((d) => /ON clinical\.diagnoses USING btree \(code\)/.test(d))).toBe(true);
+  expect(defs.some((d) => /ON clinical\.treatments USING btree \(name\)/.test(d))).toBe(true);
+  expect(defs.some((d) => /ON ONLY clinical\.visits USING btree \(visit_date, visit_type\)/.test(d))).toBe(true);
+});
