@@ -224,16 +224,16 @@ BEGIN
 
   CREATE TEMP TABLE t_outcome (document_id bigint PRIMARY KEY, status text NOT NULL) ON COMMIT DROP;
 
-  -- 2. Duplicates: the same bytes were accepted before (loaded, superseded or themselves a
-  --    duplicate), or came earlier in this batch. Bytes rejected before are judged again, so a
-  --    re-sent bad document shows up as rejected in the new batch too.
+  -- 2. Duplicates of earlier batches: the same bytes were accepted before (loaded, superseded,
+  --    or a duplicate of accepted bytes). Bytes rejected before are judged again, so a re-sent
+  --    bad document shows up as rejected in the new batch too. Copies within this batch are
+  --    sorted out after validation (step 7b), so that a copy of a bad document is rejected too.
   INSERT INTO t_outcome
   SELECT d.document_id, 'duplicate'
   FROM t_docs d
   WHERE EXISTS (SELECT 1 FROM landing.raw_documents o
                 WHERE o.content_sha256 = d.content_sha256
-                  AND (o.status IN ('loaded', 'superseded', 'duplicate')
-                       OR (o.batch_id = p_batch_id AND o.status = 'staged' AND o.document_id < d.document_id)));
+                  AND o.status IN ('loaded', 'superseded', 'duplicate'));
 
   -- 3. Document-level rules. sort_key orders the reasons: the first one is reported.
   CREATE TEMP TABLE t_errors (document_id bigint, sort_key int[], field text, reason text) ON COMMIT DROP;
@@ -351,6 +351,14 @@ BEGIN
   JOIN landing.raw_documents r ON r.document_id = e.document_id;
 
   INSERT INTO t_outcome SELECT DISTINCT document_id, 'rejected' FROM t_errors;
+
+  -- 7b. Copies within this batch of a document that passed: the first one counts.
+  INSERT INTO t_outcome
+  SELECT d.document_id, 'duplicate'
+  FROM (SELECT t.document_id, row_number() OVER (PARTITION BY t.content_sha256 ORDER BY t.document_id) AS copy_no
+        FROM t_docs t
+        WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = t.document_id)) d
+  WHERE d.copy_no > 1;
 
   -- 8. Snapshot resolution. Order of snapshots: updated_at (missing or invalid = oldest), then
   --    arrival (document_id). The newest candidate per patient may replace the current row.

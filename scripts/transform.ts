@@ -52,6 +52,8 @@ export async function transformPending(
   for (const id of ids) {
     try {
       const r = await transformBatch(pool, id, opts.onWait);
+      // A batch another run finished while this one waited for the lock has nothing left.
+      if (r.documents === 0) continue;
       out.push(r);
       opts.onBatch?.(r);
     } catch (err) {

@@ -438,3 +438,22 @@ describe('partitions', () => {
     }
   });
 });
+
+describe('copies of a bad document', () => {
+  test('two copies in one batch are both rejected, and a later re-send is rejected again (not a duplicate)', async () => {
+    await reset();
+    const bad = Buffer.from('{"patient_id":null,"visits":[]}\n');
+    const a = await run(['-'], Readable.from([Buffer.concat([bad, bad])]));
+    expect(await outcomes(a.batchId)).toEqual({ rejected: 2 });
+    const b = await run(['-'], Readable.from([bad]));
+    expect(await outcomes(b.batchId)).toEqual({ rejected: 1 });
+  });
+
+  test('two copies of a good document in one batch: one loaded, one duplicate', async () => {
+    await reset();
+    const good = Buffer.from('{"patient_id":"COPY-1","visits":[{"visit_id":"V","visit_date":"2020-01-01"}]}\n');
+    const a = await run(['-'], Readable.from([Buffer.concat([good, good])]));
+    expect(await outcomes(a.batchId)).toEqual({ loaded: 1, duplicate: 1 });
+    expect(await counts()).toEqual({ patients: 1, visits: 1, diagnoses: 0, treatments: 0, provider_notes: 0 });
+  });
+});
