@@ -460,11 +460,11 @@ BEGIN
 
   -- Children: each kind expanded once; the same rows feed the insert and the problem check.
   WITH src AS MATERIALIZED (
-    SELECT a.patient_key, tv.document_id, tv.position AS vpos, tv.visit_key, tv.visit_date, (c.ord - 1)::int AS position, x.*
+    SELECT a.patient_key, tv.document_id, tv.position AS vpos, tv.visit_key, tv.visit_date, (x.ord - 1)::int AS position, x.*
     FROM t_visits tv
     JOIN t_apply a ON a.document_id = tv.document_id
-    CROSS JOIN LATERAL jsonb_array_elements(tv.v -> 'diagnoses') WITH ORDINALITY AS c(e, ord)
-    CROSS JOIN LATERAL jsonb_to_record(c.e) AS x(code jsonb, system jsonb, description jsonb, "primary" jsonb)
+    CROSS JOIN LATERAL ROWS FROM (jsonb_to_recordset(etl.jarr(tv.v -> 'diagnoses'))
+      AS (code jsonb, system jsonb, description jsonb, "primary" jsonb)) WITH ORDINALITY AS x(code, system, description, "primary", ord)
   ), ins AS (
     INSERT INTO clinical.diagnoses (patient_key, visit_key, visit_date, position, code, code_system, description, is_primary)
     SELECT s.patient_key, s.visit_key, s.visit_date, s.position,
@@ -478,16 +478,17 @@ BEGIN
   WHERE NOT etl.is_absent(s."primary") AND jsonb_typeof(s."primary") <> 'boolean';
 
   WITH src AS MATERIALIZED (
-    SELECT a.patient_key, tv.document_id, tv.position AS vpos, tv.visit_key, tv.visit_date, (c.ord - 1)::int AS position, x.*,
+    SELECT a.patient_key, tv.document_id, tv.position AS vpos, tv.visit_key, tv.visit_date, (x.ord - 1)::int AS position, x.*,
            CASE WHEN etl.is_absent(x.type) THEN 'medication'
                 WHEN x.type #>> '{}' IN ('medication', 'procedure') THEN x.type #>> '{}' END AS treatment_type,
            etl.to_visit_date(x.start_date #>> '{}') AS start_d,
            etl.to_visit_date(x.end_date #>> '{}') AS end_d
     FROM t_visits tv
     JOIN t_apply a ON a.document_id = tv.document_id
-    CROSS JOIN LATERAL jsonb_array_elements(tv.v -> 'treatments') WITH ORDINALITY AS c(e, ord)
-    CROSS JOIN LATERAL jsonb_to_record(c.e) AS x(treatment_id jsonb, type jsonb, code jsonb, system jsonb, name jsonb,
-                                                  dose jsonb, route jsonb, frequency jsonb, start_date jsonb, end_date jsonb)
+    CROSS JOIN LATERAL ROWS FROM (jsonb_to_recordset(etl.jarr(tv.v -> 'treatments'))
+      AS (treatment_id jsonb, type jsonb, code jsonb, system jsonb, name jsonb, dose jsonb, route jsonb, frequency jsonb,
+          start_date jsonb, end_date jsonb))
+      WITH ORDINALITY AS x(treatment_id, type, code, system, name, dose, route, frequency, start_date, end_date, ord)
   ), ins AS (
     INSERT INTO clinical.treatments (patient_key, visit_key, visit_date, position, source_treatment_id, treatment_type,
                                      code, code_system, name, dose, route, frequency, start_date, end_date)
@@ -507,12 +508,12 @@ BEGIN
   WHERE (s.treatment_type IS NULL OR s.start_d IS NULL OR s.end_d IS NULL) AND f.problem IS NOT NULL;
 
   WITH src AS MATERIALIZED (
-    SELECT a.patient_key, tv.document_id, tv.position AS vpos, tv.visit_key, tv.visit_date, (c.ord - 1)::int AS position, x.*,
+    SELECT a.patient_key, tv.document_id, tv.position AS vpos, tv.visit_key, tv.visit_date, (x.ord - 1)::int AS position, x.*,
            etl.to_timestamptz(x.written_at #>> '{}') AS written_ts
     FROM t_visits tv
     JOIN t_apply a ON a.document_id = tv.document_id
-    CROSS JOIN LATERAL jsonb_array_elements(tv.v -> 'provider_notes') WITH ORDINALITY AS c(e, ord)
-    CROSS JOIN LATERAL jsonb_to_record(c.e) AS x(note_id jsonb, author jsonb, written_at jsonb, text jsonb)
+    CROSS JOIN LATERAL ROWS FROM (jsonb_to_recordset(etl.jarr(tv.v -> 'provider_notes'))
+      AS (note_id jsonb, author jsonb, written_at jsonb, text jsonb)) WITH ORDINALITY AS x(note_id, author, written_at, text, ord)
   ), ins AS (
     INSERT INTO clinical.provider_notes (patient_key, visit_key, visit_date, position, source_note_id, author, written_at, note_text)
     SELECT s.patient_key, s.visit_key, s.visit_date, s.position,
