@@ -6,7 +6,8 @@
 // writes them with N, the PostgreSQL version and the machine. A benchmark, not a test: nothing
 // here asserts a speed, but it fails when the loaded rows do not match the generated ones.
 import { spawn } from 'node:child_process';
-import { createReadStream, readFileSync } from 'node:fs';
+import { createReadStream } from 'node:fs';
+import { createInterface } from 'node:readline';
 import { mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -251,7 +252,7 @@ async function main(): Promise<void> {
 
       // (3) row by row on a sample, extrapolated to N.
       const k = Math.min(args.rowSample, args.patients);
-      const sample = readFileSync(info.files.ndjson!, 'utf8').split('\n', k).map((l) => JSON.parse(l) as PatientDocument);
+      const sample = await firstLines(info.files.ndjson!, k);
       await c.query(TRUNCATE_ALL);
       await c.query('CHECKPOINT');
       log(`3. row by row, ${k} patients, extrapolated to ${args.patients}`);
@@ -324,6 +325,18 @@ async function main(): Promise<void> {
     await stopServer();
     if (!args.keep) await rm(work, { recursive: true, force: true });
   }
+}
+
+/** The first k documents of an NDJSON file, without reading the rest. */
+async function firstLines(file: string, k: number): Promise<PatientDocument[]> {
+  const out: PatientDocument[] = [];
+  const rl = createInterface({ input: createReadStream(file), crlfDelay: Infinity });
+  for await (const line of rl) {
+    if (out.length >= k) break;
+    out.push(JSON.parse(line) as PatientDocument);
+  }
+  rl.close();
+  return out;
 }
 
 function round(x: number): number {
