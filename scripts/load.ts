@@ -273,6 +273,12 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
   const maxDoc = opts.maxDocumentBytes ?? DEFAULT_MAX_DOCUMENT_BYTES;
   const chunkBytes = opts.chunkBytes ?? 4 * 1024 * 1024;
   const client = await connectPg(databaseUrl, opts.timeouts ?? DEFAULT_TIMEOUTS);
+  // The server can end the session while no query is in flight (the loader is reading and parsing
+  // between COPYs): pg then emits 'error' on the client, which without a listener crashed the
+  // process with a stack trace. Keep the error: it is the real cause of whatever fails next.
+  client.on('error', (err) => {
+    if (!lostConnections.has(client)) lostConnections.set(client, err);
+  });
   const files: FileOutcome[] = [];
   const progress: LoadProgress = { files: 0, documents: 0, bytes: 0, totalBytes: 0 };
   let documents = 0;
@@ -298,12 +304,20 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
       opts.onFile?.(f);
     };
 
+    const seen = new Set<string>();
     for await (const input of inputs) {
       progress.files++;
       if (input.kind === 'skipped' || input.kind === 'unreadable') {
         await record({ path: input.path, status: input.kind, documents: 0, rejected: 0, reason: input.reason });
         continue;
       }
+      // A path named twice (a directory and a file in it, overlapping globs) is read once: a file
+      // is one row of etl.batch_files, and a second 'duplicate_file' row for it failed the batch.
+      if (seen.has(input.path)) {
+        await record({ path: input.path, status: 'skipped', documents: 0, rejected: 0, reason: 'listed more than once: read once' });
+        continue;
+      }
+      seen.add(input.path);
       // Same bytes as a file already staged: count its documents as duplicates without parsing.
       let fingerprint: { sha: Buffer; size: number } | undefined;
       if (input.kind === 'file') {
@@ -351,10 +365,15 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
     await client.query(`UPDATE etl.batches SET status = 'staged', staged_at = clock_timestamp() WHERE batch_id = $1`, [batchId]);
     await client.query('SELECT pg_advisory_unlock(etl.loader_lock_key($1))', [batchId]);
     return { batchId, files, documents, rejected };
+  } catch (err) {
+    // "Client was closed and is not queryable" says less than the server's own reason (57P01: shut down).
+    throw lostConnections.get(client) ?? err;
   } finally {
     await client.end().catch(() => undefined);
   }
 }
+
+const lostConnections = new WeakMap<pg.Client, Error>();
 
 async function stageFile(
   client: pg.Client,
@@ -368,14 +387,21 @@ async function stageFile(
 ): Promise<FileOutcome> {
   const sourceFile = input.path;
   let readBytes = 0;
+  let rawEnded = false;
+  // The bytes staged are hashed too: a file that changed between the fingerprint and this read
+  // (truncated, rewritten or still growing) must not be recorded under the fingerprint's sha256,
+  // or a later delivery of the complete file would be taken for a duplicate of this one.
+  const hash = fingerprint ? createHash('sha256') : null;
   const raw: Readable = input.kind === 'stdin' ? (opts.stdin ?? process.stdin) : createReadStream(input.path, { highWaterMark: 1 << 20 });
   // Count bytes as the reader pulls them (a 'data' listener would race the reader for chunks).
   const counted = Readable.from(
     (async function* () {
       for await (const c of raw as AsyncIterable<Buffer>) {
         readBytes += c.length;
+        hash?.update(c);
         yield c;
       }
+      rawEnded = true;
     })(),
     { objectMode: false },
   );
@@ -424,6 +450,10 @@ async function stageFile(
       progress.documents++;
       return { path: sourceFile, status: 'rejected', documents: 1, rejected: 1, reason: fileError.reason };
     }
+    // Only when the reader consumed the whole file (a gzip stream may stop before trailing bytes).
+    if (fingerprint && hash && rawEnded && (readBytes !== fingerprint.size || !hash.digest().equals(fingerprint.sha))) {
+      throw new FileChangedError(fingerprint.size, readBytes);
+    }
     await stager.finish();
     await insertFileRow(client, batchId, sourceFile, fingerprint, stager.documents, 'staged', null);
     await client.query('COMMIT');
@@ -435,9 +465,18 @@ async function stageFile(
     raw.destroy();
     progress.documents -= stager.documents;
     if ((err as { code?: string }).code && /^[0-9A-Z]{5}$/.test((err as { code: string }).code)) throw err; // a server error
-    if (isConnectionError(err)) throw err;
+    if (isConnectionError(err) || lostConnections.has(client)) throw err;
     // A read error (corrupt gzip, file vanished, I/O error): nothing from this file is kept.
-    return { path: sourceFile, status: 'unreadable', documents: 0, rejected: 0, reason: `${errorText(err)} (after ${readBytes} bytes)` };
+    const reason = err instanceof FileChangedError ? err.message : `${errorText(err)} (after ${readBytes} bytes)`;
+    return { path: sourceFile, status: 'unreadable', documents: 0, rejected: 0, reason };
+  }
+}
+
+class FileChangedError extends Error {
+  constructor(expected: number, read: number) {
+    super(
+      `the file changed while it was being read (${expected} bytes when fingerprinted, ${read} read): nothing from it was kept; load it again once it is complete`,
+    );
   }
 }
 

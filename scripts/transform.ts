@@ -1,7 +1,7 @@
 // Calls the in-database transform, one transaction per batch, oldest batch first.
 import { z } from 'zod';
 import type { DatabasePool } from 'slonik';
-import { sql } from './db.ts';
+import { DEFAULT_TIMEOUTS, sql } from './db.ts';
 
 const TransformCounts = z.object({
   documents: z.coerce.number(),
@@ -37,9 +37,36 @@ export async function transformBatch(pool: DatabasePool, batchId: number, onWait
       await tx.query(sql.unsafe`SET LOCAL lock_timeout = 0`);
       await tx.query(sql.unsafe`SELECT pg_advisory_xact_lock(etl.transform_lock_key())`);
     }
+    const state = await tx.maybeOne(sql.type(z.object({ status: z.string(), busy: z.boolean(), staged: z.boolean() }))`
+      SELECT b.status,
+             CASE WHEN b.status = 'loading' THEN NOT pg_try_advisory_xact_lock(etl.loader_lock_key(b.batch_id)) ELSE false END AS busy,
+             EXISTS (SELECT 1 FROM landing.raw_documents d WHERE d.batch_id = b.batch_id AND d.status = 'staged') AS staged
+      FROM etl.batches b WHERE b.batch_id = ${batchId}`);
+    // A batch whose loader is alive is left alone before etl.transform_batch locks its row: that
+    // row lock waits for the loader's open file transaction (its landing rows' foreign keys hold a
+    // share lock on the row), which stalled every transform, holding the transform lock, for as
+    // long as the other loader took to stage its current file.
+    if (state?.busy) throw new BatchStillLoading(batchId);
+    // Transformed by another run while this one waited: nothing to do. Calling the transform again
+    // would only move the batch's transformed_at to now, losing when its documents were loaded.
+    if (state?.status === 'transformed' && !state.staged) {
+      return { batchId, documents: 0, loaded: 0, rejected: 0, duplicate: 0, superseded: 0, problems: 0 };
+    }
+    // Past the waits that are meant to be long, a stuck lock (a table locked by another session)
+    // is a clear error after HEALTHETL_LOCK_TIMEOUT_MS, as in the loader, not a hang.
+    await tx.query(sql.unsafe`SELECT set_config('lock_timeout', ${String(DEFAULT_TIMEOUTS.lockTimeoutMs)}, true)`);
     const counts = await tx.one(sql.type(TransformCounts)`SELECT * FROM etl.transform_batch(${batchId})`);
     return { batchId, ...counts };
   });
+}
+
+/** The same condition (and SQLSTATE) etl.transform_batch raises for a batch whose loader is alive. */
+class BatchStillLoading extends Error {
+  readonly code = 'HE002';
+  readonly hint = 'Wait for its loader to finish, then run "healthetl transform".';
+  constructor(batchId: number) {
+    super(`batch ${batchId} is still being loaded`);
+  }
 }
 
 /** Transforms the given batches, or every pending one; batches of live loaders are skipped. */
