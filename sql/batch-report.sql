@@ -8,10 +8,13 @@
   \set batch NULL
 \endif
 
-\echo '== batches: received must equal staged + loaded + rejected + duplicate + superseded'
-SELECT batch_id, status, started_at::timestamp(0) AS started, received, staged, loaded, rejected, duplicate, superseded,
-       received = staged + loaded + rejected + duplicate + superseded AS balanced, files, failed_files
-FROM etl.batch_summary
+\echo '== batches: what the loader counted (received) must equal the landing rows and their outcomes'
+SELECT s.batch_id, s.status, s.started_at::timestamp(0) AS started, f.received, s.received AS landed,
+       s.staged, s.loaded, s.rejected, s.duplicate, s.superseded,
+       f.received = s.received AND s.received = s.staged + s.loaded + s.rejected + s.duplicate + s.superseded AS balanced,
+       s.files, s.failed_files
+FROM etl.batch_summary s
+CROSS JOIN LATERAL (SELECT coalesce(sum(documents), 0) AS received FROM etl.batch_files WHERE batch_id = s.batch_id) f
 WHERE :batch::bigint IS NULL OR batch_id = :batch::bigint
 ORDER BY batch_id DESC
 LIMIT 10;

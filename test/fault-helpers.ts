@@ -124,6 +124,17 @@ export function patients(from: number, to: number, seed: number): { docs: Patien
   return { docs, lines: docs.map((d) => JSON.stringify(d)) };
 }
 
+/** Writes files of generated patients (perFile each) into dir; returns the rows they imply. */
+export async function writePatientFiles(dir: string, files: string[], perFile: number, seed: number): Promise<Expected> {
+  const all: PatientDocument[] = [];
+  for (let f = 0; f < files.length; f++) {
+    const p = patients(f * perFile, (f + 1) * perFile, seed);
+    await writeNdjson(path.join(dir, files[f]), p.lines);
+    all.push(...p.docs);
+  }
+  return countRows(all);
+}
+
 export async function writeNdjson(file: string, lines: string[]): Promise<void> {
   await writeFile(file, lines.join('\n') + '\n');
 }

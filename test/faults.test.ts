@@ -25,7 +25,7 @@ import {
   runCli,
   startCli,
   stderrLines,
-  writeNdjson,
+  writeNdjson, writePatientFiles,
   type CliResult,
   type Expected,
   type TableFingerprint,
@@ -126,13 +126,7 @@ describe('a loader killed with SIGKILL mid-file, a transform killed with SIGKILL
   beforeAll(async () => {
     input = path.join(dir, 'kill');
     await mkdir(input);
-    const all = [];
-    for (let f = 0; f < FILES.length; f++) {
-      const p = patients(f * PER_FILE, (f + 1) * PER_FILE, 5);
-      await writeNdjson(path.join(input, FILES[f]), p.lines);
-      all.push(...p.docs);
-    }
-    expected = countRows(all);
+    expected = await writePatientFiles(input, FILES, PER_FILE, 5);
     const r = await runCli(on(clean, 'run', input));
     expect(r.code, r.stderr).toBe(0);
     cleanFp = await fingerprint(clean.query);

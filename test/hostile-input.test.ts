@@ -20,10 +20,10 @@ const db = useTestDatabase();
 const json = ['--log-format', 'json'];
 const MiB = 1024 * 1024;
 // A marker inside every hostile document: it must never appear in the output.
-const SECRET = 'SECRET-7d1c';
+const PHI_CANARY = 'canary-7d1c'; // must never appear in a reason or a log line
 
 const doc = (id: string, extra: object = {}) =>
-  JSON.stringify({ patient_id: id, note: SECRET, visits: [{ visit_id: 'V1', visit_date: '2022-02-02' }], ...extra });
+  JSON.stringify({ patient_id: id, note: PHI_CANARY, visits: [{ visit_id: 'V1', visit_date: '2022-02-02' }], ...extra });
 const bytes = (s: string) => Buffer.byteLength(s);
 /** Byte offset of line n (1-based) in lines joined by \n. */
 const lineOffset = (lines: (string | Buffer)[], n: number) => lines.slice(0, n - 1).reduce((o, l) => o + (typeof l === 'string' ? bytes(l) : l.length) + 1, 0);
@@ -66,19 +66,19 @@ beforeAll(async () => {
   loadedIds.push('T-2', 'T-4');
 
   // Invalid UTF-8 (0xC3 must be followed by a continuation byte, 0x28 is '(').
-  const head = `{"patient_id":"U-2","note":"${SECRET}","x":"a`;
+  const head = `{"patient_id":"U-2","note":"${PHI_CANARY}","x":"a`;
   const ul = [doc('U-1'), Buffer.concat([Buffer.from(head), Buffer.from([0xc3, 0x28]), Buffer.from('"}')]), doc('U-3')];
   await writeFile(f('bad-utf8.ndjson'), Buffer.concat(ul.flatMap((l) => [Buffer.from(l), Buffer.from('\n')])));
   rejects.push({ file: 'bad-utf8.ndjson', line: 2, item: null, byte_offset: lineOffset(ul, 2), reason: `$: not valid UTF-8 (at byte ${lineOffset(ul, 2) + bytes(head)})` });
   loadedIds.push('U-1', 'U-3');
 
   // \u0000 inside a string (jsonb cannot store it).
-  const nul = `{"patient_id":"N-1","note":"${SECRET}","x":"a\\u0000b"}`;
+  const nul = `{"patient_id":"N-1","note":"${PHI_CANARY}","x":"a\\u0000b"}`;
   await writeNdjson(f('nul.ndjson'), [nul]);
   rejects.push({ file: 'nul.ndjson', line: 1, item: null, byte_offset: 0, reason: `$: contains \\u0000, which PostgreSQL cannot store (at byte ${nul.indexOf('\\u0000')})` });
 
   // A 50 MB document between two good ones (the default limit is 16 MiB).
-  const big = `{"patient_id":"BIG-1","note":"${SECRET}","pad":"${'x'.repeat(50 * MiB)}"}`;
+  const big = `{"patient_id":"BIG-1","note":"${PHI_CANARY}","pad":"${'x'.repeat(50 * MiB)}"}`;
   const bl = [doc('BIG-0'), big, doc('BIG-2')];
   await writeNdjson(f('big.ndjson'), bl);
   rejects.push({ file: 'big.ndjson', line: 2, item: null, byte_offset: lineOffset(bl, 2), reason: '$: document is larger than the 16 MiB limit (--max-document-mb)' });
@@ -88,9 +88,9 @@ beforeAll(async () => {
   const arrays = (n: number) => '['.repeat(n) + ']'.repeat(n);
   const objects = (n: number) => '{"a":'.repeat(n) + '1' + '}'.repeat(n);
   const dl = [
-    `{"patient_id":"D-1","note":"${SECRET}","deep":${arrays(10_000)},"visits":[]}`,
-    `{"patient_id":"D-2","note":"${SECRET}","name":${objects(10_000)},"visits":[{"visit_id":"V","visit_date":"2021-01-01","facility":${objects(10_000)}}]}`,
-    `{"patient_id":"D-3","note":"${SECRET}","deep":${arrays(100_000)}}`,
+    `{"patient_id":"D-1","note":"${PHI_CANARY}","deep":${arrays(10_000)},"visits":[]}`,
+    `{"patient_id":"D-2","note":"${PHI_CANARY}","name":${objects(10_000)},"visits":[{"visit_id":"V","visit_date":"2021-01-01","facility":${objects(10_000)}}]}`,
+    `{"patient_id":"D-3","note":"${PHI_CANARY}","deep":${arrays(100_000)}}`,
     doc('D-4'),
   ];
   await writeNdjson(f('deep.ndjson'), dl);
@@ -116,9 +116,9 @@ beforeAll(async () => {
 
   // Numbers beyond a double: JSON.parse gives Infinity, so the loader refuses them.
   const hl = [
-    `{"patient_id":"H-1","note":"${SECRET}","weight":1e400}`,
-    `{"patient_id":"H-2","note":"${SECRET}","visits":[{"visit_id":"V1","visit_date":"2022-02-02","cost":-1E+400}]}`,
-    `{"patient_id":"H-3","note":"${SECRET}","n":${'9'.repeat(400)}}`,
+    `{"patient_id":"H-1","note":"${PHI_CANARY}","weight":1e400}`,
+    `{"patient_id":"H-2","note":"${PHI_CANARY}","visits":[{"visit_id":"V1","visit_date":"2022-02-02","cost":-1E+400}]}`,
+    `{"patient_id":"H-3","note":"${PHI_CANARY}","n":${'9'.repeat(400)}}`,
     doc('H-4', { largest: 1.7976931348623157e308, smallest: 5e-324 }),
   ];
   await writeNdjson(f('huge-number.ndjson'), hl);
@@ -131,11 +131,11 @@ beforeAll(async () => {
 
   // Duplicate keys: JSON.parse and jsonb would silently keep the last value.
   const kl = [
-    `{"patient_id":"K-1","note":"${SECRET}","patient_id":"K-2"}`,
-    `{"patient_id":"K-3","note":"${SECRET}","visits":[{"visit_id":"V1","visit_date":"2022-02-02","visit_date":"2023-03-03"}]}`,
+    `{"patient_id":"K-1","note":"${PHI_CANARY}","patient_id":"K-2"}`,
+    `{"patient_id":"K-3","note":"${PHI_CANARY}","visits":[{"visit_id":"V1","visit_date":"2022-02-02","visit_date":"2023-03-03"}]}`,
     // Not duplicates: a key containing a colon, a value starting with one, spaces around colons, \" in strings.
-    `{"patient_id" : "K-4", "note":"${SECRET}", "a:b":1, "s":":x", "t":"say \\": no", "visits":[{"visit_id":"V1","visit_date":"2022-02-02"}]}`,
-    `{"patient_id":"K-5","note":"${SECRET}","x":1,"\\u0078":2}`,
+    `{"patient_id" : "K-4", "note":"${PHI_CANARY}", "a:b":1, "s":":x", "t":"say \\": no", "visits":[{"visit_id":"V1","visit_date":"2022-02-02"}]}`,
+    `{"patient_id":"K-5","note":"${PHI_CANARY}","x":1,"\\u0078":2}`,
   ];
   await writeNdjson(f('dup-keys.ndjson'), kl);
   const dupAt = (n: number, field: string, from: number) =>
@@ -144,7 +144,7 @@ beforeAll(async () => {
   dupAt(2, 'visits[0].visit_date', kl[1].lastIndexOf('"visit_date"'));
   dupAt(4, 'x', kl[3].indexOf('"\\u0078"'));
   loadedIds.push('K-4');
-  const ka = `[${doc('K-6')},\n{"patient_id":"K-7","note":"${SECRET}","mrn":"1","mrn":"2"},\n${doc('K-8')}]`;
+  const ka = `[${doc('K-6')},\n{"patient_id":"K-7","note":"${PHI_CANARY}","mrn":"1","mrn":"2"},\n${doc('K-8')}]`;
   await writeFile(f('dup-keys-array.json'), ka);
   const item1 = ka.indexOf('{"patient_id":"K-7"');
   rejects.push({ file: 'dup-keys-array.json', line: null, item: 1, byte_offset: item1, reason: `mrn: duplicate key, the document is ambiguous (at byte ${ka.lastIndexOf('"mrn"')})` });
@@ -202,7 +202,7 @@ describe('one run over a directory of hostile files', () => {
     expect(run.code, run.stderr).toBe(4);
     expect(run.stderr).toBe('');
     expect(lines.filter((l) => l.level >= 50)).toEqual([]);
-    expect(run.stdout).not.toContain(SECRET);
+    expect(run.stdout).not.toContain(PHI_CANARY);
     expect(lines.at(-1)!.msg).toBe('run finished');
   });
 
@@ -222,7 +222,7 @@ describe('one run over a directory of hostile files', () => {
     expect(got).toEqual(want);
     for (const r of rows) expect(r.field).toBe(r.reason.slice(0, r.reason.indexOf(': ')));
     // Reasons from the loader never quote the document.
-    for (const r of rows) expect(r.reason).not.toContain(SECRET);
+    for (const r of rows) expect(r.reason).not.toContain(PHI_CANARY);
   });
 
   test('unreadable and skipped inputs are reported per file with the reason; the empty file and the empty tree are not errors', async () => {

@@ -15,17 +15,15 @@ import {
   activeSessions,
   batchStates,
   connect,
-  countRows,
   countsOf,
   expectAllOrNothing,
   expectNoOrphansOrDuplicates,
   fingerprint,
-  patients,
   pollUntil,
   runCli,
   startCli,
   stderrLines,
-  writeNdjson,
+  writePatientFiles,
   type CliResult,
   type Expected,
   type TableFingerprint,
@@ -71,13 +69,7 @@ beforeAll(async () => {
 
   input = path.join(tmp, 'in');
   await mkdir(input);
-  const all = [];
-  for (let f = 0; f < FILES.length; f++) {
-    const p = patients(f * PER_FILE, (f + 1) * PER_FILE, 13);
-    await writeNdjson(path.join(input, FILES[f]), p.lines);
-    all.push(...p.docs);
-  }
-  expected = countRows(all);
+  expected = await writePatientFiles(input, FILES, PER_FILE, 13);
   const r = await runCli(['run', input, '--database-url', cleanUrl(), '--log-format', 'json']);
   expect(r.code, r.stderr).toBe(0);
   cleanFp = await withDb(cleanUrl(), fingerprint);
