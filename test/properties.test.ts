@@ -274,23 +274,32 @@ describe('the loader\'s duplicate-key and double-range screens', () => {
   });
 });
 
-describe('known gap (transform_batch, migrations/0003)', () => {
-  // A diagnosis code or a note text that is an array or an object passes the transform's checks
-  // (only missing, null or "" are caught) and then violates NOT NULL (clinical.diagnoses.code,
-  // clinical.provider_notes.note_text): the whole batch fails, and every later run fails on the
-  // same batch. The fix is a new migration restating transform_batch with a type check for both;
-  // then drop `.fails` here.
-  test.fails('a diagnosis code that is an array is a reject naming the field; the rest of the batch loads', async () => {
+describe('required child fields of the wrong JSON type (transform_batch, migrations/0004)', () => {
+  // Regression: before 0004 a diagnosis code or a note text that was an array or an object
+  // passed the checks (only missing, null or "" were caught) and then broke the NOT NULL column,
+  // failing the whole batch, and every later run on it. Now each is a reject naming the field.
+  test('a code or text that is an array, an object or a boolean is a reject naming the field; the rest of the batch loads', async () => {
     await reset();
-    const good = JSON.stringify({ patient_id: 'OK', visits: [] });
-    const bad = JSON.stringify({ patient_id: 'BAD', visits: [{ visit_id: 'V1', visit_date: '2022-02-02', diagnoses: [{ code: ['E11.9'] }] }] });
-    const r = await loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], { stdin: Readable.from([`${good}\n${bad}\n`]) });
+    const visit = (extra: Record<string, unknown>) => ({ visit_id: 'V1', visit_date: '2022-02-02', ...extra });
+    const docs = [
+      { patient_id: 'OK', visits: [visit({ diagnoses: [{ code: 250 }], provider_notes: [{ text: 42 }] })] },
+      { patient_id: 'A', visits: [visit({ diagnoses: [{ code: ['E11.9'] }] })] },
+      { patient_id: 'B', visits: [visit({ provider_notes: [{ text: 'fine' }, { text: { body: 'x' } }] })] },
+      { patient_id: 'C', visits: [visit({ diagnoses: [{ code: 'I10' }, { code: true }] })] },
+    ];
+    const ndjson = docs.map((d) => JSON.stringify(d)).join('\n') + '\n';
+    const r = await loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], { stdin: Readable.from([ndjson]) });
     await transformPending(pool);
-    const rows = await db.query(`SELECT d.status, r.field FROM landing.raw_documents d LEFT JOIN etl.rejected_documents r USING (document_id)
+    const rows = await db.query(`SELECT d.status, r.reason FROM landing.raw_documents d LEFT JOIN etl.rejected_documents r USING (document_id)
                                  WHERE d.batch_id = $1 ORDER BY d.line`, [r.batchId]);
     expect(rows).toEqual([
-      { status: 'loaded', field: null },
-      { status: 'rejected', field: 'visits[0].diagnoses[0].code' },
+      { status: 'loaded', reason: null },
+      { status: 'rejected', reason: 'visits[0].diagnoses[0].code: must be a string or a number (found array)' },
+      { status: 'rejected', reason: 'visits[0].provider_notes[1].text: must be a string or a number (found object)' },
+      { status: 'rejected', reason: 'visits[0].diagnoses[1].code: must be a string or a number (found boolean)' },
     ]);
+    // A number is taken as its text, as for patient_id.
+    expect(await db.query(`SELECT code FROM clinical.diagnoses`)).toEqual([{ code: '250' }]);
+    expect(await db.query(`SELECT note_text FROM clinical.provider_notes`)).toEqual([{ note_text: '42' }]);
   });
 });
