@@ -11,7 +11,7 @@ import { chooseFormat, createOutput, type Output } from './log.ts';
 import { migrate, migrationStatus } from './migrate.ts';
 import type { DocumentFormat } from './read-documents.ts';
 import { batchSummaries, rejectedDocuments, type BatchSummary } from './status.ts';
-import { transformPending, type BatchTransform } from './transform.ts';
+import { DEFAULT_SHARD_MIN_DOCUMENTS, DEFAULT_SHARDS, transformPending, type BatchTransform } from './transform.ts';
 import { showDemo } from './demo.ts';
 
 const PROJECT_DIR = fileURLToPath(new URL('..', import.meta.url));
@@ -68,11 +68,13 @@ async function load(o: Output, url: string, argv: LoadArgs): Promise<LoadResult>
   return result;
 }
 
-async function transform(o: Output, url: string, batchIds?: number[]): Promise<BatchTransform[]> {
-  const pool = await createDbPool(url);
+async function transform(o: Output, url: string, shards: number, batchIds?: number[]): Promise<BatchTransform[]> {
+  // One connection coordinates, one per shard transforms.
+  const pool = await createDbPool(url, Math.max(4, shards + 1));
   try {
     return await transformPending(pool, {
       batchIds,
+      shards,
       onWait: (m) => o.log.info(m),
       onBatch: (r) => o.log.info({ ...r, batch: r.batchId, batchId: undefined }, 'batch transformed'),
     });
@@ -114,6 +116,13 @@ const loadOptions = <T>(y: Argv<T>) =>
     .option('max-document-mb', { type: 'number', default: 16, describe: 'a larger document is rejected, not loaded' })
     .option('stdin-format', { choices: ['ndjson', 'json'] as const, default: 'ndjson' as const, describe: 'what - (standard input) contains' });
 
+const shardOption = <T>(y: Argv<T>) =>
+  y.option('shards', {
+    type: 'number',
+    default: DEFAULT_SHARDS,
+    describe: `sessions that transform a batch of ${DEFAULT_SHARD_MIN_DOCUMENTS.toLocaleString('en-US')}+ documents at once, by patient; 1 keeps every batch one transaction`,
+  });
+
 export function buildCli(args: string[]) {
   return commonOptions(yargs(args.map((a) => (a === '-' ? STDIN_ARG : a))))
     .scriptName('healthetl')
@@ -150,10 +159,10 @@ export function buildCli(args: string[]) {
     .command(
       'transform',
       'transform staged batches into the clinical tables',
-      (y) => y.option('batch', { type: 'number', array: true, describe: 'only these batches (default: every pending one)' }),
+      (y) => shardOption(y.option('batch', { type: 'number', array: true, describe: 'only these batches (default: every pending one)' })),
       (argv) =>
         guarded(argv, async (o, url) => {
-          const done = await transform(o, url, argv.batch);
+          const done = await transform(o, url, argv.shards, argv.batch);
           if (done.length === 0) o.log.info('nothing to transform');
           return done.some((b) => b.rejected > 0) ? EXIT.REJECTED : EXIT.OK;
         }),
@@ -161,11 +170,11 @@ export function buildCli(args: string[]) {
     .command(
       'run <paths..>',
       'load, then transform (what a scheduler calls); exit 4 when anything was rejected',
-      (y) => loadOptions(y),
+      (y) => shardOption(loadOptions(y)),
       (argv) =>
         guarded(argv, async (o, url) => {
           const loaded = await load(o, url, argv as unknown as LoadArgs);
-          await transform(o, url);
+          await transform(o, url, argv.shards);
           // The batch's outcome as recorded, not as this process's transform returned it: another
           // run may have transformed this batch while this one waited for the transform lock.
           const c = await batchOutcome(url, loaded.batchId);
@@ -220,7 +229,7 @@ export function buildCli(args: string[]) {
             await migrate(url, 'up', { log: (m) => o.log.info(m) });
             const fixtures = path.join(PROJECT_DIR, 'fixtures');
             const loaded = await load(o, url, { ...argv, paths: [fixtures], 'max-document-mb': 16, 'stdin-format': 'ndjson' } as LoadArgs);
-            await transform(o, url);
+            await transform(o, url, DEFAULT_SHARDS);
             await showDemo(url, loaded.batchId, (t) => (o.format === 'pretty' ? o.print(t) : o.log.info(t)));
           } finally {
             await stop();
@@ -234,6 +243,10 @@ export function buildCli(args: string[]) {
       for (const key of ['count', 'batch', 'limit', 'max-document-mb']) {
         const values = ([] as unknown[]).concat(argv[key] ?? []);
         if (values.some((v) => typeof v !== 'number' || Number.isNaN(v))) throw new UserError(`--${key} must be a number`, EXIT.USAGE);
+      }
+      const shards = argv.shards as number | undefined;
+      if (shards !== undefined && (!Number.isInteger(shards) || shards < 1 || shards > 64)) {
+        throw new UserError('--shards must be a whole number from 1 to 64', EXIT.USAGE);
       }
       return true;
     }, true)

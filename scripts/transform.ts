@@ -1,4 +1,6 @@
-// Calls the in-database transform, one transaction per batch, oldest batch first.
+// Calls the in-database transform, oldest batch first: a batch in one transaction, or a large
+// batch as N shards by patient, each one transaction, run side by side on N connections under
+// one coordinator transaction that holds the transform lock (migrations/0004).
 import { z } from 'zod';
 import type { DatabasePool } from 'slonik';
 import { DEFAULT_TIMEOUTS, sql } from './db.ts';
@@ -12,7 +14,18 @@ const TransformCounts = z.object({
   problems: z.coerce.number(),
 });
 export type TransformCounts = z.infer<typeof TransformCounts>;
-export type BatchTransform = TransformCounts & { batchId: number };
+export type BatchTransform = TransformCounts & { batchId: number; shards: number };
+
+export type ShardOptions = {
+  /** How many sessions transform a large batch at once (1: the whole batch in one transaction). */
+  shards?: number;
+  /** A batch with fewer staged documents than this is one transaction whatever `shards` says. */
+  shardMinDocuments?: number;
+};
+/** Two shards use both cores of a small server; more pay off only where the server has them. */
+export const DEFAULT_SHARDS = 2;
+/** Below this a batch transforms in well under a second: keep it one transaction. */
+export const DEFAULT_SHARD_MIN_DOCUMENTS = 10_000;
 
 /**
  * Batches with staged documents whose loader has finished or is gone (a batch still held by
@@ -27,8 +40,17 @@ export async function pendingBatches(pool: DatabasePool): Promise<number[]> {
   return [...ids];
 }
 
-/** Transforms one batch atomically; says so when it has to wait for another transform. */
-export async function transformBatch(pool: DatabasePool, batchId: number, onWait?: (m: string) => void): Promise<BatchTransform> {
+/**
+ * Transforms one batch: atomically, or (large batches, shards > 1) as shards each atomic by
+ * patient. Says so when it has to wait for another transform. The pool needs shards + 1
+ * connections.
+ */
+export async function transformBatch(
+  pool: DatabasePool,
+  batchId: number,
+  onWait?: (m: string) => void,
+  opts: ShardOptions = {},
+): Promise<BatchTransform> {
   return pool.transaction(async (tx) => {
     const free = await tx.oneFirst(sql.type(z.object({ ok: z.boolean() }))`
       SELECT pg_try_advisory_xact_lock(etl.transform_lock_key()) AS ok`);
@@ -37,10 +59,10 @@ export async function transformBatch(pool: DatabasePool, batchId: number, onWait
       await tx.query(sql.unsafe`SET LOCAL lock_timeout = 0`);
       await tx.query(sql.unsafe`SELECT pg_advisory_xact_lock(etl.transform_lock_key())`);
     }
-    const state = await tx.maybeOne(sql.type(z.object({ status: z.string(), busy: z.boolean(), staged: z.boolean() }))`
+    const state = await tx.maybeOne(sql.type(z.object({ status: z.string(), busy: z.boolean(), staged: z.coerce.number() }))`
       SELECT b.status,
              CASE WHEN b.status = 'loading' THEN NOT pg_try_advisory_xact_lock(etl.loader_lock_key(b.batch_id)) ELSE false END AS busy,
-             EXISTS (SELECT 1 FROM landing.raw_documents d WHERE d.batch_id = b.batch_id AND d.status = 'staged') AS staged
+             (SELECT count(*) FROM landing.raw_documents d WHERE d.batch_id = b.batch_id AND d.status = 'staged') AS staged
       FROM etl.batches b WHERE b.batch_id = ${batchId}`);
     // A batch whose loader is alive is left alone before etl.transform_batch locks its row: that
     // row lock waits for the loader's open file transaction (its landing rows' foreign keys hold a
@@ -50,15 +72,47 @@ export async function transformBatch(pool: DatabasePool, batchId: number, onWait
     // Transformed by another run while this one waited: nothing to do. Calling the transform again
     // would only move the batch's transformed_at to now, losing when its documents were loaded.
     if (state?.status === 'transformed' && !state.staged) {
-      return { batchId, documents: 0, loaded: 0, rejected: 0, duplicate: 0, superseded: 0, problems: 0 };
+      return { batchId, shards: 0, documents: 0, loaded: 0, rejected: 0, duplicate: 0, superseded: 0, problems: 0 };
     }
     // Past the waits that are meant to be long, a stuck lock (a table locked by another session)
     // is a clear error after HEALTHETL_LOCK_TIMEOUT_MS, as in the loader, not a hang.
-    await tx.query(sql.unsafe`SELECT set_config('lock_timeout', ${String(DEFAULT_TIMEOUTS.lockTimeoutMs)}, true)`);
-    const counts = await tx.one(sql.type(TransformCounts)`SELECT * FROM etl.transform_batch(${batchId})`);
-    return { batchId, ...counts };
+    await tx.query(lockTimeout);
+    const shards = (state?.staged ?? 0) >= (opts.shardMinDocuments ?? DEFAULT_SHARD_MIN_DOCUMENTS) ? (opts.shards ?? DEFAULT_SHARDS) : 1;
+    if (shards <= 1) {
+      const counts = await tx.one(sql.type(TransformCounts)`SELECT * FROM etl.transform_batch(${batchId})`);
+      return { batchId, shards: 1, ...counts };
+    }
+    const coordinator = await tx.oneFirst(sql.type(z.object({ pid: z.number() }))`SELECT pg_backend_pid() AS pid`);
+    const results = await Promise.allSettled(
+      Array.from({ length: shards }, (_, shard) =>
+        pool.connect(async (c) => {
+          // Partitions first, committed on their own: tables are never created inside the
+          // shards' concurrent transactions.
+          await c.transaction(async (t) => {
+            await t.query(lockTimeout);
+            await t.query(sql.unsafe`SELECT etl.ensure_batch_partitions(${batchId}, ${shard}, ${shards})`);
+          });
+          return c.transaction(async (t) => {
+            await t.query(lockTimeout);
+            return t.one(sql.type(TransformCounts)`SELECT * FROM etl.transform_batch(${batchId}, ${shard}, ${shards}, ${coordinator})`);
+          });
+        }),
+      ),
+    );
+    // A shard that failed rolled back alone: its documents stay staged, the batch stays
+    // unfinished, and the next run transforms what is left.
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+    await tx.query(sql.unsafe`SELECT etl.finish_batch(${batchId})`);
+    const sum = { batchId, shards, documents: 0, loaded: 0, rejected: 0, duplicate: 0, superseded: 0, problems: 0 };
+    for (const r of results as PromiseFulfilledResult<TransformCounts>[]) {
+      for (const k of Object.keys(r.value) as (keyof TransformCounts)[]) sum[k] += r.value[k];
+    }
+    return sum;
   });
 }
+
+const lockTimeout = sql.unsafe`SELECT set_config('lock_timeout', ${String(DEFAULT_TIMEOUTS.lockTimeoutMs)}, true)`;
 
 /** The same condition (and SQLSTATE) etl.transform_batch raises for a batch whose loader is alive. */
 class BatchStillLoading extends Error {
@@ -72,13 +126,13 @@ class BatchStillLoading extends Error {
 /** Transforms the given batches, or every pending one; batches of live loaders are skipped. */
 export async function transformPending(
   pool: DatabasePool,
-  opts: { batchIds?: number[]; onWait?: (m: string) => void; onBatch?: (r: BatchTransform) => void } = {},
+  opts: { batchIds?: number[]; onWait?: (m: string) => void; onBatch?: (r: BatchTransform) => void } & ShardOptions = {},
 ): Promise<BatchTransform[]> {
   const ids = opts.batchIds ?? (await pendingBatches(pool));
   const out: BatchTransform[] = [];
   for (const id of ids) {
     try {
-      const r = await transformBatch(pool, id, opts.onWait);
+      const r = await transformBatch(pool, id, opts.onWait, opts);
       // A batch another run finished while this one waited for the lock has nothing left.
       if (r.documents === 0) continue;
       out.push(r);

@@ -1,17 +1,112 @@
 -- Up Migration
--- transform_batch, restated whole (released migrations are immutable):
+-- transform_batch, restated whole (released migrations are immutable), and sharded transforms:
 -- * a diagnosis code or a note text that is not a string or a number (an array, an object, a
 --   boolean) is now a reject naming the field; before, it passed validation and then broke the
---   NOT NULL column, failing the whole batch and every later run on it.
+--   NOT NULL column, failing the whole batch and every later run on it;
+-- * a large batch can be transformed as N shards by patient, in N sessions at once (each shard
+--   one transaction), which uses the server's cores: the transform was one backend's CPU.
 
--- Transform one staged batch into the clinical tables, atomically, and return its outcome counts.
+-- Which of `shards` shards a document belongs to: by its patient (source_system and patient_id as
+-- the transform normalises them), so every snapshot of one patient is in the same shard, and so
+-- are byte-identical copies. Any document has exactly one shard, valid or not.
+CREATE FUNCTION etl.shard_of(source_system jsonb, patient_id jsonb, shards int) RETURNS int
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT CASE WHEN shards <= 1 THEN 0 ELSE
+    ((hashtextextended(coalesce(nullif(etl.jtext(source_system), ''), 'default') || E'\n' || coalesce(etl.jtext(patient_id), ''), 0)
+      & 9223372036854775807) % shards)::int END
+$$;
+
+-- Does backend p_pid hold the advisory lock p_key exclusively? (How a shard checks its coordinator.)
+CREATE FUNCTION etl.holds_advisory_lock(p_pid int, p_key bigint) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+  SELECT EXISTS (
+    SELECT 1 FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.pid = p_pid AND l.granted AND l.mode = 'ExclusiveLock'
+      AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND ((l.classid::bigint << 32) | l.objid::bigint) = p_key)
+$$;
+
+-- The advisory lock sessions take in turn to create visits partitions.
+CREATE FUNCTION etl.partition_lock_key() RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT 4848000000000000::bigint - 2
+$$;
+
+-- Create the yearly clinical.visits partitions for the given years that do not exist yet.
+-- CREATE TABLE + ATTACH takes only SHARE UPDATE EXCLUSIVE on clinical.visits, so analysts'
+-- queries keep running while a new year is added. Sessions that need a new year at once (the
+-- shards of a batch) take turns on an advisory lock, and each checks again once it has it.
+CREATE OR REPLACE FUNCTION etl.ensure_visit_partitions(years int[]) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+  y int;
+  created int := 0;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM unnest(years) u
+                 WHERE u IS NOT NULL AND to_regclass(format('clinical.%I', etl.visit_partition_name(u))) IS NULL) THEN
+    RETURN 0;
+  END IF;
+  PERFORM pg_advisory_xact_lock(etl.partition_lock_key());
+  FOR y IN SELECT DISTINCT u FROM unnest(years) u WHERE u IS NOT NULL ORDER BY u LOOP
+    IF to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL THEN
+      EXECUTE format('CREATE TABLE clinical.%I (LIKE clinical.visits INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                     etl.visit_partition_name(y));
+      EXECUTE format('ALTER TABLE clinical.visits ATTACH PARTITION clinical.%I FOR VALUES FROM (%L) TO (%L)',
+                     etl.visit_partition_name(y), make_date(y, 1, 1), make_date(y + 1, 1, 1));
+      created := created + 1;
+    END IF;
+  END LOOP;
+  RETURN created;
+END
+$$;
+
+-- Create the visits partitions the staged documents of one shard of a batch need, in the
+-- caller's (short) transaction, before the shard's transform. Returns how many it created.
+-- strict + silent: a document whose visits are malformed yields no year (it will be rejected).
+CREATE FUNCTION etl.ensure_batch_partitions(p_batch_id bigint, p_shard int DEFAULT 0, p_shards int DEFAULT 1) RETURNS int
+LANGUAGE sql AS $$
+  SELECT etl.ensure_visit_partitions(ARRAY(
+    SELECT DISTINCT extract(year FROM etl.to_visit_date(v.d #>> '{}'))::int
+    FROM landing.raw_documents r
+    CROSS JOIN LATERAL jsonb_to_record(CASE WHEN jsonb_typeof(r.payload) = 'object' THEN r.payload ELSE '{}'::jsonb END)
+      AS x(source_system jsonb, patient_id jsonb, visits jsonb)
+    CROSS JOIN LATERAL jsonb_path_query(x.visits, 'strict $[*].visit_date', '{}', true) AS v(d)
+    WHERE r.batch_id = p_batch_id AND r.status = 'staged'
+      AND etl.shard_of(x.source_system, x.patient_id, p_shards) = p_shard))
+$$;
+
+-- Mark a batch transformed once none of its documents is left staged (after all its shards).
+-- Returns whether it did.
+CREATE FUNCTION etl.finish_batch(p_batch_id bigint) RETURNS boolean
+LANGUAGE sql AS $$
+  WITH done AS (
+    UPDATE etl.batches b
+    SET status = 'transformed', transformed_at = clock_timestamp(), staged_at = coalesce(b.staged_at, clock_timestamp())
+    WHERE b.batch_id = p_batch_id AND b.status <> 'transformed'
+      AND NOT EXISTS (SELECT 1 FROM landing.raw_documents d WHERE d.batch_id = p_batch_id AND d.status = 'staged')
+    RETURNING 1)
+  SELECT EXISTS (SELECT 1 FROM done)
+$$;
+
+-- The one-argument transform_batch of 0003 becomes the four-argument one below (called with
+-- one argument, it does what it did: the whole batch in one transaction).
+DROP FUNCTION etl.transform_batch(bigint);
+
+-- Transform one staged batch (or one shard of it) into the clinical tables, atomically, and
+-- return the outcome counts of the documents it took.
+-- Shards: with p_shards > 1 the call takes only the documents of shard p_shard (by patient, see
+-- etl.shard_of), so shards of one batch can run at once in separate sessions. They are started
+-- by a coordinator session that holds the transform lock (p_coordinator is its backend pid);
+-- each shard first calls etl.ensure_batch_partitions in its own transaction (tables are not
+-- created inside concurrent transactions), and the coordinator calls etl.finish_batch after.
 -- Performance notes (measured with npm run bench):
 -- * each payload is decompressed a few times only: the top-level fields come out of ONE
 --   jsonb_to_record call into t_docs, visits out of one jsonb_array_elements pass into t_visits;
 --   every later statement reads those small values, never the landing payload again;
 -- * checks first compute a cheap boolean per row and build messages only for the rows that fail;
 -- * visit keys are taken from the sequence up front, so children never join back to find them.
-CREATE OR REPLACE FUNCTION etl.transform_batch(p_batch_id bigint)
+CREATE FUNCTION etl.transform_batch(p_batch_id bigint, p_shard int DEFAULT 0, p_shards int DEFAULT 1,
+                                    p_coordinator int DEFAULT NULL)
 RETURNS TABLE (documents bigint, loaded bigint, rejected bigint, duplicate bigint, superseded bigint, problems bigint)
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -19,9 +114,23 @@ DECLARE
   v_years int[];
 BEGIN
 
-  PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
-
-  SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id FOR UPDATE;
+  IF p_shards IS NULL OR p_shards < 1 OR p_shard IS NULL OR p_shard < 0 OR p_shard >= p_shards THEN
+    RAISE EXCEPTION 'shard % of % does not exist: shards are numbered 0 to shards - 1', p_shard, p_shards
+      USING ERRCODE = 'HE003', HINT = 'Call etl.transform_batch(batch_id) to transform the whole batch.';
+  END IF;
+  IF p_shards = 1 THEN
+    PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
+    SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id FOR UPDATE;
+  ELSE
+    -- Transforms of different batches must not interleave (they may share patients); the
+    -- coordinator's lock keeps other runs out while its shards run side by side.
+    IF NOT etl.holds_advisory_lock(p_coordinator, etl.transform_lock_key()) THEN
+      RAISE EXCEPTION 'a shard of a batch is transformed only under a coordinator session holding the transform lock'
+        USING ERRCODE = 'HE004',
+              HINT = 'Use "healthetl transform --shards N", or call etl.transform_batch(batch_id) for the whole batch.';
+    END IF;
+    SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id FOR SHARE;
+  END IF;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'batch % does not exist', p_batch_id
       USING ERRCODE = 'HE001', HINT = 'Run "healthetl status" to list batches.';
@@ -29,7 +138,8 @@ BEGIN
   IF v_status = 'loading' THEN
     -- A loader holds this lock while it stages; if we can take it, the loader is gone and
     -- what it committed (whole files) is complete and can be transformed.
-    IF NOT pg_try_advisory_xact_lock(etl.loader_lock_key(p_batch_id)) THEN
+    IF NOT pg_try_advisory_xact_lock(etl.loader_lock_key(p_batch_id))
+       AND NOT (p_shards > 1 AND etl.holds_advisory_lock(p_coordinator, etl.loader_lock_key(p_batch_id))) THEN
       RAISE EXCEPTION 'batch % is still being loaded', p_batch_id
         USING ERRCODE = 'HE002', HINT = 'Wait for its loader to finish, then run "healthetl transform".';
     END IF;
@@ -47,7 +157,7 @@ BEGIN
   END;
   DROP TABLE IF EXISTS pg_temp.t_docs, pg_temp.t_errors, pg_temp.t_visits, pg_temp.t_outcome, pg_temp.t_apply, pg_temp.t_dup;
 
-  -- 1. The batch's staged documents: the top-level fields, extracted once.
+  -- 1. The batch's staged documents (of this shard): the top-level fields, extracted once.
   CREATE TEMP TABLE t_docs ON COMMIT DROP AS
   SELECT d.document_id, d.content_sha256, d.doc_type, d.visits_type, x.*
   FROM (SELECT r.document_id, r.content_sha256, r.payload, jsonb_typeof(r.payload) AS doc_type,
@@ -57,7 +167,8 @@ BEGIN
         OFFSET 0) d
   CROSS JOIN LATERAL jsonb_to_record(CASE WHEN d.doc_type = 'object' THEN d.payload ELSE '{}'::jsonb END)
     AS x(patient_id jsonb, source_system jsonb, updated_at jsonb, mrn jsonb, ssn jsonb, name jsonb,
-         birth_date jsonb, sex jsonb, contact jsonb, address jsonb);
+         birth_date jsonb, sex jsonb, contact jsonb, address jsonb)
+  WHERE p_shards = 1 OR etl.shard_of(x.source_system, x.patient_id, p_shards) = p_shard;
   CREATE UNIQUE INDEX ON t_docs (document_id);
   ANALYZE t_docs;
 
@@ -292,7 +403,14 @@ BEGIN
   -- 11. Visits (keys assigned in step 4) into the partitions they need, then the children.
   SELECT array_agg(DISTINCT extract(year FROM tv.visit_date)::int) INTO v_years
   FROM t_visits tv JOIN t_apply a ON a.document_id = tv.document_id;
-  PERFORM etl.ensure_visit_partitions(v_years);
+  IF p_shards = 1 THEN
+    PERFORM etl.ensure_visit_partitions(v_years);
+  ELSIF EXISTS (SELECT 1 FROM unnest(v_years) y
+                WHERE y IS NOT NULL AND to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL) THEN
+    RAISE EXCEPTION 'batch %, shard % of %: a visits partition it needs does not exist', p_batch_id, p_shard, p_shards
+      USING ERRCODE = 'HE005',
+            HINT = 'Call etl.ensure_batch_partitions(batch_id, shard, shards) in its own transaction first.';
+  END IF;
 
   INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, visit_start, discharge_date,
                                visit_type, facility_id, facility_name, provider_npi, provider_name, position)
@@ -408,10 +526,13 @@ BEGIN
   UPDATE landing.raw_documents d SET status = o.status
   FROM t_outcome o WHERE o.document_id = d.document_id;
 
-  UPDATE etl.batches b
-  SET status = 'transformed', transformed_at = clock_timestamp(),
-      staged_at = coalesce(b.staged_at, clock_timestamp())
-  WHERE b.batch_id = p_batch_id;
+  -- A whole-batch call finishes the batch; shards leave that to the coordinator (finish_batch).
+  IF p_shards = 1 THEN
+    UPDATE etl.batches b
+    SET status = 'transformed', transformed_at = clock_timestamp(),
+        staged_at = coalesce(b.staged_at, clock_timestamp())
+    WHERE b.batch_id = p_batch_id;
+  END IF;
 
   RETURN QUERY
   SELECT count(*),
@@ -419,15 +540,46 @@ BEGIN
          count(*) FILTER (WHERE o.status = 'rejected'),
          count(*) FILTER (WHERE o.status = 'duplicate'),
          count(*) FILTER (WHERE o.status = 'superseded'),
-         (SELECT count(*) FROM etl.document_problems p WHERE p.batch_id = p_batch_id)
+         (SELECT count(*) FROM etl.document_problems p JOIN t_outcome t ON t.document_id = p.document_id
+          WHERE p.batch_id = p_batch_id)
   FROM t_outcome o;
 END
 $fn$;
-COMMENT ON FUNCTION etl.transform_batch(bigint) IS
-  'Transform one staged batch into the clinical tables in one transaction; returns outcome counts.';
+COMMENT ON FUNCTION etl.transform_batch(bigint, int, int, int) IS
+  'Transform one staged batch (or one shard of it) into the clinical tables in one transaction; returns outcome counts.';
+
 
 -- Down Migration
--- The definition of 0003, whole.
+DROP FUNCTION etl.transform_batch(bigint, int, int, int);
+DROP FUNCTION etl.finish_batch(bigint);
+DROP FUNCTION etl.ensure_batch_partitions(bigint, int, int);
+DROP FUNCTION etl.partition_lock_key();
+DROP FUNCTION etl.holds_advisory_lock(int, bigint);
+DROP FUNCTION etl.shard_of(jsonb, jsonb, int);
+
+-- The definitions of 0003, whole.
+-- Create the yearly clinical.visits partitions for the given years that do not exist yet.
+-- CREATE TABLE + ATTACH takes only SHARE UPDATE EXCLUSIVE on clinical.visits, so analysts'
+-- queries keep running while a new year is added.
+CREATE OR REPLACE FUNCTION etl.ensure_visit_partitions(years int[]) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+  y int;
+  created int := 0;
+BEGIN
+  FOR y IN SELECT DISTINCT u FROM unnest(years) u WHERE u IS NOT NULL ORDER BY u LOOP
+    IF to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL THEN
+      EXECUTE format('CREATE TABLE clinical.%I (LIKE clinical.visits INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                     etl.visit_partition_name(y));
+      EXECUTE format('ALTER TABLE clinical.visits ATTACH PARTITION clinical.%I FOR VALUES FROM (%L) TO (%L)',
+                     etl.visit_partition_name(y), make_date(y, 1, 1), make_date(y + 1, 1, 1));
+      created := created + 1;
+    END IF;
+  END LOOP;
+  RETURN created;
+END
+$$;
+
 -- Transform one staged batch into the clinical tables, atomically, and return its outcome counts.
 -- Performance notes (measured with npm run bench):
 -- * each payload is decompressed a few times only: the top-level fields come out of ONE
@@ -435,7 +587,7 @@ COMMENT ON FUNCTION etl.transform_batch(bigint) IS
 --   every later statement reads those small values, never the landing payload again;
 -- * checks first compute a cheap boolean per row and build messages only for the rows that fail;
 -- * visit keys are taken from the sequence up front, so children never join back to find them.
-CREATE OR REPLACE FUNCTION etl.transform_batch(p_batch_id bigint)
+CREATE FUNCTION etl.transform_batch(p_batch_id bigint)
 RETURNS TABLE (documents bigint, loaded bigint, rejected bigint, duplicate bigint, superseded bigint, problems bigint)
 LANGUAGE plpgsql AS $fn$
 DECLARE
