@@ -26,16 +26,12 @@ LANGUAGE sql STABLE AS $$
       AND ((l.classid::bigint << 32) | l.objid::bigint) = p_key)
 $$;
 
--- The advisory lock sessions take in turn to create visits partitions.
-CREATE FUNCTION etl.partition_lock_key() RETURNS bigint
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-  SELECT 4848000000000000::bigint - 2
-$$;
-
 -- Create the yearly clinical.visits partitions for the given years that do not exist yet.
 -- CREATE TABLE + ATTACH takes only SHARE UPDATE EXCLUSIVE on clinical.visits, so analysts'
 -- queries keep running while a new year is added. Sessions that need a new year at once (the
--- shards of a batch) take turns on an advisory lock, and each checks again once it has it.
+-- shards of a batch) take turns on that lock (it conflicts with itself), and each checks again
+-- once it has it: taking a table lock also makes this session see tables committed meanwhile,
+-- which waiting on an advisory lock does not (a second CREATE TABLE failed on "already exists").
 CREATE OR REPLACE FUNCTION etl.ensure_visit_partitions(years int[]) RETURNS int
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -46,7 +42,7 @@ BEGIN
                  WHERE u IS NOT NULL AND to_regclass(format('clinical.%I', etl.visit_partition_name(u))) IS NULL) THEN
     RETURN 0;
   END IF;
-  PERFORM pg_advisory_xact_lock(etl.partition_lock_key());
+  LOCK TABLE clinical.visits IN SHARE UPDATE EXCLUSIVE MODE;
   FOR y IN SELECT DISTINCT u FROM unnest(years) u WHERE u IS NOT NULL ORDER BY u LOOP
     IF to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL THEN
       EXECUTE format('CREATE TABLE clinical.%I (LIKE clinical.visits INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
@@ -553,7 +549,6 @@ COMMENT ON FUNCTION etl.transform_batch(bigint, int, int, int) IS
 DROP FUNCTION etl.transform_batch(bigint, int, int, int);
 DROP FUNCTION etl.finish_batch(bigint);
 DROP FUNCTION etl.ensure_batch_partitions(bigint, int, int);
-DROP FUNCTION etl.partition_lock_key();
 DROP FUNCTION etl.holds_advisory_lock(int, bigint);
 DROP FUNCTION etl.shard_of(jsonb, jsonb, int);
 

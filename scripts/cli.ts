@@ -68,13 +68,16 @@ async function load(o: Output, url: string, argv: LoadArgs): Promise<LoadResult>
   return result;
 }
 
-async function transform(o: Output, url: string, shards: number, batchIds?: number[]): Promise<BatchTransform[]> {
+type ShardArgs = { shards: number; 'shard-min-documents': number };
+
+async function transform(o: Output, url: string, { shards, 'shard-min-documents': shardMinDocuments }: ShardArgs, batchIds?: number[]): Promise<BatchTransform[]> {
   // One connection coordinates, one per shard transforms.
   const pool = await createDbPool(url, Math.max(4, shards + 1));
   try {
     return await transformPending(pool, {
       batchIds,
       shards,
+      shardMinDocuments,
       onWait: (m) => o.log.info(m),
       onBatch: (r) => o.log.info({ ...r, batch: r.batchId, batchId: undefined }, 'batch transformed'),
     });
@@ -117,11 +120,17 @@ const loadOptions = <T>(y: Argv<T>) =>
     .option('stdin-format', { choices: ['ndjson', 'json'] as const, default: 'ndjson' as const, describe: 'what - (standard input) contains' });
 
 const shardOption = <T>(y: Argv<T>) =>
-  y.option('shards', {
-    type: 'number',
-    default: DEFAULT_SHARDS,
-    describe: `sessions that transform a batch of ${DEFAULT_SHARD_MIN_DOCUMENTS.toLocaleString('en-US')}+ documents at once, by patient; 1 keeps every batch one transaction`,
-  });
+  y
+    .option('shards', {
+      type: 'number',
+      default: DEFAULT_SHARDS,
+      describe: 'sessions that transform a large batch at once, split by patient, each shard one transaction; 1: every batch is one transaction',
+    })
+    .option('shard-min-documents', {
+      type: 'number',
+      default: DEFAULT_SHARD_MIN_DOCUMENTS,
+      describe: 'a batch with fewer staged documents is one transaction whatever --shards says',
+    });
 
 export function buildCli(args: string[]) {
   return commonOptions(yargs(args.map((a) => (a === '-' ? STDIN_ARG : a))))
@@ -162,7 +171,7 @@ export function buildCli(args: string[]) {
       (y) => shardOption(y.option('batch', { type: 'number', array: true, describe: 'only these batches (default: every pending one)' })),
       (argv) =>
         guarded(argv, async (o, url) => {
-          const done = await transform(o, url, argv.shards, argv.batch);
+          const done = await transform(o, url, argv, argv.batch);
           if (done.length === 0) o.log.info('nothing to transform');
           return done.some((b) => b.rejected > 0) ? EXIT.REJECTED : EXIT.OK;
         }),
@@ -174,7 +183,7 @@ export function buildCli(args: string[]) {
       (argv) =>
         guarded(argv, async (o, url) => {
           const loaded = await load(o, url, argv as unknown as LoadArgs);
-          await transform(o, url, argv.shards);
+          await transform(o, url, argv);
           // The batch's outcome as recorded, not as this process's transform returned it: another
           // run may have transformed this batch while this one waited for the transform lock.
           const c = await batchOutcome(url, loaded.batchId);
@@ -229,7 +238,7 @@ export function buildCli(args: string[]) {
             await migrate(url, 'up', { log: (m) => o.log.info(m) });
             const fixtures = path.join(PROJECT_DIR, 'fixtures');
             const loaded = await load(o, url, { ...argv, paths: [fixtures], 'max-document-mb': 16, 'stdin-format': 'ndjson' } as LoadArgs);
-            await transform(o, url, DEFAULT_SHARDS);
+            await transform(o, url, { shards: DEFAULT_SHARDS, 'shard-min-documents': DEFAULT_SHARD_MIN_DOCUMENTS });
             await showDemo(url, loaded.batchId, (t) => (o.format === 'pretty' ? o.print(t) : o.log.info(t)));
           } finally {
             await stop();
@@ -240,7 +249,7 @@ export function buildCli(args: string[]) {
     .demandCommand(1, 'name a command; see --help')
     // yargs turns a non-number into NaN silently (--max-document-mb abc would disable the limit).
     .check((argv) => {
-      for (const key of ['count', 'batch', 'limit', 'max-document-mb']) {
+      for (const key of ['count', 'batch', 'limit', 'max-document-mb', 'shard-min-documents']) {
         const values = ([] as unknown[]).concat(argv[key] ?? []);
         if (values.some((v) => typeof v !== 'number' || Number.isNaN(v))) throw new UserError(`--${key} must be a number`, EXIT.USAGE);
       }

@@ -1,0 +1,214 @@
+// Sharded transforms (migrations/0004, scripts/transform.ts): a batch split by patient over N
+// sessions gives exactly what one transaction gives (the whole-batch transform is the oracle: its
+// outcomes are held to the hand-written fixtures/EXPECTED.md by test/pipeline.test.ts); a shard is
+// refused without a coordinator holding the transform lock; a shard that fails leaves the others
+// committed and the batch unfinished, and the next run finishes it with the same result.
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { createDbPool } from '../scripts/db.ts';
+import type { PatientDocument } from '../scripts/generate.ts';
+import { expandInputs, loadBatch } from '../scripts/load.ts';
+import { transformPending, type BatchTransform, type ShardOptions } from '../scripts/transform.ts';
+import { useTestDatabase } from './db.ts';
+import {
+  childEnv,
+  connect,
+  expectNoOrphansOrDuplicates,
+  fingerprint,
+  jsonLines,
+  patients,
+  PROJECT_DIR,
+  runCli,
+  stderrLines,
+  writeNdjson,
+} from './fault-helpers.ts';
+
+type Db = ReturnType<typeof useTestDatabase>;
+const whole = useTestDatabase();
+const sharded = useTestDatabase();
+const failing = useTestDatabase();
+
+let dir: string;
+let batch1: string[];
+let batch2: string[];
+beforeAll(async () => {
+  dir = await mkdtemp(path.join(os.tmpdir(), 'healthetl-shards-'));
+  const { docs } = patients(0, 400, 7);
+  const newer = (d: PatientDocument): PatientDocument => ({ ...d, updated_at: '2030-01-01T00:00:00Z', visits: d.visits.slice(0, -1) });
+  const older = (d: PatientDocument): PatientDocument => ({ ...d, updated_at: '2000-01-01T00:00:00Z', mrn: `OLD-${d.mrn}` });
+  const lines = (ds: PatientDocument[]) => ds.map((d) => JSON.stringify(d));
+  // Batch 1: the hand-written fixtures (valid, warnings, rejects, snapshots) and 300 generated
+  // patients, with byte-identical copies of 20 of them in another file, older snapshots of 20
+  // more, and newer snapshots of 20 more that arrive before the documents they replace.
+  await writeNdjson(path.join(dir, 'b1-main.ndjson'), [...lines(docs.slice(40, 60).map(newer)), ...lines(docs.slice(0, 300))]);
+  await writeNdjson(path.join(dir, 'b1-copies.ndjson'), [...lines(docs.slice(0, 20)), ...lines(docs.slice(20, 40).map(older))]);
+  batch1 = [path.join(PROJECT_DIR, 'fixtures'), path.join(dir, 'b1-main.ndjson'), path.join(dir, 'b1-copies.ndjson')];
+  // Batch 2: newer snapshots replace 100 patients (their old visits and children must go), older
+  // ones of 20 patients are superseded by what is loaded, 100 new patients, and a re-sent file.
+  await writeNdjson(path.join(dir, 'b2-updates.ndjson'), [
+    ...lines(docs.slice(0, 100).map(newer)),
+    ...lines(docs.slice(100, 120).map(older)),
+    ...lines(docs.slice(300, 400)),
+  ]);
+  batch2 = [path.join(dir, 'b2-updates.ndjson'), path.join(dir, 'b1-copies.ndjson')];
+});
+afterAll(async () => {
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+async function loadAndTransform(db: Db, paths: string[], opts: ShardOptions): Promise<BatchTransform[]> {
+  await loadBatch(db.url(), expandInputs(paths));
+  const pool = await createDbPool(db.url(), (opts.shards ?? 1) + 1);
+  try {
+    return await transformPending(pool, opts);
+  } finally {
+    await pool.end();
+  }
+}
+
+/** Everything a transform decides, by position in the input files (no surrogate keys, no times). */
+async function outcomes(db: Db) {
+  const q = db.query;
+  return {
+    clinical: await fingerprint(q),
+    landing: await q(`SELECT batch_id::int, source_file, line, item, status FROM landing.raw_documents ORDER BY 1, 2, 3, 4`),
+    rejected: await q(`SELECT d.batch_id::int, d.source_file, d.line, d.item, r.field, r.reason, r.all_reasons
+                       FROM etl.rejected_documents r JOIN landing.raw_documents d USING (document_id) ORDER BY 1, 2, 3, 4`),
+    problems: await q(`SELECT d.batch_id::int, d.source_file, d.line, d.item, p.field, p.problem
+                       FROM etl.document_problems p JOIN landing.raw_documents d USING (document_id) ORDER BY 1, 2, 3, 4, 5`),
+    batches: await q(`SELECT batch_id::int, status, received::int, staged::int, loaded::int, rejected::int, duplicate::int, superseded::int
+                      FROM etl.batch_summary ORDER BY 1`),
+  };
+}
+
+const total = (rs: BatchTransform[]) =>
+  rs.reduce((a, r) => ({ documents: a.documents + r.documents, loaded: a.loaded + r.loaded, rejected: a.rejected + r.rejected,
+    duplicate: a.duplicate + r.duplicate, superseded: a.superseded + r.superseded, problems: a.problems + r.problems }),
+  { documents: 0, loaded: 0, rejected: 0, duplicate: 0, superseded: 0, problems: 0 });
+
+describe('a batch in shards gives what one transaction gives', () => {
+  test('batch 1: fixtures, copies, older and newer snapshots, in 3 shards', async () => {
+    const one = await loadAndTransform(whole, batch1, { shards: 1 });
+    const three = await loadAndTransform(sharded, batch1, { shards: 3, shardMinDocuments: 1 });
+    expect(one.map((r) => r.shards)).toEqual([1]);
+    expect(three.map((r) => r.shards)).toEqual([3]);
+    expect(total(three)).toEqual(total(one));
+    // Every kind of outcome occurs, so the comparison below covers each path of the transform.
+    expect(Math.min(...Object.values(total(one)))).toBeGreaterThan(0);
+    // Every shard had documents (the split is by patient, so it is not even, but none is empty).
+    const perShard = await sharded.query(`SELECT etl.shard_of(payload -> 'source_system', payload -> 'patient_id', 3) AS shard, count(*)::int AS n
+                                          FROM landing.raw_documents WHERE payload IS NOT NULL GROUP BY 1 ORDER BY 1`);
+    expect(perShard.map((r) => r.shard)).toEqual([0, 1, 2]);
+    expect(Math.min(...perShard.map((r) => r.n))).toBeGreaterThan(50);
+
+    const expected = await outcomes(whole);
+    expect(await outcomes(sharded)).toEqual(expected);
+    expectNoOrphansOrDuplicates(expected.clinical);
+  });
+
+  test('batch 2: replaced, superseded and new patients and a re-sent file, in 3 shards', async () => {
+    const one = await loadAndTransform(whole, batch2, { shards: 1 });
+    const three = await loadAndTransform(sharded, batch2, { shards: 3, shardMinDocuments: 1 });
+    expect(total(three)).toEqual(total(one));
+    // Counted by hand: 100 newer snapshots, of which 20 (patients 40-59) are byte-identical to
+    // batch 1's newer ones (duplicates); 20 older snapshots (superseded); 100 new patients. The
+    // re-sent file is recognised by the loader (40 duplicates without a transform).
+    expect(total(one)).toEqual({ documents: 220, loaded: 180, rejected: 0, duplicate: 20, superseded: 20, problems: 0 });
+    const expected = await outcomes(whole);
+    expect(expected.batches[1]).toMatchObject({ received: 260, loaded: 180, duplicate: 60, superseded: 20, staged: 0 });
+    expect(await outcomes(sharded)).toEqual(expected);
+    expect(expected.batches.map((b) => b.status)).toEqual(['transformed', 'transformed']);
+  });
+
+  test('a batch smaller than --shard-min-documents is one transaction', async () => {
+    await writeNdjson(path.join(dir, 'small.ndjson'), patients(1000, 1010, 7).lines);
+    const r = await loadAndTransform(sharded, [path.join(dir, 'small.ndjson')], { shards: 3, shardMinDocuments: 11 });
+    expect(r).toMatchObject([{ shards: 1, documents: 10, loaded: 10 }]);
+  });
+});
+
+describe('a shard is only transformed under its coordinator', () => {
+  test('without one, or with a shard number out of range, the call is refused and nothing changes', async () => {
+    await writeNdjson(path.join(dir, 'refused.ndjson'), patients(2000, 2005, 7).lines);
+    const { batchId } = await loadBatch(sharded.url(), expandInputs([path.join(dir, 'refused.ndjson')]));
+    const c = await connect(sharded.url());
+    try {
+      const attempt = async (sql: string) => {
+        const e = await c.client.query(sql, [batchId]).then(() => null, (err: { code: string; message: string; hint?: string }) => err);
+        return e && { code: e.code, message: e.message, hint: e.hint };
+      };
+      // No coordinator, and a session that does not hold the transform lock (itself).
+      expect(await attempt(`SELECT * FROM etl.transform_batch($1, 0, 2)`)).toMatchObject({ code: 'HE004', hint: expect.stringContaining('--shards') });
+      expect(await attempt(`SELECT * FROM etl.transform_batch($1, 1, 2, pg_backend_pid())`)).toMatchObject({ code: 'HE004' });
+      expect(await attempt(`SELECT * FROM etl.transform_batch($1, 2, 2)`)).toMatchObject({ code: 'HE003', message: expect.stringContaining('shard 2 of 2') });
+      expect(await attempt(`SELECT * FROM etl.transform_batch($1, 0, 0)`)).toMatchObject({ code: 'HE003' });
+      const [b] = await c.query(`SELECT b.status, s.staged::int FROM etl.batches b JOIN etl.batch_summary s USING (batch_id) WHERE batch_id = $1`, [batchId]);
+      expect(b).toEqual({ status: 'staged', staged: 5 });
+      // Once this session holds the transform lock, shards in another session go ahead.
+      const pid = (await c.query(`SELECT pg_backend_pid() AS pid`))[0].pid as number;
+      await c.query(`SELECT pg_advisory_lock(etl.transform_lock_key())`);
+      const other = await connect(sharded.url());
+      try {
+        const done = [];
+        for (const shard of [0, 1]) {
+          await other.query(`SELECT etl.ensure_batch_partitions($1, $2, 2)`, [batchId, shard]);
+          done.push(...(await other.query(`SELECT documents::int, loaded::int FROM etl.transform_batch($1, $2, 2, $3)`, [batchId, shard, pid])));
+          // A shard does not finish the batch: the coordinator does, once all shards are in.
+          expect((await other.query(`SELECT status FROM etl.batches WHERE batch_id = $1`, [batchId]))[0].status).toBe('staged');
+        }
+        expect(done.reduce((a, r) => a + r.loaded, 0)).toBe(5);
+        expect((await other.query(`SELECT etl.finish_batch($1) AS finished`, [batchId]))[0].finished).toBe(true);
+        expect((await other.query(`SELECT status FROM etl.batches WHERE batch_id = $1`, [batchId]))[0].status).toBe('transformed');
+      } finally {
+        await other.end();
+        await c.query(`SELECT pg_advisory_unlock(etl.transform_lock_key())`);
+      }
+    } finally {
+      await c.end();
+    }
+  });
+});
+
+describe('a shard that fails', () => {
+  test('leaves the other shards committed and the batch unfinished; the next run finishes it with the same result', async () => {
+    const on = (...args: string[]) => [...args, '--database-url', failing.url(), '--log-format', 'json', '--shards', '2', '--shard-min-documents', '1'];
+    const first = await runCli(on('run', ...batch1));
+    expect(first.code, first.stderr).toBe(4); // the fixtures hold rejects
+
+    // Another session holds the row of a patient that batch 2 replaces: that patient's shard
+    // times out on the lock and rolls back; the other shard commits.
+    const blocker = await connect(failing.url());
+    let lockedShard: number;
+    try {
+      await blocker.query('BEGIN');
+      const [p] = await blocker.query(`SELECT patient_key, etl.shard_of(to_jsonb(source_system), to_jsonb(source_patient_id), 2) AS shard
+                                       FROM clinical.patients WHERE source_patient_id = $1 FOR UPDATE`, [patients(5, 6, 7).docs[0].patient_id]);
+      lockedShard = p.shard;
+      const blocked = await runCli(on('run', ...batch2), { env: childEnv({ HEALTHETL_LOCK_TIMEOUT_MS: '300' }) });
+      expect(blocked.code).toBe(1);
+      expect(stderrLines(blocked).join('\n') + blocked.stdout).toMatch(/lock_timeout/);
+    } finally {
+      await blocker.query('ROLLBACK');
+      await blocker.end();
+    }
+
+    const [b2] = await failing.query(`SELECT status, staged::int, loaded::int FROM etl.batch_summary WHERE batch_id = 2`);
+    expect(b2.status).toBe('staged');
+    expect(b2.staged).toBeGreaterThan(0);
+    expect(b2.loaded).toBeGreaterThan(0);
+    // What is left staged is exactly the failed shard's documents.
+    const left = await failing.query(`SELECT DISTINCT etl.shard_of(payload -> 'source_system', payload -> 'patient_id', 2) AS shard
+                                      FROM landing.raw_documents WHERE batch_id = 2 AND status = 'staged'`);
+    expect(left).toEqual([{ shard: lockedShard! }]);
+    // The batch still adds up while half done: status exits 0.
+    const status = await runCli(['status', '--batch', '2', '--database-url', failing.url(), '--log-format', 'json']);
+    expect(status.code, status.stderr).toBe(0);
+
+    const again = await runCli(on('transform'));
+    expect(again.code, again.stderr).toBe(0);
+    expect(jsonLines(again.stdout).find((l) => l.msg === 'batch transformed')).toMatchObject({ batch: 2, shards: 2 });
+    expect(await outcomes(failing)).toEqual(await outcomes(whole));
+  });
+});
