@@ -8,8 +8,8 @@ import pg from 'pg';
 import { afterAll, describe, expect, inject, test } from 'vitest';
 import { migrate, MIGRATIONS_DIR, MIGRATIONS_TABLE } from '../scripts/migrate.ts';
 import { urlFor } from './db.ts';
+import { catalogSnapshot, SCHEMAS } from './schema-catalog.ts';
 
-const SCHEMAS = ['landing', 'etl', 'clinical', 'analytics', 'dq'];
 // node-pg-migrate's advisory lock id, which scripts/migrate.ts takes before running it.
 const MIGRATE_LOCK_ID = '7241865325823964';
 
@@ -57,69 +57,6 @@ function migrationNames(): string[] {
     .filter((f) => f.endsWith('.sql'))
     .sort()
     .map((f) => f.replace(/\.sql$/, ''));
-}
-
-// ---- catalog snapshot -----------------------------------------------------------------------
-
-/** Everything the migrations define in the five schemas, without OIDs, in a stable order. */
-async function catalogSnapshot(url: string): Promise<Record<string, any[]>> {
-  const queries: Record<string, string> = {
-    schemas: `
-      SELECT n.nspname, obj_description(n.oid, 'pg_namespace') AS comment
-      FROM pg_namespace n WHERE n.nspname = ANY($1) ORDER BY 1`,
-    relations: `
-      SELECT n.nspname, c.relname, c.relkind, c.relpersistence, c.relispartition,
-             pg_get_partkeydef(c.oid) AS partition_key, pg_get_expr(c.relpartbound, c.oid) AS partition_bound,
-             c.reloptions, c.relacl::text AS acl, obj_description(c.oid, 'pg_class') AS comment
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-      WHERE n.nspname = ANY($1) ORDER BY 1, 2`,
-    columns: `
-      SELECT n.nspname, c.relname, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod) AS type,
-             a.attnotnull, pg_get_expr(d.adbin, d.adrelid) AS default_expr, a.attidentity, a.attgenerated,
-             a.attcompression, col_description(c.oid, a.attnum) AS comment
-      FROM pg_attribute a
-      JOIN pg_class c ON c.oid = a.attrelid
-      JOIN pg_namespace n ON n.oid = c.relnamespace
-      LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-      WHERE n.nspname = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
-      ORDER BY 1, 2, 3`,
-    indexes: `
-      SELECT schemaname, tablename, indexname, indexdef FROM pg_indexes
-      WHERE schemaname = ANY($1) ORDER BY 1, 2, 3`,
-    constraints: `
-      SELECT n.nspname, coalesce(c.relname, '-') AS relname, co.conname, co.contype,
-             pg_get_constraintdef(co.oid) AS definition, co.condeferrable, co.condeferred
-      FROM pg_constraint co
-      JOIN pg_namespace n ON n.oid = co.connamespace
-      LEFT JOIN pg_class c ON c.oid = co.conrelid
-      WHERE n.nspname = ANY($1) ORDER BY 1, 2, 3`,
-    functions: `
-      SELECT n.nspname, p.proname, pg_get_function_identity_arguments(p.oid) AS args, p.prokind,
-             pg_get_functiondef(p.oid) AS definition, obj_description(p.oid, 'pg_proc') AS comment,
-             p.proacl::text AS acl
-      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-      WHERE n.nspname = ANY($1) AND p.prokind <> 'a' ORDER BY 1, 2, 3`,
-    views: `
-      SELECT schemaname, viewname, definition FROM pg_views
-      WHERE schemaname = ANY($1) ORDER BY 1, 2`,
-    sequences: `
-      SELECT schemaname, sequencename, data_type::text, start_value, min_value, max_value, increment_by, cycle, cache_size
-      FROM pg_sequences WHERE schemaname = ANY($1) ORDER BY 1, 2`,
-    triggers: `
-      SELECT n.nspname, c.relname, t.tgname, pg_get_triggerdef(t.oid) AS definition
-      FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-      WHERE n.nspname = ANY($1) AND NOT t.tgisinternal ORDER BY 1, 2, 3`,
-    types: `
-      SELECT n.nspname, t.typname, t.typtype, format_type(t.oid, NULL) AS formatted,
-             pg_catalog.array_to_string(ARRAY(SELECT e.enumlabel FROM pg_enum e WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder), ',') AS labels
-      FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-      WHERE n.nspname = ANY($1) AND t.typtype IN ('e', 'd', 'r', 'm') ORDER BY 1, 2`,
-  };
-  return withClient(url, async (c) => {
-    const out: Record<string, any[]> = {};
-    for (const [k, q] of Object.entries(queries)) out[k] = (await c.query(q, [SCHEMAS])).rows;
-    return out;
-  });
 }
 
 // ---- tests ----------------------------------------------------------------------------------
