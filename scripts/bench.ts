@@ -16,12 +16,13 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
 import { migrate } from './migrate.ts';
+import { DEFAULT_SHARDS } from './transform.ts';
 import { CSV_COLUMNS, TABLES, writeDataset, type DatasetInfo, type PatientDocument } from './generate.ts';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const CLI = path.join(ROOT, 'bin/healthetl.mjs');
 
-type Args = { patients: number; seed: number; json?: string | true; smoke: boolean; rssMb: number; rowSample: number; keep: boolean };
+type Args = { patients: number; seed: number; json?: string | true; smoke: boolean; rssMb: number; rowSample: number; keep: boolean; shards?: number };
 
 function parseArgs(argv: string[]): Args {
   const a: Args = { patients: 50_000, seed: 42, smoke: false, rssMb: 2048, rowSample: 2000, keep: false };
@@ -38,10 +39,11 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--row-sample') a.rowSample = Number(next());
     else if (k === '--smoke') a.smoke = true;
     else if (k === '--keep') a.keep = true;
+    else if (k === '--shards') a.shards = Number(next());
     else if (k === '--json') a.json = argv[i + 1] && !argv[i + 1].startsWith('--') ? argv[++i] : true;
     else if (k === '--help' || k === '-h') {
       process.stdout.write(
-        'usage: npm run bench -- [--patients N=50000] [--seed S=42] [--rss-mb MB=2048 (0 skips)] [--row-sample K=2000] [--json [file]] [--smoke] [--keep]\n' +
+        'usage: npm run bench -- [--patients N=50000] [--seed S=42] [--rss-mb MB=2048 (0 skips)] [--row-sample K=2000] [--json [file]] [--smoke] [--keep] [--shards N (default: as healthetl run)]\n' +
           'Uses DATABASE_URL (a server where the user may create databases), else an embedded PostgreSQL.\n',
       );
       process.exit(0);
@@ -207,6 +209,7 @@ async function main(): Promise<void> {
     const c = new pg.Client({ connectionString: url });
     try {
       log(`PostgreSQL ${pgVersion} (${serverKind}); generating ${args.patients} patients (seed ${args.seed})`);
+      const shardArgs = args.shards ? ['--shards', String(args.shards)] : [];
       info = (await timed(() => writeDataset(path.join(work, 'data'), { patients: args.patients, seed: args.seed, forms: ['ndjson', 'csv'] }))).value;
       const totalRows = Object.values(info.rows).reduce((a, b) => a + b, 0);
       const mb = info.bytes.ndjson / 1e6;
@@ -234,7 +237,7 @@ async function main(): Promise<void> {
       // (1) healthetl end to end.
       await c.query('CHECKPOINT');
       log('1. healthetl run (stage + transform)');
-      const e2e = await timed(() => runCli(['run', info.files.ndjson!], url));
+      const e2e = await timed(() => runCli(['run', info.files.ndjson!, ...shardArgs], url));
       if (e2e.value.code !== 0) throw new Error(`healthetl run exited ${e2e.value.code}: ${e2e.value.stderr.trim().split('\n').pop()}`);
       expectCounts('healthetl run', await clinicalCounts(c), info.rows);
       const phases = await c.query<{ stage: number; transform: number }>(
@@ -245,7 +248,7 @@ async function main(): Promise<void> {
       // (4) the same files again: all duplicates.
       await c.query('CHECKPOINT');
       log('4. healthetl run of the same file again');
-      const again = await timed(() => runCli(['run', info.files.ndjson!], url));
+      const again = await timed(() => runCli(['run', info.files.ndjson!, ...shardArgs], url));
       if (again.value.code !== 0 || Number(again.value.last?.duplicate) !== args.patients) {
         throw new Error(`second run: exit ${again.value.code}, duplicates ${again.value.last?.duplicate} (expected ${args.patients})`);
       }
@@ -260,7 +263,7 @@ async function main(): Promise<void> {
       const rbSeconds = (rb.seconds * args.patients) / k;
 
       rows.push(
-        rate('1. healthetl run (end to end)', e2e.seconds, `stage ${round(phases.rows[0].stage)} s + transform ${round(phases.rows[0].transform)} s; loader peak RSS ${Math.round(e2e.value.maxRssKb / 1024)} MB`),
+        rate('1. healthetl run (end to end)', e2e.seconds, `stage ${round(phases.rows[0].stage)} s + transform ${round(phases.rows[0].transform)} s (${args.shards ?? DEFAULT_SHARDS} shards); loader peak RSS ${Math.round(e2e.value.maxRssKb / 1024)} MB`),
         rate('2. COPY of flattened CSV (lower bound)', lower.seconds),
         rate('3. row by row (extrapolated)', rbSeconds, `${k} patients measured in ${round(rb.seconds)} s`),
         rate('4. second run, all duplicates', again.seconds),
@@ -291,6 +294,7 @@ async function main(): Promise<void> {
       const result = {
         date: new Date().toISOString(),
         patients: args.patients,
+        shards: args.shards ?? DEFAULT_SHARDS,
         rows: info.rows,
         total_rows: totalRows,
         ndjson_mb: round(mb),
