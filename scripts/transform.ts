@@ -123,13 +123,24 @@ class BatchStillLoading extends Error {
   }
 }
 
-/** Transforms the given batches, or every pending one; batches of live loaders are skipped. */
+/**
+ * Transforms the given batches, or every pending one; batches of live loaders are skipped. A
+ * batch that fails does not hold back the ones after it (batches are independent: snapshots are
+ * ordered by updated_at, not by batch): the others are transformed, then its error is thrown.
+ * A lost connection or a server shutting down ends the run at once.
+ */
 export async function transformPending(
   pool: DatabasePool,
-  opts: { batchIds?: number[]; onWait?: (m: string) => void; onBatch?: (r: BatchTransform) => void } & ShardOptions = {},
+  opts: {
+    batchIds?: number[];
+    onWait?: (m: string) => void;
+    onBatch?: (r: BatchTransform) => void;
+    onFailed?: (batchId: number, err: unknown) => void;
+  } & ShardOptions = {},
 ): Promise<BatchTransform[]> {
   const ids = opts.batchIds ?? (await pendingBatches(pool));
   const out: BatchTransform[] = [];
+  let failure: { err: unknown } | undefined;
   for (const id of ids) {
     try {
       const r = await transformBatch(pool, id, opts.onWait, opts);
@@ -144,9 +155,13 @@ export async function transformPending(
         opts.onWait?.(`batch ${id} is still being loaded by another process; left for a later run`);
         continue;
       }
-      throw err;
+      const code = innerCode(err);
+      if (!code || !/^[0-9A-Z]{5}$/.test(code) || code.startsWith('08') || code.startsWith('57')) throw err;
+      opts.onFailed?.(id, err);
+      failure ??= { err };
     }
   }
+  if (failure) throw failure.err;
   return out;
 }
 

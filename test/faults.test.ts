@@ -414,3 +414,46 @@ describe('a transform meets a batch whose loader is still staging a file', () =>
     expect(p.n).toBe(20);
   });
 });
+
+// ---- one failing batch among several -----------------------------------------------------------
+
+describe('a batch that fails does not hold back the batches after it', () => {
+  const db = useTestDatabase();
+
+  test('the later batch is transformed, the failed one stays staged and is named, exit 1; the next run finishes it', async () => {
+    const [f1, f2, f3] = ['hold-1.ndjson', 'hold-2.ndjson', 'hold-3.ndjson'].map((f) => path.join(dir, f));
+    await writeNdjson(f1, patients(0, 10, 11).lines);
+    expect((await runCli(on(db, 'run', f1))).code).toBe(0);
+    // Batch 2 replaces patient 3 (its row will be locked by another session); batch 3 is new patients.
+    const [p3] = patients(3, 4, 11).docs;
+    await writeNdjson(f2, [JSON.stringify({ ...p3, updated_at: '2030-01-01T00:00:00Z' })]);
+    await writeNdjson(f3, patients(10, 20, 11).lines);
+    for (const f of [f2, f3]) expect((await runCli(on(db, 'load', f))).code).toBe(0);
+
+    const blocker = await connect(db.url());
+    try {
+      await blocker.query('BEGIN');
+      await blocker.query(`SELECT 1 FROM clinical.patients WHERE source_patient_id = $1 FOR UPDATE`, [p3.patient_id]);
+      const r = await runCli(on(db, 'transform'), { env: childEnv({ HEALTHETL_LOCK_TIMEOUT_MS: '300' }) });
+      expect(r.code, r.stderr).toBe(1);
+      const lines = jsonLines(r.stdout);
+      expect(lines.find((l) => String(l.msg).startsWith('batch failed'))).toMatchObject({ batch: 2, error: expect.stringContaining('lock_timeout') });
+      expect(lines.find((l) => l.msg === 'batch transformed')).toMatchObject({ batch: 3, loaded: 10 });
+      expect(stderrLines(r)).toEqual([expect.stringContaining('lock_timeout')]);
+    } finally {
+      await blocker.query('ROLLBACK');
+      await blocker.end();
+    }
+    expect(await db.query(`SELECT batch_id::int, status FROM etl.batches ORDER BY 1`)).toEqual([
+      { batch_id: 1, status: 'transformed' },
+      { batch_id: 2, status: 'staged' },
+      { batch_id: 3, status: 'transformed' },
+    ]);
+
+    const again = await runCli(on(db, 'transform'));
+    expect(again.code, again.stderr).toBe(0);
+    const [p] = await db.query(`SELECT source_updated_at = '2030-01-01T00:00:00Z' AS newer, batch_id::int FROM clinical.patients WHERE source_patient_id = $1`, [p3.patient_id]);
+    expect(p).toEqual({ newer: true, batch_id: 2 });
+    expect((await db.query(`SELECT count(*)::int AS n FROM clinical.patients`))[0].n).toBe(20);
+  });
+});
