@@ -213,7 +213,13 @@ export function buildCli(args: string[]) {
             } else {
               for (const r of rows) o.log.info(r, 'batch');
             }
-            return rows.every((r) => r.balanced) ? EXIT.OK : EXIT.UNBALANCED;
+            const unbalanced = rows.filter((r) => !r.balanced).map((r) => r.batch_id);
+            if (unbalanced.length === 0) return EXIT.OK;
+            o.log.error(
+              { batches: unbalanced },
+              `counts do not reconcile for batch ${unbalanced.join(', ')}: received (the loader's count) must equal the landing rows and the sum of their outcomes; see sql/batch-report.sql`,
+            );
+            return EXIT.UNBALANCED;
           } finally {
             await pool.end();
           }

@@ -95,6 +95,7 @@ describe('reconciliation: received = loaded + rejected + duplicate + superseded 
     expect(bad.code, bad.stderr).toBe(6);
     const [badLine] = jsonLines(bad.stdout).filter((l) => l.msg === 'batch');
     expect(badLine).toMatchObject({ batch_id: batch, received: 16, landed: 15, loaded: 15, balanced: false });
+    expect(jsonLines(bad.stdout).find((l) => l.level === 50)).toMatchObject({ batches: [batch], msg: expect.stringContaining(`batch ${batch}`) });
     // Without --batch too: any unbalanced batch makes the exit code 6.
     expect((await runCli(on(db, 'status'))).code).toBe(6);
 
