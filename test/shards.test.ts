@@ -13,14 +13,17 @@ import { expandInputs, loadBatch } from '../scripts/load.ts';
 import { transformPending, type BatchTransform, type ShardOptions } from '../scripts/transform.ts';
 import { useTestDatabase } from './db.ts';
 import {
+  activeSessions,
   childEnv,
   connect,
   expectNoOrphansOrDuplicates,
   fingerprint,
   jsonLines,
   patients,
+  pollUntil,
   PROJECT_DIR,
   runCli,
+  startCli,
   stderrLines,
   writeNdjson,
 } from './fault-helpers.ts';
@@ -29,6 +32,8 @@ type Db = ReturnType<typeof useTestDatabase>;
 const whole = useTestDatabase();
 const sharded = useTestDatabase();
 const failing = useTestDatabase();
+const killed = useTestDatabase();
+const clean = useTestDatabase();
 
 let dir: string;
 let batch1: string[];
@@ -210,5 +215,73 @@ describe('a shard that fails', () => {
     expect(again.code, again.stderr).toBe(0);
     expect(jsonLines(again.stdout).find((l) => l.msg === 'batch transformed')).toMatchObject({ batch: 2, shards: 2 });
     expect(await outcomes(failing)).toEqual(await outcomes(whole));
+  });
+});
+
+describe('a sharded run killed with SIGKILL during the transform', () => {
+  test('the shards that committed are whole per patient; the next run completes with the rows of one clean run', async () => {
+    const { docs, lines } = patients(0, 5000, 13);
+    const pre = path.join(dir, 'killed-pre.ndjson');
+    const file = path.join(dir, 'killed.ndjson');
+    // Patient 7 is loaded first in an older version, so the main file replaces it; another
+    // session holds its row, which keeps that patient's shard waiting while the others commit.
+    const p7 = docs[7];
+    await writeNdjson(pre, [JSON.stringify({ ...p7, updated_at: '2000-01-01T00:00:00Z', visits: [] })]);
+    await writeNdjson(file, lines);
+    const on = (d: Db, ...args: string[]) => [...args, '--database-url', d.url(), '--log-format', 'json', '--shards', '3', '--shard-min-documents', '1'];
+    for (const d of [killed, clean]) expect((await runCli(on(d, 'run', pre))).code).toBe(0);
+
+    const blocker = await connect(killed.url());
+    try {
+      await blocker.query('BEGIN');
+      await blocker.query(`SELECT 1 FROM clinical.patients WHERE source_patient_id = $1 FOR UPDATE`, [p7.patient_id]);
+      const running = startCli(on(killed, 'run', file));
+      await pollUntil('the other shards to commit while patient 7\'s shard waits on its row', async () => {
+        const [r] = await killed.query(`SELECT (SELECT count(*) FROM landing.raw_documents WHERE batch_id = 2 AND status = 'loaded')::int AS loaded,
+                                               (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                                                  AND query ILIKE '%transform_batch%' AND wait_event_type = 'Lock')::int AS waiting`);
+        return r.loaded > 0 && r.waiting > 0;
+      });
+      running.child.kill('SIGKILL');
+      expect((await running.done).signal).toBe('SIGKILL');
+    } finally {
+      await blocker.query('ROLLBACK');
+      await blocker.end();
+    }
+    // The orphaned session gets the row, finishes its statement, finds its client gone and rolls back.
+    await pollUntil('the orphaned sessions to end', async () => (await activeSessions(killed.query)) === 0);
+
+    const [b] = await killed.query(`SELECT status, received::int, staged::int, loaded::int FROM etl.batch_summary WHERE batch_id = 2`);
+    expect(b.status).toBe('staged');
+    expect(b.loaded).toBeGreaterThan(0);
+    expect(b.staged + b.loaded).toBe(b.received);
+    // Each shard is all staged (rolled back) or all done (committed), and patient 7's shard,
+    // which was waiting, is staged; every loaded patient has all its visits.
+    const shards = await killed.query(`SELECT etl.shard_of(payload -> 'source_system', payload -> 'patient_id', 3) AS shard,
+                                              count(*) FILTER (WHERE status = 'staged')::int AS staged, count(*)::int AS n
+                                       FROM landing.raw_documents WHERE batch_id = 2 GROUP BY 1 ORDER BY 1`);
+    for (const sh of shards) expect([0, sh.n]).toContain(sh.staged);
+    const [mine] = await killed.query(`SELECT etl.shard_of($1::jsonb, $2::jsonb, 3) AS shard`, [JSON.stringify(p7.source_system), JSON.stringify(p7.patient_id)]);
+    expect(shards.find((sh) => sh.shard === mine.shard)).toMatchObject({ staged: expect.any(Number) });
+    expect(shards.find((sh) => sh.shard === mine.shard)!.staged).toBeGreaterThan(0);
+    const visitsOf = new Map(docs.map((d) => [d.patient_id, d.visits.length]));
+    const loaded = await killed.query(`SELECT p.source_patient_id AS id, count(v.*)::int AS visits
+                                       FROM clinical.patients p LEFT JOIN clinical.visits v USING (patient_key)
+                                       WHERE p.batch_id = 2 GROUP BY 1`);
+    expect(loaded.length).toBe(b.loaded);
+    for (const p of loaded) expect({ id: p.id, visits: p.visits }).toEqual({ id: p.id, visits: visitsOf.get(p.id) });
+    expectNoOrphansOrDuplicates(await fingerprint(killed.query));
+
+    const again = await runCli(on(killed, 'run', file));
+    expect(again.code, again.stderr).toBe(0);
+    const reference = await runCli(on(clean, 'run', file).concat(['--shards', '1']));
+    expect(reference.code, reference.stderr).toBe(0);
+    const fp = await fingerprint(killed.query);
+    expect(fp).toEqual(await fingerprint(clean.query));
+    expect(fp.patients.rows).toBe(5000);
+    // Every document of the file was loaded exactly once over the two batches that read it.
+    const [once] = await killed.query(`SELECT count(*) FILTER (WHERE status = 'loaded')::int AS loaded, count(*) FILTER (WHERE status = 'duplicate')::int AS duplicate,
+                                              count(*) FILTER (WHERE status = 'staged')::int AS staged FROM landing.raw_documents WHERE batch_id > 1`);
+    expect(once).toEqual({ loaded: 5000, duplicate: 5000, staged: 0 });
   });
 });
