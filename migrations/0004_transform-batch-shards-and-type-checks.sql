@@ -16,6 +16,29 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
       & 9223372036854775807) % shards)::int END
 $$;
 
+-- Held shared by every running shard; a new transform takes it exclusively first, so it waits
+-- for the shards of a coordinator that was lost (its connection ended while they ran).
+CREATE FUNCTION etl.shard_lock_key() RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT 4848000000000000::bigint - 2
+$$;
+
+-- Shards of a batch take turns on this at their end, so exactly the last one to commit finds
+-- nothing left staged and finishes the batch (even if the coordinator is gone by then).
+CREATE FUNCTION etl.batch_finish_lock_key() RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT 4848000000000000::bigint - 3
+$$;
+
+-- Is the text an RFC 3339 timestamp with a real calendar date and an explicit offset?
+-- Restated from 0003: a leap second (:60) with a fraction passed this check and then failed the
+-- cast, which failed the whole batch; :60 is accepted only without a fraction (or .000).
+CREATE OR REPLACE FUNCTION etl.is_rfc3339(t text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT t ~ '^\d{4}-\d{2}-\d{2}[Tt ]([01]\d|2[0-3]):[0-5]\d:([0-5]\d(\.\d{1,9})?|60(\.0{1,9})?)([Zz]|[+-](0\d|1[0-5]):[0-5]\d)$'
+     AND etl.is_ymd(substr(t, 1, 10))
+$$;
+
 -- Does backend p_pid hold the advisory lock p_key exclusively? (How a shard checks its coordinator.)
 CREATE FUNCTION etl.holds_advisory_lock(p_pid int, p_key bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
@@ -59,6 +82,8 @@ $$;
 -- Create the visits partitions the staged documents of one shard of a batch need, in the
 -- caller's (short) transaction, before the shard's transform. Returns how many it created.
 -- strict + silent: a document whose visits are malformed yields no year (it will be rejected).
+-- Like the whole-batch transform, it creates only what is needed, with one difference: a document
+-- rejected by a visit or child rule (not a document-level one) can still add an empty partition.
 -- No JIT, for the reason given in transform_batch.
 CREATE FUNCTION etl.ensure_batch_partitions(p_batch_id bigint, p_shard int DEFAULT 0, p_shards int DEFAULT 1) RETURNS int
 LANGUAGE sql SET jit = off AS $$
@@ -69,7 +94,11 @@ LANGUAGE sql SET jit = off AS $$
       AS x(source_system jsonb, patient_id jsonb, visits jsonb)
     CROSS JOIN LATERAL jsonb_path_query(x.visits, 'strict $[*].visit_date', '{}', true) AS v(d)
     WHERE r.batch_id = p_batch_id AND r.status = 'staged'
-      AND etl.shard_of(x.source_system, x.patient_id, p_shards) = p_shard))
+      AND etl.shard_of(x.source_system, x.patient_id, p_shards) = p_shard
+      -- not for documents the document-level rules reject (a rejected document's years would
+      -- only make empty partitions); one rejected by a visit or child rule may still add one
+      AND jsonb_typeof(x.patient_id) IN ('string', 'number') AND x.patient_id <> '""'::jsonb
+      AND coalesce(jsonb_typeof(x.source_system), 'null') IN ('string', 'null')))
 $$;
 
 -- Mark a batch transformed once none of its documents is left staged (after all its shards).
@@ -95,7 +124,7 @@ DROP FUNCTION etl.transform_batch(bigint);
 -- etl.shard_of), so shards of one batch can run at once in separate sessions. They are started
 -- by a coordinator session that holds the transform lock (p_coordinator is its backend pid);
 -- each shard first calls etl.ensure_batch_partitions in its own transaction (tables are not
--- created inside concurrent transactions), and the coordinator calls etl.finish_batch after.
+-- created inside concurrent transactions); the last shard to commit finishes the batch.
 -- Performance notes (measured with npm run bench):
 -- * each payload is decompressed a few times only: the top-level fields come out of ONE
 --   jsonb_to_record call into t_docs, visits out of one jsonb_array_elements pass into t_visits;
@@ -117,14 +146,18 @@ BEGIN
   END IF;
   IF p_shards = 1 THEN
     PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
+    -- Shards of a lost coordinator may still be running: wait for them.
+    PERFORM pg_advisory_xact_lock(etl.shard_lock_key());
     SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id FOR UPDATE;
   ELSE
     -- Transforms of different batches must not interleave (they may share patients); the
-    -- coordinator's lock keeps other runs out while its shards run side by side.
+    -- coordinator's lock keeps other runs out while its shards run side by side, and the shared
+    -- shard lock makes the next coordinator wait for these shards even if this one is lost.
+    PERFORM pg_advisory_xact_lock_shared(etl.shard_lock_key());
     IF NOT etl.holds_advisory_lock(p_coordinator, etl.transform_lock_key()) THEN
-      RAISE EXCEPTION 'a shard of a batch is transformed only under a coordinator session holding the transform lock'
+      RAISE EXCEPTION 'a shard of a batch is transformed only under a coordinator session holding the transform lock (pid % does not hold it)', p_coordinator
         USING ERRCODE = 'HE004',
-              HINT = 'Use "healthetl transform --shards N", or call etl.transform_batch(batch_id) for the whole batch.';
+              HINT = 'Run "healthetl transform" again (its coordinator may have been lost), or call etl.transform_batch(batch_id) for the whole batch.';
     END IF;
     SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id FOR SHARE;
   END IF;
@@ -410,7 +443,7 @@ BEGIN
                 WHERE y IS NOT NULL AND to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL) THEN
     RAISE EXCEPTION 'batch %, shard % of %: a visits partition it needs does not exist', p_batch_id, p_shard, p_shards
       USING ERRCODE = 'HE005',
-            HINT = 'Call etl.ensure_batch_partitions(batch_id, shard, shards) in its own transaction first.';
+            HINT = 'Run "healthetl transform" again (it creates them first); from SQL, call etl.ensure_batch_partitions(batch_id, shard, shards) in its own transaction before the shard.';
   END IF;
 
   INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, visit_start, discharge_date,
@@ -527,12 +560,17 @@ BEGIN
   UPDATE landing.raw_documents d SET status = o.status
   FROM t_outcome o WHERE o.document_id = d.document_id;
 
-  -- A whole-batch call finishes the batch; shards leave that to the coordinator (finish_batch).
+  -- A whole-batch call finishes the batch. Shards take turns here: each then sees the shards
+  -- committed before it, so the last one finds nothing staged and finishes the batch (a failed
+  -- shard leaves its documents staged, and the batch unfinished).
   IF p_shards = 1 THEN
     UPDATE etl.batches b
     SET status = 'transformed', transformed_at = clock_timestamp(),
         staged_at = coalesce(b.staged_at, clock_timestamp())
     WHERE b.batch_id = p_batch_id;
+  ELSE
+    PERFORM pg_advisory_xact_lock(etl.batch_finish_lock_key());
+    PERFORM etl.finish_batch(p_batch_id);
   END IF;
 
   RETURN QUERY
@@ -555,9 +593,18 @@ DROP FUNCTION etl.transform_batch(bigint, int, int, int);
 DROP FUNCTION etl.finish_batch(bigint);
 DROP FUNCTION etl.ensure_batch_partitions(bigint, int, int);
 DROP FUNCTION etl.holds_advisory_lock(int, bigint);
+DROP FUNCTION etl.batch_finish_lock_key();
+DROP FUNCTION etl.shard_lock_key();
 DROP FUNCTION etl.shard_of(jsonb, jsonb, int);
 
 -- The definitions of 0003, whole.
+-- Is the text an RFC 3339 timestamp with a real calendar date and an explicit offset?
+CREATE OR REPLACE FUNCTION etl.is_rfc3339(t text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT t ~ '^\d{4}-\d{2}-\d{2}[Tt ]([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d{1,9})?([Zz]|[+-](0\d|1[0-5]):[0-5]\d)$'
+     AND etl.is_ymd(substr(t, 1, 10))
+$$;
+
 -- Create the yearly clinical.visits partitions for the given years that do not exist yet.
 -- CREATE TABLE + ATTACH takes only SHARE UPDATE EXCLUSIVE on clinical.visits, so analysts'
 -- queries keep running while a new year is added.

@@ -77,6 +77,9 @@ export async function createDbPool(databaseUrl: string, maximumPoolSize = 4): Pr
     connectionTimeout: 10_000,
     idleTimeout: 'DISABLE_TIMEOUT',
     statementTimeout: 'DISABLE_TIMEOUT',
+    // slonik's default (60 s) ended a sharded transform's coordinator, idle in its transaction
+    // while its shards ran, and with it the transform lock.
+    idleInTransactionSessionTimeout: 'DISABLE_TIMEOUT',
     captureStackTrace: false,
   });
 }
@@ -140,6 +143,14 @@ export function explainError(err: unknown, databaseUrl?: string): { message: str
   }
   if (code === '57014') {
     return { message: `a statement ran longer than statement_timeout in ${where}: raise HEALTHETL_STATEMENT_TIMEOUT_MS (0 disables it)`, exitCode: EXIT.FAILURE };
+  }
+  if (code.startsWith('22')) {
+    // A data exception's message quotes the value (e.g. 'invalid input syntax for type date: "..."'),
+    // which may be patient data: say what happened without it.
+    return {
+      message: `PostgreSQL could not convert a value in the data (SQLSTATE ${code}); nothing of what failed was committed. The value is not shown: it may be patient data. A document passed validation that should not have: please report it, with the batch id`,
+      exitCode: EXIT.FAILURE,
+    };
   }
   if (code.startsWith('HE')) {
     return { message: `${e.message}${e.hint ? `: ${e.hint}` : ''}`, exitCode: EXIT.FAILURE };

@@ -51,6 +51,23 @@ export async function transformBatch(
   onWait?: (m: string) => void,
   opts: ShardOptions = {},
 ): Promise<BatchTransform> {
+  // Shards still running when the coordinator's transaction fails (its connection lost) are
+  // waited for before this returns: the next batch must not start beside them.
+  let shardsRunning: Promise<unknown> | undefined;
+  try {
+    return await coordinate(pool, batchId, onWait, opts, (p) => (shardsRunning = p));
+  } finally {
+    await shardsRunning;
+  }
+}
+
+async function coordinate(
+  pool: DatabasePool,
+  batchId: number,
+  onWait: ((m: string) => void) | undefined,
+  opts: ShardOptions,
+  started: (shards: Promise<unknown>) => void,
+): Promise<BatchTransform> {
   return pool.transaction(async (tx) => {
     const free = await tx.oneFirst(sql.type(z.object({ ok: z.boolean() }))`
       SELECT pg_try_advisory_xact_lock(etl.transform_lock_key()) AS ok`);
@@ -58,6 +75,16 @@ export async function transformBatch(
       onWait?.(`waiting for another run to finish transforming (batch ${batchId} is next)`);
       await tx.query(sql.unsafe`SET LOCAL lock_timeout = 0`);
       await tx.query(sql.unsafe`SELECT pg_advisory_xact_lock(etl.transform_lock_key())`);
+    }
+    // Shards of a coordinator that was lost (another process's) may still be running: wait for
+    // them (each holds this lock shared) before reading the state they are changing. Taken and
+    // released at once (a session lock), or this transaction's own shards would wait for it.
+    const noShards = await tx.oneFirst(sql.type(z.object({ ok: z.boolean() }))`
+      SELECT CASE WHEN pg_try_advisory_lock(etl.shard_lock_key()) THEN pg_advisory_unlock(etl.shard_lock_key()) ELSE false END AS ok`);
+    if (!noShards) {
+      onWait?.(`waiting for the shards of an earlier transform to finish (batch ${batchId} is next)`);
+      await tx.query(sql.unsafe`SET LOCAL lock_timeout = 0`);
+      await tx.query(sql.unsafe`SELECT pg_advisory_lock(etl.shard_lock_key()), pg_advisory_unlock(etl.shard_lock_key())`);
     }
     const state = await tx.maybeOne(sql.type(z.object({ status: z.string(), busy: z.boolean(), staged: z.coerce.number() }))`
       SELECT b.status,
@@ -83,7 +110,7 @@ export async function transformBatch(
       return { batchId, shards: 1, ...counts };
     }
     const coordinator = await tx.oneFirst(sql.type(z.object({ pid: z.number() }))`SELECT pg_backend_pid() AS pid`);
-    const results = await Promise.allSettled(
+    const running = Promise.allSettled(
       Array.from({ length: shards }, (_, shard) =>
         pool.connect(async (c) => {
           // Partitions first, committed on their own: tables are never created inside the
@@ -99,6 +126,8 @@ export async function transformBatch(
         }),
       ),
     );
+    started(running);
+    const results = await running;
     // A shard that failed rolled back alone: its documents stay staged, the batch stays
     // unfinished, and the next run transforms what is left.
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');

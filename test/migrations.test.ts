@@ -108,6 +108,22 @@ describe('up, down, up', () => {
     expect(await catalogSnapshot(url)).toEqual(first);
   });
 
+  test('each migration\'s Down restores exactly the schema before it', async () => {
+    // A Down that restates a function (0004 restores 0003's definitions) must restore it whole:
+    // the catalog after up to N-1 equals the catalog after up to N and down one.
+    const url = await freshDatabase();
+    const names = migrationNames();
+    const before: Record<string, any>[] = [];
+    for (let i = 0; i < names.length; i++) {
+      before.push(await catalogSnapshot(url));
+      expect(await migrate(url, 'up', { count: 1 })).toEqual([names[i]]);
+    }
+    for (let i = names.length - 1; i >= 0; i--) {
+      expect(await migrate(url, 'down', { count: 1 })).toEqual([names[i]]);
+      expect(await catalogSnapshot(url), `after down of ${names[i]}`).toEqual(before[i]);
+    }
+  });
+
   test('migrating down one at a time works for every migration', async () => {
     const url = await freshDatabase();
     const names = migrationNames();

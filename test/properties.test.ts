@@ -173,7 +173,9 @@ async function check(batches: Input[][], shards: ShardOptions = {}): Promise<voi
     const r = await loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], { stdin });
     expect(r.documents).toBe(docs.length);
     ids.push(r.batchId);
-    await transformPending(pool, shards);
+    const done = await transformPending(pool, shards);
+    // Sharded when asked (a batch the loader refused whole has nothing to transform).
+    if (shards.shards) for (const t of done) expect(t.shards).toBe(shards.shards);
   }
   const { outcomes, current } = predict(batches);
 
@@ -311,5 +313,28 @@ describe('required child fields of the wrong JSON type (transform_batch, migrati
     // A number is taken as its text, as for patient_id.
     expect(await db.query(`SELECT code FROM clinical.diagnoses`)).toEqual([{ code: '250' }]);
     expect(await db.query(`SELECT note_text FROM clinical.provider_notes`)).toEqual([{ note_text: '42' }]);
+  });
+
+  // Regression: etl.is_rfc3339 (0003) accepted a leap second with a fraction, which the cast then
+  // refused: the whole batch failed on every run, and the error quoted the value.
+  test('a leap second with a fraction is an invalid optional value (a problem), not a failed batch', async () => {
+    await reset();
+    const visit = { visit_id: 'V1', visit_date: '2016-12-31', provider_notes: [{ text: 'x', written_at: '2016-12-31T23:59:60.5Z' }] };
+    const docs = [
+      { patient_id: 'L1', updated_at: '2016-12-31T23:59:60.25Z', visits: [visit] },
+      { patient_id: 'L2', updated_at: '2016-12-31T23:59:60Z', visits: [] },
+    ];
+    const stdin = Readable.from([docs.map((d) => JSON.stringify(d)).join('\n') + '\n']);
+    await loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], { stdin });
+    await transformPending(pool);
+    expect(await db.query(`SELECT source_patient_id AS id, to_char(source_updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') AS at
+                           FROM clinical.patients ORDER BY 1`)).toEqual([
+      { id: 'L1', at: null },
+      { id: 'L2', at: '2017-01-01 00:00:00' }, // :60 without a fraction is the next minute, as PostgreSQL reads it
+    ]);
+    expect(await db.query(`SELECT field, problem FROM etl.document_problems ORDER BY field`)).toEqual([
+      { field: 'updated_at', problem: 'not a valid RFC 3339 timestamp' },
+      { field: 'visits[0].provider_notes[0].written_at', problem: 'not a valid RFC 3339 timestamp' },
+    ]);
   });
 });

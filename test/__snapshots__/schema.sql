@@ -243,6 +243,14 @@ CREATE VIEW etl.batch_summary AS
   GROUP BY b.batch_id;
 COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents received and what became of them.';
 
+CREATE OR REPLACE FUNCTION etl.batch_finish_lock_key()
+ RETURNS bigint
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+  SELECT 4848000000000000::bigint - 3
+$function$;
+
 CREATE OR REPLACE FUNCTION etl.ensure_batch_partitions(p_batch_id bigint, p_shard integer DEFAULT 0, p_shards integer DEFAULT 1)
  RETURNS integer
  LANGUAGE sql
@@ -255,7 +263,11 @@ AS $function$
       AS x(source_system jsonb, patient_id jsonb, visits jsonb)
     CROSS JOIN LATERAL jsonb_path_query(x.visits, 'strict $[*].visit_date', '{}', true) AS v(d)
     WHERE r.batch_id = p_batch_id AND r.status = 'staged'
-      AND etl.shard_of(x.source_system, x.patient_id, p_shards) = p_shard))
+      AND etl.shard_of(x.source_system, x.patient_id, p_shards) = p_shard
+      -- not for documents the document-level rules reject (a rejected document's years would
+      -- only make empty partitions); one rejected by a visit or child rule may still add one
+      AND jsonb_typeof(x.patient_id) IN ('string', 'number') AND x.patient_id <> '""'::jsonb
+      AND coalesce(jsonb_typeof(x.source_system), 'null') IN ('string', 'null')))
 $function$;
 
 CREATE OR REPLACE FUNCTION etl.ensure_visit_partitions(years integer[])
@@ -330,7 +342,7 @@ CREATE OR REPLACE FUNCTION etl.is_rfc3339(t text)
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 AS $function$
-  SELECT t ~ '^\d{4}-\d{2}-\d{2}[Tt ]([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d{1,9})?([Zz]|[+-](0\d|1[0-5]):[0-5]\d)$'
+  SELECT t ~ '^\d{4}-\d{2}-\d{2}[Tt ]([01]\d|2[0-3]):[0-5]\d:([0-5]\d(\.\d{1,9})?|60(\.0{1,9})?)([Zz]|[+-](0\d|1[0-5]):[0-5]\d)$'
      AND etl.is_ymd(substr(t, 1, 10))
 $function$;
 
@@ -372,6 +384,14 @@ CREATE OR REPLACE FUNCTION etl.loader_lock_key(batch_id bigint)
  IMMUTABLE PARALLEL SAFE
 AS $function$
   SELECT 4848000000000000 + batch_id
+$function$;
+
+CREATE OR REPLACE FUNCTION etl.shard_lock_key()
+ RETURNS bigint
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+  SELECT 4848000000000000::bigint - 2
 $function$;
 
 CREATE OR REPLACE FUNCTION etl.shard_of(source_system jsonb, patient_id jsonb, shards integer)
@@ -465,14 +485,18 @@ BEGIN
   END IF;
   IF p_shards = 1 THEN
     PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
+    -- Shards of a lost coordinator may still be running: wait for them.
+    PERFORM pg_advisory_xact_lock(etl.shard_lock_key());
     SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id FOR UPDATE;
   ELSE
     -- Transforms of different batches must not interleave (they may share patients); the
-    -- coordinator's lock keeps other runs out while its shards run side by side.
+    -- coordinator's lock keeps other runs out while its shards run side by side, and the shared
+    -- shard lock makes the next coordinator wait for these shards even if this one is lost.
+    PERFORM pg_advisory_xact_lock_shared(etl.shard_lock_key());
     IF NOT etl.holds_advisory_lock(p_coordinator, etl.transform_lock_key()) THEN
-      RAISE EXCEPTION 'a shard of a batch is transformed only under a coordinator session holding the transform lock'
+      RAISE EXCEPTION 'a shard of a batch is transformed only under a coordinator session holding the transform lock (pid % does not hold it)', p_coordinator
         USING ERRCODE = 'HE004',
-              HINT = 'Use "healthetl transform --shards N", or call etl.transform_batch(batch_id) for the whole batch.';
+              HINT = 'Run "healthetl transform" again (its coordinator may have been lost), or call etl.transform_batch(batch_id) for the whole batch.';
     END IF;
     SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id FOR SHARE;
   END IF;
@@ -758,7 +782,7 @@ BEGIN
                 WHERE y IS NOT NULL AND to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL) THEN
     RAISE EXCEPTION 'batch %, shard % of %: a visits partition it needs does not exist', p_batch_id, p_shard, p_shards
       USING ERRCODE = 'HE005',
-            HINT = 'Call etl.ensure_batch_partitions(batch_id, shard, shards) in its own transaction first.';
+            HINT = 'Run "healthetl transform" again (it creates them first); from SQL, call etl.ensure_batch_partitions(batch_id, shard, shards) in its own transaction before the shard.';
   END IF;
 
   INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, visit_start, discharge_date,
@@ -875,12 +899,17 @@ BEGIN
   UPDATE landing.raw_documents d SET status = o.status
   FROM t_outcome o WHERE o.document_id = d.document_id;
 
-  -- A whole-batch call finishes the batch; shards leave that to the coordinator (finish_batch).
+  -- A whole-batch call finishes the batch. Shards take turns here: each then sees the shards
+  -- committed before it, so the last one finds nothing staged and finishes the batch (a failed
+  -- shard leaves its documents staged, and the batch unfinished).
   IF p_shards = 1 THEN
     UPDATE etl.batches b
     SET status = 'transformed', transformed_at = clock_timestamp(),
         staged_at = coalesce(b.staged_at, clock_timestamp())
     WHERE b.batch_id = p_batch_id;
+  ELSE
+    PERFORM pg_advisory_xact_lock(etl.batch_finish_lock_key());
+    PERFORM etl.finish_batch(p_batch_id);
   END IF;
 
   RETURN QUERY
