@@ -34,6 +34,7 @@ const sharded = useTestDatabase();
 const failing = useTestDatabase();
 const killed = useTestDatabase();
 const clean = useTestDatabase();
+const lost = useTestDatabase();
 
 let dir: string;
 let batch1: string[];
@@ -287,5 +288,66 @@ describe('a sharded run killed with SIGKILL during the transform', () => {
     const [once] = await killed.query(`SELECT count(*) FILTER (WHERE status = 'loaded')::int AS loaded, count(*) FILTER (WHERE status = 'duplicate')::int AS duplicate,
                                               count(*) FILTER (WHERE status = 'staged')::int AS staged FROM landing.raw_documents WHERE batch_id > 1`);
     expect(once).toEqual({ loaded: 5000, duplicate: 5000, staged: 0 });
+  });
+});
+
+describe('a coordinator lost while its shards run', () => {
+  test('the next transform waits for the orphaned shards; the last of them finishes its batch; snapshots never mix', async () => {
+    const { docs } = patients(0, 30, 17);
+    const p7 = docs[7];
+    const files = { pre: 'lost-pre.ndjson', a: 'lost-a.ndjson', b: 'lost-b.ndjson' };
+    const visit = (id: string) => ({ visit_id: id, visit_date: '2024-03-03' });
+    await writeNdjson(path.join(dir, files.pre), [JSON.stringify({ ...p7, updated_at: '2000-01-01T00:00:00Z', visits: [] }), ...docs.slice(0, 4).map((d) => JSON.stringify(d))]);
+    await writeNdjson(path.join(dir, files.a), [JSON.stringify({ ...p7, updated_at: '2030-01-01T00:00:00Z', visits: [visit('VA')] }), ...docs.slice(10, 30).map((d) => JSON.stringify(d))]);
+    await writeNdjson(path.join(dir, files.b), [JSON.stringify({ ...p7, updated_at: '2031-01-01T00:00:00Z', visits: [visit('VB')] })]);
+    const on = (...args: string[]) => [...args, '--database-url', lost.url(), '--log-format', 'json', '--shards', '2', '--shard-min-documents', '1'];
+    expect((await runCli(on('run', path.join(dir, files.pre)))).code).toBe(0);
+
+    const blocker = await connect(lost.url());
+    let first: Awaited<ReturnType<typeof startCli>>['done'];
+    let second: Awaited<ReturnType<typeof startCli>>['done'];
+    try {
+      await blocker.query('BEGIN');
+      await blocker.query(`SELECT 1 FROM clinical.patients WHERE source_patient_id = $1 FOR UPDATE`, [p7.patient_id]);
+      first = startCli(on('run', path.join(dir, files.a))).done;
+      await pollUntil('patient 7\'s shard to wait on its row', async () => {
+        const [r] = await lost.query(`SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database()
+                                      AND query ILIKE '%transform_batch%' AND wait_event_type = 'Lock' AND wait_event = 'transactionid'`);
+        return r.n > 0;
+      });
+      // The coordinator (the session holding the transform lock) is lost.
+      const [coordinator] = await lost.query(`SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock'
+                                               AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = etl.transform_lock_key()`);
+      expect((await lost.query(`SELECT pg_terminate_backend($1) AS ok`, [coordinator.pid]))[0].ok).toBe(true);
+      // Another run gets the transform lock, and must wait for the orphaned shards.
+      second = startCli(on('run', path.join(dir, files.b))).done;
+      await pollUntil('the second run to wait for the orphaned shards', async () => {
+        const [r] = await lost.query(`SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database()
+                                      AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND query ILIKE '%shard_lock_key%'`);
+        return r.n > 0;
+      });
+    } finally {
+      await blocker.query('ROLLBACK');
+      await blocker.end();
+    }
+    const [r1, r2] = [await first!, await second!];
+    expect(r1.code).toBe(3); // its coordinator's connection was terminated: one line, exit 3
+    expect(stderrLines(r1)).toHaveLength(1);
+    expect(r2.code, r2.stderr).toBe(0);
+    expect(jsonLines(r2.stdout).some((l) => String(l.msg).startsWith('waiting for the shards of an earlier transform'))).toBe(true);
+
+    // The orphaned shard committed after the wait and, being the last, finished batch 2; the
+    // second run's newer snapshot was applied after it: patient 7 has batch 3's visit only.
+    expect(await lost.query(`SELECT batch_id::int, status FROM etl.batches ORDER BY 1`)).toEqual([
+      { batch_id: 1, status: 'transformed' },
+      { batch_id: 2, status: 'transformed' },
+      { batch_id: 3, status: 'transformed' },
+    ]);
+    expect(await lost.query(`SELECT p.batch_id::int, array_agg(v.source_visit_id ORDER BY v.source_visit_id) AS visits
+                             FROM clinical.patients p JOIN clinical.visits v USING (patient_key)
+                             WHERE p.source_patient_id = $1 GROUP BY 1`, [p7.patient_id])).toEqual([{ batch_id: 3, visits: ['VB'] }]);
+    expectNoOrphansOrDuplicates(await fingerprint(lost.query));
+    const status = await runCli(['status', '--database-url', lost.url(), '--log-format', 'json']);
+    expect(status.code, status.stderr).toBe(0);
   });
 });
