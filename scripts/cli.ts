@@ -80,7 +80,8 @@ async function transform(o: Output, url: string, { shards, 'shard-min-documents'
       shardMinDocuments,
       onWait: (m) => o.log.info(m),
       onBatch: (r) => o.log.info({ ...r, batch: r.batchId, batchId: undefined }, 'batch transformed'),
-      // Message and hint only (explainError never adds a server DETAIL, which can quote a row).
+      // explainError gives the message and hint only, never a server DETAIL (it can quote a row),
+      // and for data exceptions (22xxx, whose message can quote a value) not even the message.
       onFailed: (batch, err) => o.log.error({ batch, error: explainError(err, url).message }, 'batch failed; going on with the next one'),
     });
   } finally {
