@@ -42,8 +42,8 @@ export async function pendingBatches(pool: DatabasePool): Promise<number[]> {
 
 /**
  * Transforms one batch: atomically, or (large batches, shards > 1) as shards each atomic by
- * patient. Says so when it has to wait for another transform. The pool needs shards + 1
- * connections.
+ * patient. Says so when it has to wait for another transform. Shards are capped at the pool's
+ * size - 1 (one connection is the coordinator's).
  */
 export async function transformBatch(
   pool: DatabasePool,
@@ -104,7 +104,10 @@ async function coordinate(
     // Past the waits that are meant to be long, a stuck lock (a table locked by another session)
     // is a clear error after HEALTHETL_LOCK_TIMEOUT_MS, as in the loader, not a hang.
     await tx.query(lockTimeout);
-    const shards = (state?.staged ?? 0) >= (opts.shardMinDocuments ?? DEFAULT_SHARD_MIN_DOCUMENTS) ? (opts.shards ?? DEFAULT_SHARDS) : 1;
+    // One pool connection is this transaction's: shards beyond the rest would wait for one forever.
+    const room = Math.max(1, (pool.configuration.maximumPoolSize ?? 10) - 1);
+    const wanted = (state?.staged ?? 0) >= (opts.shardMinDocuments ?? DEFAULT_SHARD_MIN_DOCUMENTS) ? (opts.shards ?? DEFAULT_SHARDS) : 1;
+    const shards = Math.min(wanted, room);
     if (shards <= 1) {
       const counts = await tx.one(sql.type(TransformCounts)`SELECT * FROM etl.transform_batch(${batchId})`);
       return { batchId, shards: 1, ...counts };

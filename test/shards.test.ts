@@ -135,6 +135,19 @@ describe('a batch in shards gives what one transaction gives', () => {
   });
 });
 
+describe('shards and the pool', () => {
+  test('shards are capped at the pool size - 1 (one connection is the coordinator\'s), not left waiting forever', async () => {
+    await writeNdjson(path.join(dir, 'capped.ndjson'), patients(3000, 3010, 7).lines);
+    await loadBatch(sharded.url(), expandInputs([path.join(dir, 'capped.ndjson')]));
+    const pool = await createDbPool(sharded.url(), 3);
+    try {
+      expect(await transformPending(pool, { shards: 5, shardMinDocuments: 1 })).toMatchObject([{ shards: 2, documents: 10, loaded: 10 }]);
+    } finally {
+      await pool.end();
+    }
+  });
+});
+
 describe('a shard is only transformed under its coordinator', () => {
   test('without one, or with a shard number out of range, the call is refused and nothing changes', async () => {
     await writeNdjson(path.join(dir, 'refused.ndjson'), patients(2000, 2005, 7).lines);
