@@ -79,8 +79,14 @@ async function coordinate(
     // Shards of a coordinator that was lost (another process's) may still be running: wait for
     // them (each holds this lock shared) before reading the state they are changing. Taken and
     // released at once (a session lock), or this transaction's own shards would wait for it.
-    const noShards = await tx.oneFirst(sql.type(z.object({ ok: z.boolean() }))`
-      SELECT CASE WHEN pg_try_advisory_lock(etl.shard_lock_key()) THEN pg_advisory_unlock(etl.shard_lock_key()) ELSE false END AS ok`);
+    // A whole-batch transform that just committed may not have released it yet (its locks go one
+    // by one): try a few times before saying that this run waits.
+    let noShards = false;
+    for (let attempt = 0; attempt < 20 && !noShards; attempt++) {
+      if (attempt > 0) await new Promise((r) => setTimeout(r, 25));
+      noShards = await tx.oneFirst(sql.type(z.object({ ok: z.boolean() }))`
+        SELECT CASE WHEN pg_try_advisory_lock(etl.shard_lock_key()) THEN pg_advisory_unlock(etl.shard_lock_key()) ELSE false END AS ok`);
+    }
     if (!noShards) {
       onWait?.(`waiting for the shards of an earlier transform to finish (batch ${batchId} is next)`);
       await tx.query(sql.unsafe`SET LOCAL lock_timeout = 0`);
