@@ -148,6 +148,24 @@ describe('shards and the pool', () => {
   });
 });
 
+describe('a batch whose loader died', () => {
+  test('is transformed in shards: the coordinator holds the dead loader\'s lock, and its shards accept that', async () => {
+    await writeNdjson(path.join(dir, 'dead-loader.ndjson'), patients(4000, 4012, 7).lines);
+    const { batchId } = await loadBatch(sharded.url(), expandInputs([path.join(dir, 'dead-loader.ndjson')]));
+    // As a loader killed before it marked its batch staged leaves it (its advisory lock is free).
+    await sharded.query(`UPDATE etl.batches SET status = 'loading' WHERE batch_id = $1`, [batchId]);
+    const pool = await createDbPool(sharded.url(), 3);
+    try {
+      expect(await transformPending(pool, { batchIds: [batchId], shards: 2, shardMinDocuments: 1 })).toMatchObject([
+        { batchId, shards: 2, documents: 12, loaded: 12 },
+      ]);
+    } finally {
+      await pool.end();
+    }
+    expect((await sharded.query(`SELECT status FROM etl.batches WHERE batch_id = $1`, [batchId]))[0].status).toBe('transformed');
+  });
+});
+
 describe('a shard is only transformed under its coordinator', () => {
   test('without one, or with a shard number out of range, the call is refused and nothing changes', async () => {
     await writeNdjson(path.join(dir, 'refused.ndjson'), patients(2000, 2005, 7).lines);
