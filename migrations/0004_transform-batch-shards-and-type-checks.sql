@@ -4,7 +4,10 @@
 --   boolean) is now a reject naming the field; before, it passed validation and then broke the
 --   NOT NULL column, failing the whole batch and every later run on it;
 -- * a large batch can be transformed as N shards by patient, in N sessions at once (each shard
---   one transaction), which uses the server's cores: the transform was one backend's CPU.
+--   one transaction), which uses the server's cores: the transform was one backend's CPU;
+-- * is_rfc3339 no longer accepts a leap second with a fraction, which the cast then refused
+--   (the whole batch failed on every run);
+-- * no JIT inside the transform (it cost more to compile than it saved).
 
 -- Which of `shards` shards a document belongs to: by its patient (source_system and patient_id as
 -- the transform normalises them), so every snapshot of one patient is in the same shard, and so
