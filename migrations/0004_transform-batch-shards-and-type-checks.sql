@@ -117,6 +117,31 @@ LANGUAGE sql AS $$
   SELECT EXISTS (SELECT 1 FROM done)
 $$;
 
+-- Counts of a batch's documents by outcome, restated from 0003 with two columns added at the
+-- end: loader_count, what the loader counted while reading the batch's files (committed with
+-- each file), and balanced: loader_count = received (the landing rows) = the sum of their
+-- outcomes. The loader's count is the independent side: counting landing rows alone could never
+-- disagree with the sum of their own statuses. healthetl status and sql/batch-report.sql read it.
+CREATE OR REPLACE VIEW etl.batch_summary AS
+SELECT b.batch_id, b.status, b.started_at, b.staged_at, b.transformed_at,
+       count(d.document_id)                                AS received,
+       count(d.document_id) FILTER (WHERE d.status = 'staged')     AS staged,
+       count(d.document_id) FILTER (WHERE d.status = 'loaded')     AS loaded,
+       count(d.document_id) FILTER (WHERE d.status = 'rejected')   AS rejected,
+       count(d.document_id) FILTER (WHERE d.status = 'duplicate')  AS duplicate,
+       count(d.document_id) FILTER (WHERE d.status = 'superseded') AS superseded,
+       (SELECT count(*) FROM etl.batch_files f WHERE f.batch_id = b.batch_id) AS files,
+       (SELECT count(*) FROM etl.batch_files f WHERE f.batch_id = b.batch_id AND f.status IN ('unreadable', 'rejected')) AS failed_files,
+       lf.loader_count,
+       lf.loader_count = count(d.document_id)
+         AND count(d.document_id) = count(d.document_id) FILTER (WHERE d.status IN ('staged', 'loaded', 'rejected', 'duplicate', 'superseded'))
+         AS balanced
+FROM etl.batches b
+CROSS JOIN LATERAL (SELECT coalesce(sum(f.documents), 0)::bigint AS loader_count FROM etl.batch_files f WHERE f.batch_id = b.batch_id) lf
+LEFT JOIN landing.raw_documents d ON d.batch_id = b.batch_id
+GROUP BY b.batch_id, lf.loader_count;
+COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents received and what became of them; balanced says whether they add up.';
+
 -- The one-argument transform_batch of 0003 becomes the four-argument one below (called with
 -- one argument, it does what it did: the whole batch in one transaction).
 DROP FUNCTION etl.transform_batch(bigint);
@@ -149,8 +174,11 @@ BEGIN
   END IF;
   IF p_shards = 1 THEN
     PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
-    -- Shards of a lost coordinator may still be running: wait for them.
-    PERFORM pg_advisory_xact_lock(etl.shard_lock_key());
+    -- Shards of a lost coordinator may still be running: wait for them. Taken and released at
+    -- once (a session lock): held to the commit, the next transform could find it still held
+    -- for an instant after the transform lock was already free.
+    PERFORM pg_advisory_lock(etl.shard_lock_key());
+    PERFORM pg_advisory_unlock(etl.shard_lock_key());
     SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id FOR UPDATE;
   ELSE
     -- Transforms of different batches must not interleave (they may share patients); the
@@ -601,6 +629,23 @@ DROP FUNCTION etl.shard_lock_key();
 DROP FUNCTION etl.shard_of(jsonb, jsonb, int);
 
 -- The definitions of 0003, whole.
+DROP VIEW etl.batch_summary;
+-- Counts of a batch's documents by outcome; received must equal the sum of the outcomes.
+CREATE VIEW etl.batch_summary AS
+SELECT b.batch_id, b.status, b.started_at, b.staged_at, b.transformed_at,
+       count(d.document_id)                                AS received,
+       count(d.document_id) FILTER (WHERE d.status = 'staged')     AS staged,
+       count(d.document_id) FILTER (WHERE d.status = 'loaded')     AS loaded,
+       count(d.document_id) FILTER (WHERE d.status = 'rejected')   AS rejected,
+       count(d.document_id) FILTER (WHERE d.status = 'duplicate')  AS duplicate,
+       count(d.document_id) FILTER (WHERE d.status = 'superseded') AS superseded,
+       (SELECT count(*) FROM etl.batch_files f WHERE f.batch_id = b.batch_id) AS files,
+       (SELECT count(*) FROM etl.batch_files f WHERE f.batch_id = b.batch_id AND f.status IN ('unreadable', 'rejected')) AS failed_files
+FROM etl.batches b
+LEFT JOIN landing.raw_documents d ON d.batch_id = b.batch_id
+GROUP BY b.batch_id;
+COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents received and what became of them.';
+
 -- Is the text an RFC 3339 timestamp with a real calendar date and an explicit offset?
 CREATE OR REPLACE FUNCTION etl.is_rfc3339(t text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$

@@ -16,29 +16,24 @@ const BatchSummary = z.object({
   superseded: z.coerce.number(),
   files: z.coerce.number(),
   failed_files: z.coerce.number(),
+  balanced: z.boolean(),
 });
-export type BatchSummary = z.infer<typeof BatchSummary> & { balanced: boolean };
+export type BatchSummary = z.infer<typeof BatchSummary>;
 
 /**
- * received = staged + loaded + rejected + duplicate + superseded, for every batch. `received` is
- * what the loader counted while reading the batch's files (etl.batch_files.documents, committed
- * with each file), `landed` the batch's rows in landing.raw_documents, each with one outcome.
- * Counting the landing rows alone could never disagree with the sum of their own statuses; the
- * loader's count is the independent side, so a landing row lost or added is seen.
+ * Per batch: `received` is what the loader counted while reading the batch's files, `landed` the
+ * batch's rows in landing.raw_documents, each with one outcome; `balanced` (etl.batch_summary,
+ * migrations/0004) says received = landed = the sum of the outcomes.
  */
-export function isBalanced(b: z.infer<typeof BatchSummary>): boolean {
-  return b.received === b.landed && b.landed === b.staged + b.loaded + b.rejected + b.duplicate + b.superseded;
-}
-
 export async function batchSummaries(pool: DatabasePool, opts: { batchId?: number; limit?: number } = {}): Promise<BatchSummary[]> {
   const where = opts.batchId === undefined ? sql.fragment`TRUE` : sql.fragment`batch_id = ${opts.batchId}`;
-  const rows = await pool.any(sql.type(BatchSummary)`
-    SELECT s.batch_id, s.status, s.started_at,
-           (SELECT coalesce(sum(f.documents), 0) FROM etl.batch_files f WHERE f.batch_id = s.batch_id) AS received,
-           s.received AS landed, s.staged, s.loaded, s.rejected, s.duplicate, s.superseded, s.files, s.failed_files
-    FROM etl.batch_summary s WHERE ${where}
-    ORDER BY batch_id DESC LIMIT ${opts.limit ?? 20}`);
-  return rows.map((r) => ({ ...r, balanced: isBalanced(r) }));
+  return [
+    ...(await pool.any(sql.type(BatchSummary)`
+      SELECT s.batch_id, s.status, s.started_at, s.loader_count AS received, s.received AS landed,
+             s.staged, s.loaded, s.rejected, s.duplicate, s.superseded, s.files, s.failed_files, s.balanced
+      FROM etl.batch_summary s WHERE ${where}
+      ORDER BY batch_id DESC LIMIT ${opts.limit ?? 20}`)),
+  ];
 }
 
 const Rejected = z.object({

@@ -79,14 +79,8 @@ async function coordinate(
     // Shards of a coordinator that was lost (another process's) may still be running: wait for
     // them (each holds this lock shared) before reading the state they are changing. Taken and
     // released at once (a session lock), or this transaction's own shards would wait for it.
-    // A whole-batch transform that just committed may not have released it yet (its locks go one
-    // by one): try a few times before saying that this run waits.
-    let noShards = false;
-    for (let attempt = 0; attempt < 20 && !noShards; attempt++) {
-      if (attempt > 0) await new Promise((r) => setTimeout(r, 25));
-      noShards = await tx.oneFirst(sql.type(z.object({ ok: z.boolean() }))`
-        SELECT CASE WHEN pg_try_advisory_lock(etl.shard_lock_key()) THEN pg_advisory_unlock(etl.shard_lock_key()) ELSE false END AS ok`);
-    }
+    const noShards = await tx.oneFirst(sql.type(z.object({ ok: z.boolean() }))`
+      SELECT CASE WHEN pg_try_advisory_lock(etl.shard_lock_key()) THEN pg_advisory_unlock(etl.shard_lock_key()) ELSE false END AS ok`);
     if (!noShards) {
       onWait?.(`waiting for the shards of an earlier transform to finish (batch ${batchId} is next)`);
       await tx.query(sql.unsafe`SET LOCAL lock_timeout = 0`);
@@ -104,9 +98,7 @@ async function coordinate(
     if (state?.busy) throw new BatchStillLoading(batchId);
     // Transformed by another run while this one waited: nothing to do. Calling the transform again
     // would only move the batch's transformed_at to now, losing when its documents were loaded.
-    if (state?.status === 'transformed' && !state.staged) {
-      return { batchId, shards: 0, documents: 0, loaded: 0, rejected: 0, duplicate: 0, superseded: 0, problems: 0 };
-    }
+    if (state?.status === 'transformed' && !state.staged) return { batchId, shards: 0, ...NO_DOCUMENTS };
     // Past the waits that are meant to be long, a stuck lock (a table locked by another session)
     // is a clear error after HEALTHETL_LOCK_TIMEOUT_MS, as in the loader, not a hang.
     await tx.query(lockTimeout);
@@ -138,17 +130,19 @@ async function coordinate(
     started(running);
     const results = await running;
     // A shard that failed rolled back alone: its documents stay staged, the batch stays
-    // unfinished, and the next run transforms what is left.
+    // unfinished, and the next run transforms what is left. (The last shard to commit marked
+    // the batch transformed: etl.finish_batch, in etl.transform_batch.)
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed) throw failed.reason;
-    await tx.query(sql.unsafe`SELECT etl.finish_batch(${batchId})`);
-    const sum = { batchId, shards, documents: 0, loaded: 0, rejected: 0, duplicate: 0, superseded: 0, problems: 0 };
+    const sum = { batchId, shards, ...NO_DOCUMENTS };
     for (const r of results as PromiseFulfilledResult<TransformCounts>[]) {
       for (const k of Object.keys(r.value) as (keyof TransformCounts)[]) sum[k] += r.value[k];
     }
     return sum;
   });
 }
+
+const NO_DOCUMENTS: TransformCounts = { documents: 0, loaded: 0, rejected: 0, duplicate: 0, superseded: 0, problems: 0 };
 
 const lockTimeout = sql.unsafe`SELECT set_config('lock_timeout', ${String(DEFAULT_TIMEOUTS.lockTimeoutMs)}, true)`;
 

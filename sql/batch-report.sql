@@ -9,12 +9,9 @@
 \endif
 
 \echo '== batches: what the loader counted (received) must equal the landing rows and their outcomes'
-SELECT s.batch_id, s.status, s.started_at::timestamp(0) AS started, f.received, s.received AS landed,
-       s.staged, s.loaded, s.rejected, s.duplicate, s.superseded,
-       f.received = s.received AND s.received = s.staged + s.loaded + s.rejected + s.duplicate + s.superseded AS balanced,
-       s.files, s.failed_files
+SELECT s.batch_id, s.status, s.started_at::timestamp(0) AS started, s.loader_count AS received, s.received AS landed,
+       s.staged, s.loaded, s.rejected, s.duplicate, s.superseded, s.balanced, s.files, s.failed_files
 FROM etl.batch_summary s
-CROSS JOIN LATERAL (SELECT coalesce(sum(documents), 0) AS received FROM etl.batch_files WHERE batch_id = s.batch_id) f
 WHERE :batch::bigint IS NULL OR batch_id = :batch::bigint
 ORDER BY batch_id DESC
 LIMIT 10;

@@ -220,6 +220,8 @@ CREATE SEQUENCE etl.patient_keys_patient_key_seq AS bigint START 1 INCREMENT 1 M
 --   superseded bigint
 --   files bigint
 --   failed_files bigint
+--   loader_count bigint
+--   balanced boolean
 CREATE VIEW etl.batch_summary AS
  SELECT b.batch_id,
     b.status,
@@ -237,11 +239,16 @@ CREATE VIEW etl.batch_summary AS
           WHERE (f.batch_id = b.batch_id)) AS files,
     ( SELECT count(*) AS count
            FROM etl.batch_files f
-          WHERE ((f.batch_id = b.batch_id) AND (f.status = ANY (ARRAY['unreadable'::text, 'rejected'::text])))) AS failed_files
-   FROM (etl.batches b
+          WHERE ((f.batch_id = b.batch_id) AND (f.status = ANY (ARRAY['unreadable'::text, 'rejected'::text])))) AS failed_files,
+    lf.loader_count,
+    ((lf.loader_count = count(d.document_id)) AND (count(d.document_id) = count(d.document_id) FILTER (WHERE (d.status = ANY (ARRAY['staged'::text, 'loaded'::text, 'rejected'::text, 'duplicate'::text, 'superseded'::text]))))) AS balanced
+   FROM ((etl.batches b
+     CROSS JOIN LATERAL ( SELECT (COALESCE(sum(f.documents), (0)::numeric))::bigint AS loader_count
+           FROM etl.batch_files f
+          WHERE (f.batch_id = b.batch_id)) lf)
      LEFT JOIN landing.raw_documents d ON ((d.batch_id = b.batch_id)))
-  GROUP BY b.batch_id;
-COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents received and what became of them.';
+  GROUP BY b.batch_id, lf.loader_count;
+COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents received and what became of them; balanced says whether they add up.';
 
 CREATE OR REPLACE FUNCTION etl.batch_finish_lock_key()
  RETURNS bigint
@@ -485,8 +492,11 @@ BEGIN
   END IF;
   IF p_shards = 1 THEN
     PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
-    -- Shards of a lost coordinator may still be running: wait for them.
-    PERFORM pg_advisory_xact_lock(etl.shard_lock_key());
+    -- Shards of a lost coordinator may still be running: wait for them. Taken and released at
+    -- once (a session lock): held to the commit, the next transform could find it still held
+    -- for an instant after the transform lock was already free.
+    PERFORM pg_advisory_lock(etl.shard_lock_key());
+    PERFORM pg_advisory_unlock(etl.shard_lock_key());
     SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id FOR UPDATE;
   ELSE
     -- Transforms of different batches must not interleave (they may share patients); the
