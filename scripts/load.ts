@@ -11,6 +11,7 @@ import { createGunzip } from 'node:zlib';
 import type pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
 import { connectPg, type Timeouts, DEFAULT_TIMEOUTS } from './db.ts';
+import { fileErrorText, isConnectionError, isDataError, isServerError, serverRefusedReason } from './errors.ts';
 import { DEFAULT_MAX_DOCUMENT_BYTES, readJson, readNdjson, type DocumentFormat, type ReadEvent } from './read-documents.ts';
 
 export type Input =
@@ -50,11 +51,6 @@ function classify(p: string): Input {
   return { kind: 'file', path: p, format: m[1].toLowerCase() === 'json' ? 'json' : 'ndjson', gzip: Boolean(m[2]) };
 }
 
-function errorText(err: unknown): string {
-  const e = err as NodeJS.ErrnoException;
-  return e?.code ? `${e.code}: ${e.message.replace(/^[A-Z]+: /, '')}` : String((e as Error)?.message ?? err);
-}
-
 /** Expands the command-line paths: files as given, directories walked recursively (sorted), '-' for stdin. */
 export async function* expandInputs(paths: string[], stdinFormat: DocumentFormat = 'ndjson'): AsyncGenerator<Input> {
   const seenDirs = new Set<string>();
@@ -63,7 +59,7 @@ export async function* expandInputs(paths: string[], stdinFormat: DocumentFormat
     try {
       real = await realpath(dir);
     } catch (err) {
-      yield { kind: 'unreadable', path: dir, reason: errorText(err) };
+      yield { kind: 'unreadable', path: dir, reason: fileErrorText(err) };
       return;
     }
     if (seenDirs.has(real)) {
@@ -75,7 +71,7 @@ export async function* expandInputs(paths: string[], stdinFormat: DocumentFormat
     try {
       entries = (await readdir(dir)).sort();
     } catch (err) {
-      yield { kind: 'unreadable', path: dir, reason: errorText(err) };
+      yield { kind: 'unreadable', path: dir, reason: fileErrorText(err) };
       return;
     }
     for (const name of entries) yield* visit(path.join(dir, name), false);
@@ -85,7 +81,7 @@ export async function* expandInputs(paths: string[], stdinFormat: DocumentFormat
     try {
       st = await stat(p);
     } catch (err) {
-      yield { kind: 'unreadable', path: p, reason: errorText(err) };
+      yield { kind: 'unreadable', path: p, reason: fileErrorText(err) };
       return;
     }
     if (st.isDirectory()) yield* walk(p);
@@ -158,12 +154,6 @@ async function copyRows(client: pg.Client, parts: Buffer[]): Promise<void> {
 
 type Reject = { line: number | null; item: number | null; byteOffset: number; sha256: string; reason: string };
 
-/** Server message only: detail and context can quote the document, which may be PHI. */
-function serverReason(err: unknown): string {
-  const e = err as { message?: string; code?: string };
-  return `$: PostgreSQL refused the document: ${e.message ?? 'error'}${e.code ? ` (SQLSTATE ${e.code})` : ''}`;
-}
-
 const ZERO_SHA = '0'.repeat(64);
 
 class FileStager {
@@ -230,7 +220,7 @@ class FileStager {
       } catch (err) {
         if (!isDataError(err)) throw err;
         await this.client.query(`ROLLBACK TO SAVEPOINT one`);
-        this.rejects.push({ line: d.line, item: d.item, byteOffset: d.byteOffset, sha256: d.sha256.toString('hex'), reason: serverReason(err) });
+        this.rejects.push({ line: d.line, item: d.item, byteOffset: d.byteOffset, sha256: d.sha256.toString('hex'), reason: serverRefusedReason(err) });
       }
     }
   }
@@ -250,12 +240,6 @@ class FileStager {
     this.rejects = [];
     await this.client.query('SELECT etl.stage_rejects($1, $2::jsonb)', [this.batchId, JSON.stringify(payload)]);
   }
-}
-
-/** Class 22 (data exception) is a bad document; anything else (connection, lock) is not ours to swallow. */
-function isDataError(err: unknown): boolean {
-  const code = (err as { code?: string }).code;
-  return typeof code === 'string' && (code.startsWith('22') || code === '54001');
 }
 
 async function sha256OfFile(p: string): Promise<{ sha: Buffer; size: number }> {
@@ -324,7 +308,7 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
         try {
           fingerprint = await sha256OfFile(input.path);
         } catch (err) {
-          await record({ path: input.path, status: 'unreadable', documents: 0, rejected: 0, reason: errorText(err) });
+          await record({ path: input.path, status: 'unreadable', documents: 0, rejected: 0, reason: fileErrorText(err) });
           continue;
         }
         progress.totalBytes += fingerprint.size;
@@ -464,10 +448,10 @@ async function stageFile(
     await client.query('ROLLBACK').catch(() => undefined);
     raw.destroy();
     progress.documents -= stager.documents;
-    if ((err as { code?: string }).code && /^[0-9A-Z]{5}$/.test((err as { code: string }).code)) throw err; // a server error
+    if (isServerError(err)) throw err;
     if (isConnectionError(err) || lostConnections.has(client)) throw err;
     // A read error (corrupt gzip, file vanished, I/O error): nothing from this file is kept.
-    const reason = err instanceof FileChangedError ? err.message : `${errorText(err)} (after ${readBytes} bytes)`;
+    const reason = err instanceof FileChangedError ? err.message : `${fileErrorText(err)} (after ${readBytes} bytes)`;
     return { path: sourceFile, status: 'unreadable', documents: 0, rejected: 0, reason };
   }
 }
@@ -478,11 +462,6 @@ class FileChangedError extends Error {
       `the file changed while it was being read (${expected} bytes when fingerprinted, ${read} read): nothing from it was kept; load it again once it is complete`,
     );
   }
-}
-
-function isConnectionError(err: unknown): boolean {
-  const m = (err as Error)?.message ?? '';
-  return /Connection terminated|ECONNRESET|ECONNREFUSED|Client has encountered a connection error|not queryable/.test(m);
 }
 
 async function insertFileRow(

@@ -4,6 +4,7 @@
 import { z } from 'zod';
 import type { DatabasePool } from 'slonik';
 import { DEFAULT_TIMEOUTS, sql } from './db.ts';
+import { failsOnlyTheBatch, isBatchStillLoading } from './errors.ts';
 
 const TransformCounts = z.object({
   documents: z.coerce.number(),
@@ -182,26 +183,16 @@ export async function transformPending(
       opts.onBatch?.(r);
     } catch (err) {
       // Another loader is still staging that batch: not an error for a scheduler, it will come back.
-      if ((err as { code?: string }).code === 'HE002' || innerCode(err) === 'HE002') {
+      if (isBatchStillLoading(err)) {
         if (opts.batchIds) throw err;
         opts.onWait?.(`batch ${id} is still being loaded by another process; left for a later run`);
         continue;
       }
-      const code = innerCode(err);
-      if (!code || !/^[0-9A-Z]{5}$/.test(code) || code.startsWith('08') || code.startsWith('57')) throw err;
+      if (!failsOnlyTheBatch(err)) throw err;
       opts.onFailed?.(id, err);
       failure ??= { err };
     }
   }
   if (failure) throw failure.err;
   return out;
-}
-
-function innerCode(err: unknown): string | undefined {
-  let e = err as { code?: string; cause?: unknown } | undefined;
-  for (let i = 0; i < 5 && e; i++) {
-    if (e.code) return e.code;
-    e = e.cause as typeof e;
-  }
-  return undefined;
 }
