@@ -15,6 +15,8 @@ import { pipeline } from 'node:stream/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
+import { z } from 'zod';
+import { queryOn, sql } from './db.ts';
 import { migrate } from './migrate.ts';
 import { DEFAULT_SHARDS } from './transform.ts';
 import { CSV_COLUMNS, TABLES, writeDataset, type DatasetInfo, type PatientDocument } from './generate.ts';
@@ -101,17 +103,20 @@ function runCli(args: string[], url: string): Promise<{ code: number; last: Reco
 
 async function clinicalCounts(c: pg.Client): Promise<Record<string, number>> {
   const out: Record<string, number> = {};
-  for (const t of TABLES) out[t] = Number((await c.query(`SELECT count(*) AS n FROM clinical.${t}`)).rows[0].n);
+  for (const t of TABLES) {
+    const [{ n }] = await queryOn(c, sql.type(z.object({ n: z.coerce.number() }))`SELECT count(*) AS n FROM ${sql.identifier(['clinical', t])}`);
+    out[t] = n;
+  }
   return out;
 }
 
-const TRUNCATE_ALL = `TRUNCATE clinical.patients, clinical.visits, clinical.diagnoses, clinical.treatments, clinical.provider_notes,
+const TRUNCATE_ALL = sql.unsafe`TRUNCATE clinical.patients, clinical.visits, clinical.diagnoses, clinical.treatments, clinical.provider_notes,
   etl.document_problems, etl.rejected_documents, landing.raw_documents, etl.batch_files, etl.batches, etl.patient_keys`;
 
 /** The lower bound: the same rows, already flattened, COPYed into the same tables. */
 async function copyLowerBound(c: pg.Client, info: DatasetInfo): Promise<void> {
   // Partitions for the generator's visit years (the transform creates its own as part of its time).
-  await c.query(`SELECT etl.ensure_visit_partitions(ARRAY(SELECT generate_series(2010, 2030)))`);
+  await queryOn(c, sql.unsafe`SELECT etl.ensure_visit_partitions(ARRAY(SELECT generate_series(2010, 2030)))`);
   for (const t of TABLES) {
     const cols = CSV_COLUMNS[t].join(', ');
     const stream = c.query(copyFrom(`COPY clinical.${t} (${cols}) FROM STDIN (FORMAT csv, HEADER true)`));
@@ -119,7 +124,11 @@ async function copyLowerBound(c: pg.Client, info: DatasetInfo): Promise<void> {
   }
 }
 
-/** The original design: one INSERT per row, one transaction per patient (prepared statements). */
+/**
+ * The original design: one INSERT per row, one transaction per patient (prepared statements).
+ * Plain pg on purpose: named prepared statements are what such a loader would use, and what this
+ * step measures.
+ */
 async function rowByRow(c: pg.Client, docs: PatientDocument[]): Promise<void> {
   for (const d of docs) {
     await c.query('BEGIN');
@@ -200,9 +209,9 @@ async function main(): Promise<void> {
     }
     const admin = new pg.Client({ connectionString: adminUrl });
     await admin.connect();
-    const pgVersion = (await admin.query(`SELECT current_setting('server_version') AS v`)).rows[0].v as string;
+    const [{ v: pgVersion }] = await queryOn(admin, sql.type(z.object({ v: z.string() }))`SELECT current_setting('server_version') AS v`);
     const dbName = `healthetl_bench_${Date.now().toString(36)}`;
-    await admin.query(`CREATE DATABASE ${dbName}`);
+    await queryOn(admin, sql.unsafe`CREATE DATABASE ${sql.identifier([dbName])}`);
     const url = withDatabase(adminUrl, dbName);
     const rows: Row[] = [];
     let info: DatasetInfo;
@@ -226,27 +235,29 @@ async function main(): Promise<void> {
       });
 
       // (2) lower bound, on the fresh database.
-      await c.query('CHECKPOINT');
+      await queryOn(c, sql.unsafe`CHECKPOINT`);
       log('2. COPY of the pre-flattened rows (lower bound)');
       const lower = await timed(() => copyLowerBound(c, info));
       const lowerCounts = await clinicalCounts(c);
       expectCounts('COPY lower bound', lowerCounts, info.rows);
-      await c.query(TRUNCATE_ALL);
-      await c.query(`VACUUM ANALYZE`);
+      await queryOn(c, TRUNCATE_ALL);
+      await queryOn(c, sql.unsafe`VACUUM ANALYZE`);
 
       // (1) healthetl end to end.
-      await c.query('CHECKPOINT');
+      await queryOn(c, sql.unsafe`CHECKPOINT`);
       log('1. healthetl run (stage + transform)');
       const e2e = await timed(() => runCli(['run', info.files.ndjson!, ...shardArgs], url));
       if (e2e.value.code !== 0) throw new Error(`healthetl run exited ${e2e.value.code}: ${e2e.value.stderr.trim().split('\n').pop()}`);
       expectCounts('healthetl run', await clinicalCounts(c), info.rows);
-      const phases = await c.query<{ stage: number; transform: number }>(
-        `SELECT extract(epoch FROM staged_at - started_at)::float8 AS stage, extract(epoch FROM transformed_at - staged_at)::float8 AS transform
-         FROM etl.batches ORDER BY batch_id DESC LIMIT 1`,
+      const [phases] = await queryOn(
+        c,
+        sql.type(z.object({ stage: z.number(), transform: z.number() }))`
+          SELECT extract(epoch FROM staged_at - started_at)::float8 AS stage, extract(epoch FROM transformed_at - staged_at)::float8 AS transform
+          FROM etl.batches ORDER BY batch_id DESC LIMIT 1`,
       );
 
       // (4) the same files again: all duplicates.
-      await c.query('CHECKPOINT');
+      await queryOn(c, sql.unsafe`CHECKPOINT`);
       log('4. healthetl run of the same file again');
       const again = await timed(() => runCli(['run', info.files.ndjson!, ...shardArgs], url));
       if (again.value.code !== 0 || Number(again.value.last?.duplicate) !== args.patients) {
@@ -256,14 +267,14 @@ async function main(): Promise<void> {
       // (3) row by row on a sample, extrapolated to N.
       const k = Math.min(args.rowSample, args.patients);
       const sample = await firstLines(info.files.ndjson!, k);
-      await c.query(TRUNCATE_ALL);
-      await c.query('CHECKPOINT');
+      await queryOn(c, TRUNCATE_ALL);
+      await queryOn(c, sql.unsafe`CHECKPOINT`);
       log(`3. row by row, ${k} patients, extrapolated to ${args.patients}`);
       const rb = await timed(() => rowByRow(c, sample));
       const rbSeconds = (rb.seconds * args.patients) / k;
 
       rows.push(
-        rate('1. healthetl run (end to end)', e2e.seconds, `stage ${round(phases.rows[0].stage)} s + transform ${round(phases.rows[0].transform)} s (${args.shards ?? DEFAULT_SHARDS} shards); loader peak RSS ${Math.round(e2e.value.maxRssKb / 1024)} MB`),
+        rate('1. healthetl run (end to end)', e2e.seconds, `stage ${round(phases.stage)} s + transform ${round(phases.transform)} s (${args.shards ?? DEFAULT_SHARDS} shards); loader peak RSS ${Math.round(e2e.value.maxRssKb / 1024)} MB`),
         rate('2. COPY of flattened CSV (lower bound)', lower.seconds),
         rate('3. row by row (extrapolated)', rbSeconds, `${k} patients measured in ${round(rb.seconds)} s`),
         rate('4. second run, all duplicates', again.seconds),
@@ -277,13 +288,13 @@ async function main(): Promise<void> {
         const big = await writeDataset(path.join(work, 'big'), { patients: n, seed: args.seed + 1, forms: ['ndjson', 'json'] });
         for (const form of ['ndjson', 'json'] as const) {
           const file = big.files[form]!;
-          await c.query(TRUNCATE_ALL);
+          await queryOn(c, TRUNCATE_ALL);
           const r = await timed(() => runCli(['load', file], url));
           if (r.value.code !== 0) throw new Error(`load of the large ${form} file exited ${r.value.code}: ${r.value.stderr.trim().split('\n').pop()}`);
           rss[form] = { mb: round(big.bytes[form] / 1e6), peak_rss_mb: Math.round(r.value.maxRssKb / 1024), seconds: round(r.seconds) };
           await rm(file);
         }
-        await c.query(TRUNCATE_ALL);
+        await queryOn(c, TRUNCATE_ALL);
       }
 
       const ratios = {
@@ -292,7 +303,7 @@ async function main(): Promise<void> {
         e2e_over_second_run: round(e2e.seconds / again.seconds),
         // The floor under the first ratio: staging alone (the jsonb parse of every document into
         // the landing table, before any transform) measured against the same lower bound.
-        stage_over_lower_bound: round(phases.rows[0].stage / lower.seconds),
+        stage_over_lower_bound: round(phases.stage / lower.seconds),
         row_by_row_over_lower_bound: round(rbSeconds / lower.seconds),
       };
       const result = {
@@ -326,7 +337,7 @@ async function main(): Promise<void> {
       else if (args.json) await writeFile(args.json, `${JSON.stringify(result, null, 2)}\n`);
     } finally {
       await c.end().catch(() => undefined);
-      if (!args.keep) await admin.query(`DROP DATABASE IF EXISTS ${dbName} WITH (FORCE)`).catch(() => undefined);
+      if (!args.keep) await queryOn(admin, sql.unsafe`DROP DATABASE IF EXISTS ${sql.identifier([dbName])} WITH (FORCE)`).catch(() => undefined);
       await admin.end();
     }
   } finally {

@@ -2,9 +2,10 @@
 // pg for COPY and session locks), session settings. Errors: errors.ts.
 import os from 'node:os';
 import pg from 'pg';
-import { createPool, SchemaValidationError, type DatabasePool, type Interceptor } from 'slonik';
+import { createPool, SchemaValidationError, sql, type DatabasePool, type Interceptor, type QuerySqlToken } from 'slonik';
+import type { z, ZodTypeAny } from 'zod';
 
-export { sql } from 'slonik';
+export { sql };
 
 export type Timeouts = { statementTimeoutMs: number; lockTimeoutMs: number };
 
@@ -78,9 +79,27 @@ export async function connectPg(databaseUrl: string, timeouts: Timeouts = DEFAUL
   const client = new pg.Client({ connectionString: databaseUrl, application_name: 'healthetl', connectionTimeoutMillis: 10_000 });
   await client.connect();
   // A stuck lock must become a clear error, not a hang.
-  await client.query(`SELECT set_config('statement_timeout', $1, false), set_config('lock_timeout', $2, false)`, [
-    String(timeouts.statementTimeoutMs),
-    String(timeouts.lockTimeoutMs),
-  ]);
+  await queryOn(
+    client,
+    sql.unsafe`SELECT set_config('statement_timeout', ${String(timeouts.statementTimeoutMs)}, false), set_config('lock_timeout', ${String(timeouts.lockTimeoutMs)}, false)`,
+  );
   return client;
+}
+
+/**
+ * Runs a slonik query on a plain pg client and checks each row with the query's zod parser, as
+ * the pool's interceptor does: for the sessions that must be one pg connection (the loader's
+ * COPY in the same transaction, node-pg-migrate's runner, session advisory locks).
+ */
+export async function queryOn<T extends ZodTypeAny>(client: pg.Client, query: QuerySqlToken<T>): Promise<z.infer<T>[]> {
+  // slonik's placeholders are $slonik_1..; it rewrites them to $1.. the same way before running a query.
+  const text = query.sql.replaceAll('$slonik_', '$');
+  const { rows } = await client.query(text, [...query.values]);
+  const out: z.infer<T>[] = [];
+  for (const row of rows) {
+    const parsed = await query.parser.safeParseAsync(row);
+    if (!parsed.success) throw new SchemaValidationError({ sql: text, values: query.values }, row, parsed.error.issues);
+    out.push(parsed.data);
+  }
+  return out;
 }

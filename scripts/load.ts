@@ -10,7 +10,8 @@ import { PassThrough, Readable } from 'node:stream';
 import { createGunzip } from 'node:zlib';
 import type pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
-import { connectPg, type Timeouts, DEFAULT_TIMEOUTS } from './db.ts';
+import { z } from 'zod';
+import { connectPg, queryOn, sql, type Timeouts, DEFAULT_TIMEOUTS } from './db.ts';
 import { fileErrorText, isConnectionError, isDataError, isServerError, serverRefusedReason } from './errors.ts';
 import { DEFAULT_MAX_DOCUMENT_BYTES, readJson, readNdjson, type DocumentFormat, type ReadEvent } from './read-documents.ts';
 
@@ -201,25 +202,25 @@ class FileStager {
     const docs = this.docs;
     this.docs = [];
     this.bytes = 0;
-    const sp = `chunk_${++this.chunkNo}`;
-    await this.client.query(`SAVEPOINT ${sp}`);
+    const sp = sql.identifier([`chunk_${++this.chunkNo}`]);
+    await queryOn(this.client, sql.unsafe`SAVEPOINT ${sp}`);
     try {
       await copyRows(this.client, docs.flatMap((d) => encodeRow(this.batchId, this.file, this.fmt, d)));
-      await this.client.query(`RELEASE SAVEPOINT ${sp}`);
+      await queryOn(this.client, sql.unsafe`RELEASE SAVEPOINT ${sp}`);
       return;
     } catch (err) {
       if (!isDataError(err)) throw err;
-      await this.client.query(`ROLLBACK TO SAVEPOINT ${sp}`);
+      await queryOn(this.client, sql.unsafe`ROLLBACK TO SAVEPOINT ${sp}`);
     }
     // Rare path: the server refused something our checks let through. Find which, one by one.
     for (const d of docs) {
-      await this.client.query(`SAVEPOINT one`);
+      await queryOn(this.client, sql.unsafe`SAVEPOINT one`);
       try {
         await copyRows(this.client, encodeRow(this.batchId, this.file, this.fmt, d));
-        await this.client.query(`RELEASE SAVEPOINT one`);
+        await queryOn(this.client, sql.unsafe`RELEASE SAVEPOINT one`);
       } catch (err) {
         if (!isDataError(err)) throw err;
-        await this.client.query(`ROLLBACK TO SAVEPOINT one`);
+        await queryOn(this.client, sql.unsafe`ROLLBACK TO SAVEPOINT one`);
         this.rejects.push({ line: d.line, item: d.item, byteOffset: d.byteOffset, sha256: d.sha256.toString('hex'), reason: serverRefusedReason(err) });
       }
     }
@@ -238,7 +239,7 @@ class FileStager {
     }));
     this.rejected += this.rejects.length;
     this.rejects = [];
-    await this.client.query('SELECT etl.stage_rejects($1, $2::jsonb)', [this.batchId, JSON.stringify(payload)]);
+    await stageRejects(this.client, this.batchId, payload);
   }
 }
 
@@ -268,21 +269,22 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
   let documents = 0;
   let rejected = 0;
   try {
-    const { rows } = await client.query<{ batch_id: string }>(
-      `INSERT INTO etl.batches (loader) VALUES ($1) RETURNING batch_id`,
-      [`healthetl on ${os.hostname()} (pid ${process.pid})`],
+    const [{ batch_id: batchId }] = await queryOn(
+      client,
+      sql.type(z.object({ batch_id: z.coerce.number() }))`
+        INSERT INTO etl.batches (loader) VALUES (${`healthetl on ${os.hostname()} (pid ${process.pid})`}) RETURNING batch_id`,
     );
-    const batchId = Number(rows[0].batch_id);
     // Held for the whole load: a transform that can take it knows this loader is gone.
-    await client.query('SELECT pg_advisory_lock(etl.loader_lock_key($1))', [batchId]);
+    await queryOn(client, sql.unsafe`SELECT pg_advisory_lock(etl.loader_lock_key(${batchId}))`);
 
     const record = async (f: FileOutcome, extra?: { size?: number; sha?: Buffer }) => {
       files.push(f);
       if (f.status === 'unreadable' || f.status === 'skipped') {
-        await client.query(
-          `INSERT INTO etl.batch_files (batch_id, source_file, size_bytes, file_sha256, documents, status, error)
-           VALUES ($1, $2, $3, $4, 0, $5, $6) ON CONFLICT DO NOTHING`,
-          [batchId, f.path, extra?.size ?? null, extra?.sha ?? null, f.status, f.reason ?? null],
+        await queryOn(
+          client,
+          sql.unsafe`INSERT INTO etl.batch_files (batch_id, source_file, size_bytes, file_sha256, documents, status, error)
+           VALUES (${batchId}, ${f.path}, ${extra?.size ?? null}, ${extra?.sha ? sql.binary(extra.sha) : null}, 0, ${f.status}, ${f.reason ?? null})
+           ON CONFLICT DO NOTHING`,
         );
       }
       opts.onFile?.(f);
@@ -312,26 +314,28 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
           continue;
         }
         progress.totalBytes += fingerprint.size;
-        const prior = await client.query<{ batch_id: string; source_file: string }>(
+        const prior = await queryOn(
+          client,
           // A file with rejected documents is read again so that they are reported again.
           // Only a transformed batch counts: the transform takes a 'duplicate' row as proof that the
           // bytes were accepted, so pointing at a batch still waiting for its transform (another
           // loader's, or a `load` without `transform`) made that batch's own documents duplicates
           // of these rows and nobody loaded them.
-          `SELECT f.batch_id, f.source_file FROM etl.batch_files f
+          sql.type(z.object({ batch_id: z.coerce.number(), source_file: z.string() }))`
+           SELECT f.batch_id, f.source_file FROM etl.batch_files f
            JOIN etl.batches b ON b.batch_id = f.batch_id AND b.status = 'transformed'
-           WHERE f.file_sha256 = $1 AND f.status = 'staged'
+           WHERE f.file_sha256 = ${sql.binary(fingerprint.sha)} AND f.status = 'staged'
              AND NOT EXISTS (SELECT 1 FROM landing.raw_documents d
                              WHERE d.batch_id = f.batch_id AND d.source_file = f.source_file AND d.status = 'rejected')
            ORDER BY f.batch_id LIMIT 1`,
-          [fingerprint.sha],
         );
-        if (prior.rows.length > 0) {
-          const { rows: n } = await client.query<{ n: string }>(
-            'SELECT etl.stage_duplicate_file($1, $2, $3, $4, $5, $6) AS n',
-            [batchId, input.path, fingerprint.size, fingerprint.sha, prior.rows[0].batch_id, prior.rows[0].source_file],
+        if (prior.length > 0) {
+          const [{ n: count }] = await queryOn(
+            client,
+            sql.type(z.object({ n: z.coerce.number() }))`
+              SELECT etl.stage_duplicate_file(${batchId}, ${input.path}, ${fingerprint.size}, ${sql.binary(fingerprint.sha)},
+                                              ${prior[0].batch_id}, ${prior[0].source_file}) AS n`,
           );
-          const count = Number(n[0].n);
           documents += count;
           progress.documents += count;
           progress.bytes += fingerprint.size;
@@ -346,8 +350,8 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
       await record(outcome, fingerprint);
     }
 
-    await client.query(`UPDATE etl.batches SET status = 'staged', staged_at = clock_timestamp() WHERE batch_id = $1`, [batchId]);
-    await client.query('SELECT pg_advisory_unlock(etl.loader_lock_key($1))', [batchId]);
+    await queryOn(client, sql.unsafe`UPDATE etl.batches SET status = 'staged', staged_at = clock_timestamp() WHERE batch_id = ${batchId}`);
+    await queryOn(client, sql.unsafe`SELECT pg_advisory_unlock(etl.loader_lock_key(${batchId}))`);
     return { batchId, files, documents, rejected };
   } catch (err) {
     // "Client was closed and is not queryable" says less than the server's own reason (57P01: shut down).
@@ -404,7 +408,7 @@ async function stageFile(
   const events = input.format === 'json' ? readJson(source, maxDoc) : readNdjson(source, maxDoc);
   const stager = new FileStager(client, batchId, sourceFile, input.format, chunkBytes);
   const baseBytes = progress.bytes;
-  await client.query('BEGIN');
+  await queryOn(client, sql.unsafe`BEGIN`);
   try {
     let fileError: { byteOffset: number; reason: string } | null = null;
     for await (const ev of events) {
@@ -419,18 +423,15 @@ async function stageFile(
     }
     if (fileError) {
       // A malformed .json file is refused whole: undo what was staged from it, keep one reject row.
-      await client.query('ROLLBACK');
+      await queryOn(client, sql.unsafe`ROLLBACK`);
       progress.documents -= stager.documents;
       raw.destroy();
-      await client.query('BEGIN');
-      await client.query('SELECT etl.stage_rejects($1, $2::jsonb)', [
-        batchId,
-        JSON.stringify([
-          { source_file: sourceFile, line: null, item: null, byte_offset: 0, sha256: fingerprint?.sha.toString('hex') ?? ZERO_SHA, format: input.format, reason: fileError.reason },
-        ]),
+      await queryOn(client, sql.unsafe`BEGIN`);
+      await stageRejects(client, batchId, [
+        { source_file: sourceFile, line: null, item: null, byte_offset: 0, sha256: fingerprint?.sha.toString('hex') ?? ZERO_SHA, format: input.format, reason: fileError.reason },
       ]);
       await insertFileRow(client, batchId, sourceFile, fingerprint, 1, 'rejected', fileError.reason);
-      await client.query('COMMIT');
+      await queryOn(client, sql.unsafe`COMMIT`);
       progress.documents++;
       return { path: sourceFile, status: 'rejected', documents: 1, rejected: 1, reason: fileError.reason };
     }
@@ -440,12 +441,12 @@ async function stageFile(
     }
     await stager.finish();
     await insertFileRow(client, batchId, sourceFile, fingerprint, stager.documents, 'staged', null);
-    await client.query('COMMIT');
+    await queryOn(client, sql.unsafe`COMMIT`);
     progress.bytes = baseBytes + readBytes;
     opts.onProgress?.(progress);
     return { path: sourceFile, status: 'staged', documents: stager.documents, rejected: stager.rejected };
   } catch (err) {
-    await client.query('ROLLBACK').catch(() => undefined);
+    await queryOn(client, sql.unsafe`ROLLBACK`).catch(() => undefined);
     raw.destroy();
     progress.documents -= stager.documents;
     if (isServerError(err)) throw err;
@@ -473,12 +474,18 @@ async function insertFileRow(
   status: 'staged' | 'rejected',
   error: string | null,
 ): Promise<void> {
-  await client.query(
-    `INSERT INTO etl.batch_files (batch_id, source_file, size_bytes, file_sha256, documents, status, error)
-     VALUES ($1, $2, $3, $4, $5, $6, $7)
+  await queryOn(
+    client,
+    sql.unsafe`INSERT INTO etl.batch_files (batch_id, source_file, size_bytes, file_sha256, documents, status, error)
+     VALUES (${batchId}, ${sourceFile}, ${fingerprint?.size ?? null}, ${fingerprint ? sql.binary(fingerprint.sha) : null}, ${documents}, ${status}, ${error})
      ON CONFLICT (batch_id, source_file) DO UPDATE SET documents = etl.batch_files.documents + excluded.documents`,
-    [batchId, sourceFile, fingerprint?.size ?? null, fingerprint?.sha ?? null, documents, status, error],
   );
+}
+
+type RejectRow = { source_file: string; line: number | null; item: number | null; byte_offset: number; sha256: string; format: DocumentFormat; reason: string };
+
+async function stageRejects(client: pg.Client, batchId: number, rejects: RejectRow[]): Promise<void> {
+  await queryOn(client, sql.type(z.object({ n: z.coerce.number() }))`SELECT etl.stage_rejects(${batchId}, ${sql.jsonb(rejects)}) AS n`);
 }
 
 async function maybeGunzip(input: Readable): Promise<Readable> {

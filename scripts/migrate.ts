@@ -4,7 +4,8 @@ import { readdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { runner } from 'node-pg-migrate';
 import type pg from 'pg';
-import { connectPg } from './db.ts';
+import { z } from 'zod';
+import { connectPg, queryOn, sql } from './db.ts';
 
 export const MIGRATIONS_DIR = fileURLToPath(new URL('../migrations', import.meta.url));
 export const MIGRATIONS_TABLE = 'healthetl_migrations';
@@ -28,16 +29,16 @@ function quietError(log: MigrationLog): MigrationLog {
 }
 
 async function withMigrateLock<T>(client: pg.Client, log: MigrationLog, fn: () => Promise<T>): Promise<T> {
-  const { rows } = await client.query<{ ok: boolean }>(`SELECT pg_try_advisory_lock(${MIGRATE_LOCK_ID}) AS ok`);
-  if (!rows[0].ok) {
+  const [{ ok }] = await queryOn(client, sql.type(z.object({ ok: z.boolean() }))`SELECT pg_try_advisory_lock(${MIGRATE_LOCK_ID}::bigint) AS ok`);
+  if (!ok) {
     log('waiting for another migration to finish');
-    await client.query(`SET lock_timeout = 0`);
-    await client.query(`SELECT pg_advisory_lock(${MIGRATE_LOCK_ID})`);
+    await queryOn(client, sql.unsafe`SET lock_timeout = 0`);
+    await queryOn(client, sql.unsafe`SELECT pg_advisory_lock(${MIGRATE_LOCK_ID}::bigint)`);
   }
   try {
     return await fn();
   } finally {
-    await client.query(`SELECT pg_advisory_unlock(${MIGRATE_LOCK_ID})`).catch(() => undefined);
+    await queryOn(client, sql.unsafe`SELECT pg_advisory_unlock(${MIGRATE_LOCK_ID}::bigint)`).catch(() => undefined);
   }
 }
 
@@ -77,10 +78,16 @@ export type MigrationStatus = { name: string; appliedAt: Date | null };
 export async function migrationStatus(databaseUrl: string): Promise<MigrationStatus[]> {
   const client = await connectPg(databaseUrl);
   try {
-    const { rows: exists } = await client.query<{ t: string | null }>(`SELECT to_regclass($1) AS t`, [`public.${MIGRATIONS_TABLE}`]);
+    const [{ exists }] = await queryOn(
+      client,
+      sql.type(z.object({ exists: z.boolean() }))`SELECT to_regclass(${`public.${MIGRATIONS_TABLE}`}) IS NOT NULL AS exists`,
+    );
     const applied = new Map<string, Date>();
-    if (exists[0].t) {
-      const { rows } = await client.query<{ name: string; run_on: Date }>(`SELECT name, run_on FROM public.${MIGRATIONS_TABLE}`);
+    if (exists) {
+      const rows = await queryOn(
+        client,
+        sql.type(z.object({ name: z.string(), run_on: z.date() }))`SELECT name, run_on FROM ${sql.identifier(['public', MIGRATIONS_TABLE])}`,
+      );
       for (const r of rows) applied.set(r.name, r.run_on);
     }
     return migrationFiles().map((f) => {
