@@ -23,14 +23,22 @@ WHERE status IN ('unreadable', 'rejected', 'skipped') AND (:batch::bigint IS NUL
 ORDER BY batch_id DESC, source_file
 LIMIT 50;
 
-\echo '== rejects by field (most frequent first)'
+\echo '== rejects by field (most frequent first; documents counts every delivery)'
 SELECT field, count(*) AS documents, min(source_file) AS example_file,
        min(coalesce('line ' || line, 'item ' || item, 'byte ' || byte_offset)) AS example_position
-FROM etl.rejected_documents
+FROM etl.batch_rejects
 WHERE :batch::bigint IS NULL OR batch_id = :batch::bigint
 GROUP BY field
 ORDER BY documents DESC, field
 LIMIT 30;
+
+\echo '== rejected contents that keep coming back (the source is still sending them)'
+SELECT field, deliveries, batch_id AS first_batch, last_batch_id AS last_batch, source_file AS first_file,
+       coalesce('line ' || line, 'item ' || item, 'byte ' || byte_offset) AS first_position
+FROM etl.rejected_documents
+WHERE deliveries > 1 AND (:batch::bigint IS NULL OR :batch::bigint BETWEEN batch_id AND last_batch_id)
+ORDER BY deliveries DESC, last_batch_id DESC
+LIMIT 20;
 
 \echo '== problems (invalid optional values) by field'
 SELECT regexp_replace(field, '\[\d+\]', '[]', 'g') AS field, problem, count(*) AS occurrences

@@ -44,3 +44,25 @@ test('the indexes analysts filter by exist: diagnosis code, treatment name, visi
   expect(defs.some((d) => /ON clinical\.treatments USING btree \(name\)/.test(d))).toBe(true);
   expect(defs.some((d) => /ON ONLY clinical\.visits USING btree \(visit_date, visit_type\)/.test(d))).toBe(true);
 });
+
+test('no function in our schemas has a body over 150 lines: the next rule is a new step, not a longer one', async () => {
+  const bodies = await db.query(`
+    SELECT n.nspname || '.' || p.proname AS name,
+           coalesce(array_length(regexp_split_to_array(coalesce(nullif(p.prosrc, ''), pg_get_function_sqlbody(p.oid)), E'\\n'), 1), 0) AS lines
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname IN ('landing', 'etl', 'clinical', 'analytics', 'dq')
+    ORDER BY lines DESC`);
+  // The count is real: the transform's steps are there and the longest of them has a body of some length.
+  expect(bodies.map((b) => b.name)).toEqual(expect.arrayContaining(['etl.transform_batch', 'etl.step_visits', 'etl.step_patients']));
+  expect(bodies[0].lines).toBeGreaterThan(20);
+  expect(bodies.filter((b) => b.lines > 150)).toEqual([]);
+});
+
+test('the transform is a driver of steps: etl.transform_batch calls each etl.step_* function, and fits on a screen', async () => {
+  const [driver] = await db.query(`SELECT p.prosrc FROM pg_proc p WHERE p.oid = 'etl.transform_batch(bigint, int, int, int)'::regprocedure`);
+  const steps = (await db.query(`SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                                 WHERE n.nspname = 'etl' AND p.proname LIKE 'step\\_%' ORDER BY 1`)).map((r) => r.proname as string);
+  expect(steps.length).toBeGreaterThan(10);
+  for (const s of steps) expect(driver.prosrc, s).toContain(`etl.${s}(`);
+  expect(driver.prosrc.split('\n').length).toBeLessThanOrEqual(60);
+});

@@ -134,6 +134,58 @@ describe('up, down, up', () => {
   });
 });
 
+describe('0005: rejects stored once', () => {
+  test('up folds the copies of a rejected content into one row with its deliveries; down restores one row per delivery', async () => {
+    const url = await freshDatabase();
+    const names = migrationNames();
+    const at0005 = names.findIndex((n) => n.startsWith('0005_'));
+    await migrate(url, 'up', { count: at0005 });
+    const zero = '\\x' + '00'.repeat(32);
+    const perDelivery = `SELECT d.document_id::int AS document_id, d.batch_id::int AS batch_id, d.line::int AS line, r.reason
+                         FROM landing.raw_documents d JOIN etl.rejected_documents r USING (document_id) ORDER BY 1`;
+    await withClient(url, async (c) => {
+      // Two batches: the same bad bytes delivered three times (twice in batch 1), another bad
+      // document once, and a document too large to keep (no bytes: the all-zero sha256) twice.
+      await c.query(`INSERT INTO etl.batches (status) VALUES ('transformed'), ('transformed')`);
+      await c.query(`INSERT INTO landing.raw_documents (batch_id, source_file, line, byte_offset, content_sha256, format, status)
+                     VALUES (1, 'a.ndjson', 1, 0, '\\xaa', 'ndjson', 'rejected'), (1, 'a.ndjson', 2, 10, '\\xaa', 'ndjson', 'rejected'),
+                            (1, 'a.ndjson', 3, 20, '\\xbb', 'ndjson', 'rejected'), (2, 'b.ndjson', 7, 70, '\\xaa', 'ndjson', 'rejected'),
+                            (1, 'big.ndjson', 1, 0, '${zero}', 'ndjson', 'rejected'), (2, 'big.ndjson', 1, 0, '${zero}', 'ndjson', 'rejected')`);
+      await c.query(`INSERT INTO etl.rejected_documents (document_id, batch_id, source_file, line, item, byte_offset, field, reason, all_reasons)
+                     SELECT d.document_id, d.batch_id, d.source_file, d.line, d.item, d.byte_offset, '$', r, ARRAY[r]
+                     FROM landing.raw_documents d
+                     CROSS JOIN LATERAL (SELECT CASE WHEN d.source_file = 'big.ndjson' THEN '$: too large'
+                                                     WHEN d.content_sha256 = '\\xaa' THEN 'patient_id: is required'
+                                                     ELSE 'visits: must be an array (found string)' END AS r) x`);
+    });
+    const before = await withClient(url, async (c) => (await c.query(perDelivery)).rows);
+    expect(before).toHaveLength(6);
+
+    await migrate(url, 'up', { count: 1 });
+    await withClient(url, async (c) => {
+      const { rows } = await c.query(`SELECT document_id::int AS first, batch_id::int AS first_batch, last_document_id::int AS last,
+                                             last_batch_id::int AS last_batch, deliveries::int AS deliveries, reason
+                                      FROM etl.rejected_documents ORDER BY document_id`);
+      expect(rows).toEqual([
+        { first: 1, first_batch: 1, last: 4, last_batch: 2, deliveries: 3, reason: 'patient_id: is required' },
+        { first: 3, first_batch: 1, last: 3, last_batch: 1, deliveries: 1, reason: 'visits: must be an array (found string)' },
+        // Same file and position, no bytes: one content, two deliveries.
+        { first: 5, first_batch: 1, last: 6, last_batch: 2, deliveries: 2, reason: '$: too large' },
+      ]);
+      // Every delivery is still listed, by batch, with its reason.
+      const { rows: deliveries } = await c.query(`SELECT document_id::int AS document_id, batch_id::int AS batch_id, line::int AS line, reason
+                                                  FROM etl.batch_rejects ORDER BY 1`);
+      expect(deliveries).toEqual(before);
+    });
+
+    await migrate(url, 'down', { count: 1 });
+    expect(await withClient(url, async (c) => (await c.query(perDelivery)).rows)).toEqual(before);
+    const [{ zeros }] = await withClient(url, async (c) =>
+      (await c.query(`SELECT count(*)::int AS zeros FROM landing.raw_documents WHERE content_sha256 = '${zero}'`)).rows);
+    expect(zeros).toBe(2);
+  });
+});
+
 describe('concurrent migrate up', () => {
   async function appliedOnce(url: string) {
     const rows = await withClient(url, async (c) => (await c.query(`SELECT name, count(*)::int AS n FROM public.${MIGRATIONS_TABLE} GROUP BY name ORDER BY name`)).rows);
