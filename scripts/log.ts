@@ -3,7 +3,7 @@
 import { Writable } from 'node:stream';
 import cliProgress from 'cli-progress';
 import pino from 'pino';
-import type { LoadProgress } from './load.ts';
+import type { LoadProgress } from './stage.ts';
 
 export type LogFormat = 'json' | 'pretty';
 

@@ -33,7 +33,8 @@ import {
 import { createDbPool } from '../scripts/db.ts';
 import { batchSummaries } from '../scripts/status.ts';
 import type { PatientDocument } from '../scripts/generate.ts';
-import { expandInputs, loadBatch } from '../scripts/load.ts';
+import { expandInputs } from '../scripts/inputs.ts';
+import { loadBatch } from '../scripts/stage.ts';
 import { transformBatch, transformPending } from '../scripts/transform.ts';
 import { useTestDatabase } from './db.ts';
 

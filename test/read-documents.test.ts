@@ -5,9 +5,8 @@ import { createReadStream, readFileSync } from 'node:fs';
 import { Readable } from 'node:stream';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import {
-  DEFAULT_MAX_DOCUMENT_BYTES, checkDocument, readJson, readNdjson, type ReadEvent,
-} from '../scripts/read-documents.ts';
+import { checkDocument } from '../scripts/check-document.ts';
+import { DEFAULT_MAX_DOCUMENT_BYTES, readJson, readNdjson, type ReadEvent } from '../scripts/split-documents.ts';
 
 // An invented name standing in for PHI: it must never appear in a reason.
 const NAME = 'Zebulon Quackenbush';

@@ -9,7 +9,8 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createDbPool } from '../scripts/db.ts';
 import type { PatientDocument } from '../scripts/generate.ts';
-import { expandInputs, loadBatch } from '../scripts/load.ts';
+import { expandInputs } from '../scripts/inputs.ts';
+import { loadBatch } from '../scripts/stage.ts';
 import { transformPending, type BatchTransform, type ShardOptions } from '../scripts/transform.ts';
 import { useTestDatabase } from './db.ts';
 import {

@@ -3,23 +3,16 @@
 // in chunks so memory does not grow with file size.
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { readdir, realpath, stat } from 'node:fs/promises';
 import os from 'node:os';
-import path from 'node:path';
-import { PassThrough, Readable } from 'node:stream';
+import { Readable } from 'node:stream';
 import { createGunzip } from 'node:zlib';
 import type pg from 'pg';
-import { from as copyFrom } from 'pg-copy-streams';
 import { z } from 'zod';
+import { copyRows, encodeRow, type StagedDoc } from './copy-binary.ts';
 import { connectPg, queryOn, sql, type Timeouts, DEFAULT_TIMEOUTS } from './db.ts';
 import { fileErrorText, isConnectionError, isDataError, isServerError, serverRefusedReason } from './errors.ts';
-import { DEFAULT_MAX_DOCUMENT_BYTES, readJson, readNdjson, type DocumentFormat, type ReadEvent } from './read-documents.ts';
-
-export type Input =
-  | { kind: 'file'; path: string; format: DocumentFormat; gzip: boolean }
-  | { kind: 'stdin'; path: '-'; format: DocumentFormat; gzip: boolean }
-  | { kind: 'skipped'; path: string; reason: string }
-  | { kind: 'unreadable'; path: string; reason: string };
+import { maybeGunzip, type Input } from './inputs.ts';
+import { DEFAULT_MAX_DOCUMENT_BYTES, readJson, readNdjson, type DocumentFormat, type ReadEvent } from './split-documents.ts';
 
 export type FileOutcome = {
   path: string;
@@ -44,119 +37,11 @@ export type LoadOptions = {
 
 export type LoadResult = { batchId: number; files: FileOutcome[]; documents: number; rejected: number };
 
-const SUPPORTED = /\.(ndjson|jsonl|json)(\.gz)?$/i;
-
-function classify(p: string): Input {
-  const m = SUPPORTED.exec(p);
-  if (!m) return { kind: 'skipped', path: p, reason: 'not a .json, .ndjson or .jsonl file (optionally .gz)' };
-  return { kind: 'file', path: p, format: m[1].toLowerCase() === 'json' ? 'json' : 'ndjson', gzip: Boolean(m[2]) };
-}
-
-/** Expands the command-line paths: files as given, directories walked recursively (sorted), '-' for stdin. */
-export async function* expandInputs(paths: string[], stdinFormat: DocumentFormat = 'ndjson'): AsyncGenerator<Input> {
-  const seenDirs = new Set<string>();
-  async function* walk(dir: string): AsyncGenerator<Input> {
-    let real: string;
-    try {
-      real = await realpath(dir);
-    } catch (err) {
-      yield { kind: 'unreadable', path: dir, reason: fileErrorText(err) };
-      return;
-    }
-    if (seenDirs.has(real)) {
-      yield { kind: 'skipped', path: dir, reason: 'directory already visited (symbolic link loop)' };
-      return;
-    }
-    seenDirs.add(real);
-    let entries: string[];
-    try {
-      entries = (await readdir(dir)).sort();
-    } catch (err) {
-      yield { kind: 'unreadable', path: dir, reason: fileErrorText(err) };
-      return;
-    }
-    for (const name of entries) yield* visit(path.join(dir, name), false);
-  }
-  async function* visit(p: string, explicit: boolean): AsyncGenerator<Input> {
-    let st;
-    try {
-      st = await stat(p);
-    } catch (err) {
-      yield { kind: 'unreadable', path: p, reason: fileErrorText(err) };
-      return;
-    }
-    if (st.isDirectory()) yield* walk(p);
-    else if (st.isFile()) {
-      const c = classify(p);
-      // A file named explicitly with an unknown extension is read as NDJSON rather than dropped.
-      yield explicit && c.kind === 'skipped' ? { kind: 'file', path: p, format: 'ndjson', gzip: false } : c;
-    } else yield { kind: 'skipped', path: p, reason: 'not a regular file' };
-  }
-  for (const p of paths) {
-    if (p === '-') yield { kind: 'stdin', path: '-', format: stdinFormat, gzip: false };
-    else yield* visit(p, true);
-  }
-}
-
-// ---- binary COPY encoding -------------------------------------------------------------------
-// Binary COPY needs no escaping of the JSON text: each field is a length and raw bytes
-// (jsonb's binary form is a version byte, 1, followed by the JSON text).
-const COPY_SIGNATURE = Buffer.from('PGCOPY\n\xff\r\n\0', 'latin1');
-const COPY_HEADER = Buffer.concat([COPY_SIGNATURE, Buffer.alloc(8)]);
-const COPY_TRAILER = Buffer.from([0xff, 0xff]);
-const NULL_FIELD = Buffer.from([0xff, 0xff, 0xff, 0xff]);
-const JSONB_VERSION = Buffer.from([1]);
-const COPY_SQL =
-  'COPY landing.raw_documents (batch_id, source_file, line, item, byte_offset, content_sha256, format, payload) FROM STDIN (FORMAT binary)';
-
-function int8Field(n: number | null): Buffer {
-  if (n === null) return NULL_FIELD;
-  const b = Buffer.allocUnsafe(12);
-  b.writeInt32BE(8, 0);
-  b.writeBigInt64BE(BigInt(n), 4);
-  return b;
-}
-function lengthOf(n: number): Buffer {
-  const b = Buffer.allocUnsafe(4);
-  b.writeInt32BE(n, 0);
-  return b;
-}
-function bytesField(b: Buffer): Buffer[] {
-  return [lengthOf(b.length), b];
-}
-
-type StagedDoc = { line: number | null; item: number | null; byteOffset: number; bytes: Buffer; sha256: Buffer };
-
-function encodeRow(batchId: number, file: Buffer, format: Buffer, d: StagedDoc): Buffer[] {
-  const count = Buffer.from([0, 8]);
-  return [
-    count,
-    int8Field(batchId),
-    ...bytesField(file),
-    int8Field(d.line),
-    int8Field(d.item),
-    int8Field(d.byteOffset),
-    ...bytesField(d.sha256),
-    ...bytesField(format),
-    lengthOf(d.bytes.length + 1),
-    JSONB_VERSION,
-    d.bytes,
-  ];
-}
-
-async function copyRows(client: pg.Client, parts: Buffer[]): Promise<void> {
-  const stream = client.query(copyFrom(COPY_SQL));
-  await new Promise<void>((resolve, reject) => {
-    stream.on('error', reject);
-    stream.on('finish', resolve);
-    stream.end(Buffer.concat([COPY_HEADER, ...parts, COPY_TRAILER]));
-  });
-}
-
 type Reject = { line: number | null; item: number | null; byteOffset: number; sha256: string; reason: string };
 
 const ZERO_SHA = '0'.repeat(64);
 
+/** One file's documents into its transaction: COPY in chunks, each under a savepoint; rejects through etl.stage_rejects. */
 class FileStager {
   private docs: StagedDoc[] = [];
   private bytes = 0;
@@ -486,27 +371,4 @@ type RejectRow = { source_file: string; line: number | null; item: number | null
 
 async function stageRejects(client: pg.Client, batchId: number, rejects: RejectRow[]): Promise<void> {
   await queryOn(client, sql.type(z.object({ n: z.coerce.number() }))`SELECT etl.stage_rejects(${batchId}, ${sql.jsonb(rejects)}) AS n`);
-}
-
-async function maybeGunzip(input: Readable): Promise<Readable> {
-  const out = new PassThrough();
-  const it = (input as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
-  const first = await it.next();
-  if (first.done) {
-    out.end();
-    return out;
-  }
-  const head: Buffer = first.value;
-  const gz = head.length >= 2 && head[0] === 0x1f && head[1] === 0x8b;
-  const target = gz ? createGunzip() : out;
-  if (gz) target.pipe(out);
-  (async () => {
-    target.write(head);
-    for (let r = await it.next(); !r.done; r = await it.next()) {
-      if (!target.write(r.value)) await new Promise((res) => target.once('drain', res));
-    }
-    target.end();
-  })().catch((e) => out.destroy(e));
-  if (gz) target.on('error', (e) => out.destroy(e));
-  return out;
 }
