@@ -2,4 +2,5 @@
 // The CLI is TypeScript run through tsx, so there is no build step to forget.
 import { register } from 'tsx/esm/api';
 register();
-await import('../scripts/cli.ts');
+const { main } = await import('../scripts/cli.ts');
+await main(process.argv.slice(2));

@@ -1,18 +1,18 @@
 // `healthetl`: the command line. It parses arguments, calls the modules, prints results and
 // exits with a documented code. No data logic lives here.
+import { realpathSync } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { z } from 'zod';
-import { createDbPool, describeTarget, resolveDatabaseUrl, sql } from './db.ts';
+import { createDbPool, describeTarget, resolveDatabaseUrl } from './db.ts';
 import { EXIT, explainError, UserError } from './errors.ts';
 import { expandInputs } from './inputs.ts';
 import { chooseFormat, createOutput, type Output } from './log.ts';
 import { migrate, migrationStatus } from './migrate.ts';
 import type { DocumentFormat } from './split-documents.ts';
 import { loadBatch, type FileOutcome, type LoadResult } from './stage.ts';
-import { batchSummaries, rejectedDocuments, type BatchSummary } from './status.ts';
+import { batchOutcomeOf, batchSummaries, rejectedDocuments, type BatchOutcome } from './status.ts';
 import { DEFAULT_SHARD_MIN_DOCUMENTS, DEFAULT_SHARDS, transformPending, type BatchTransform } from './transform.ts';
 import { showDemo } from './demo.ts';
 
@@ -283,16 +283,26 @@ export function buildCli(args: string[]) {
     });
 }
 
-async function batchOutcome(url: string, batchId: number): Promise<BatchSummary & { problems: number }> {
+async function batchOutcome(url: string, batchId: number): Promise<BatchOutcome> {
   const pool = await createDbPool(url);
   try {
-    const [summary] = await batchSummaries(pool, { batchId });
-    const problems = await pool.oneFirst(sql.type(z.object({ n: z.coerce.number() }))`
-      SELECT count(*) AS n FROM etl.document_problems WHERE batch_id = ${batchId}`);
-    return { ...summary, problems };
+    return await batchOutcomeOf(pool, batchId);
   } finally {
     await pool.end();
   }
 }
 
-await buildCli(hideBin(process.argv)).parseAsync();
+/** Parses the arguments and runs the command; sets process.exitCode (a usage error exits 2 at once). */
+export async function main(args: string[]): Promise<void> {
+  await buildCli(args).parseAsync();
+}
+
+// Run as the program (tsx scripts/cli.ts ...); bin/healthetl.mjs imports main and calls it.
+function isEntry(): boolean {
+  try {
+    return !!process.argv[1] && import.meta.url === pathToFileURL(realpathSync(process.argv[1])).href;
+  } catch {
+    return false;
+  }
+}
+if (isEntry()) await main(hideBin(process.argv));

@@ -36,6 +36,16 @@ export async function batchSummaries(pool: DatabasePool, opts: { batchId?: numbe
   ];
 }
 
+export type BatchOutcome = BatchSummary & { problems: number };
+
+/** A batch's outcome as recorded, with the count of its documents' problems (invalid optional values). */
+export async function batchOutcomeOf(pool: DatabasePool, batchId: number): Promise<BatchOutcome> {
+  const [summary] = await batchSummaries(pool, { batchId });
+  const problems = await pool.oneFirst(sql.type(z.object({ n: z.coerce.number() }))`
+    SELECT count(*) AS n FROM etl.document_problems WHERE batch_id = ${batchId}`);
+  return { ...summary, problems };
+}
+
 const Rejected = z.object({
   source_file: z.string(),
   line: z.coerce.number().nullable(),
