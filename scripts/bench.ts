@@ -12,6 +12,7 @@ import { mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
+import { parseArgs } from 'node:util';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
@@ -26,31 +27,47 @@ const CLI = path.join(ROOT, 'bin/healthetl.mjs');
 
 type Args = { patients: number; seed: number; json?: string | true; smoke: boolean; rssMb: number; rowSample: number; keep: boolean; shards?: number };
 
-function parseArgs(argv: string[]): Args {
-  const a: Args = { patients: 50_000, seed: 42, smoke: false, rssMb: 2048, rowSample: 2000, keep: false };
-  for (let i = 0; i < argv.length; i++) {
-    const k = argv[i];
-    const next = () => {
-      const v = argv[++i];
-      if (v === undefined) throw new Error(`${k} needs a value`);
-      return v;
-    };
-    if (k === '--patients') a.patients = Number(next());
-    else if (k === '--seed') a.seed = Number(next());
-    else if (k === '--rss-mb') a.rssMb = Number(next());
-    else if (k === '--row-sample') a.rowSample = Number(next());
-    else if (k === '--smoke') a.smoke = true;
-    else if (k === '--keep') a.keep = true;
-    else if (k === '--shards') a.shards = Number(next());
-    else if (k === '--json') a.json = argv[i + 1] && !argv[i + 1].startsWith('--') ? argv[++i] : true;
-    else if (k === '--help' || k === '-h') {
-      process.stdout.write(
-        'usage: npm run bench -- [--patients N=50000] [--seed S=42] [--rss-mb MB=2048 (0 skips)] [--row-sample K=2000] [--json [file]] [--smoke] [--keep] [--shards N (default: as healthetl run)]\n' +
-          'Uses DATABASE_URL (a server where the user may create databases), else an embedded PostgreSQL.\n',
-      );
-      process.exit(0);
-    } else throw new Error(`unknown option ${k} (see --help)`);
+const USAGE =
+  'usage: npm run bench -- [--patients N=50000] [--seed S=42] [--rss-mb MB=2048 (0 skips)] [--row-sample K=2000] [--json [file]] [--smoke] [--keep] [--shards N (default: as healthetl run)]\n' +
+  'Uses DATABASE_URL (a server where the user may create databases), else an embedded PostgreSQL.\n';
+
+function parseBenchArgs(argv: string[]): Args {
+  // --json takes an optional file, which parseArgs cannot express: a bare --json becomes --json=
+  // (the empty value meaning stdout).
+  const args = argv.map((a, i) => (a === '--json' && (argv[i + 1] === undefined || argv[i + 1].startsWith('--')) ? '--json=' : a));
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args,
+      options: {
+        patients: { type: 'string', default: '50000' },
+        seed: { type: 'string', default: '42' },
+        'rss-mb': { type: 'string', default: '2048' },
+        'row-sample': { type: 'string', default: '2000' },
+        json: { type: 'string' },
+        smoke: { type: 'boolean', default: false },
+        keep: { type: 'boolean', default: false },
+        shards: { type: 'string' },
+        help: { type: 'boolean', short: 'h', default: false },
+      },
+    }));
+  } catch (err) {
+    throw new Error(`${(err as Error).message} (see --help)`);
   }
+  if (values.help) {
+    process.stdout.write(USAGE);
+    process.exit(0);
+  }
+  const a: Args = {
+    patients: Number(values.patients),
+    seed: Number(values.seed),
+    rssMb: Number(values['rss-mb']),
+    rowSample: Number(values['row-sample']),
+    json: values.json === undefined ? undefined : values.json || true,
+    smoke: values.smoke,
+    keep: values.keep,
+    shards: values.shards === undefined ? undefined : Number(values.shards),
+  };
   if (!Number.isSafeInteger(a.patients) || a.patients < 1) throw new Error('--patients must be a whole number >= 1');
   if (a.smoke) {
     a.rssMb = Math.min(a.rssMb, 8);
@@ -192,7 +209,7 @@ async function rowByRow(c: pg.Client, docs: PatientDocument[]): Promise<void> {
 type Row = { step: string; seconds: number; patients_per_s?: number; rows_per_s?: number; mb_per_s?: number; note?: string };
 
 async function main(): Promise<void> {
-  const args = parseArgs(process.argv.slice(2));
+  const args = parseBenchArgs(process.argv.slice(2));
   const work = await mkdtemp(path.join(os.tmpdir(), 'healthetl-bench-'));
   await chmod(work, 0o755);
   let stopServer = async () => undefined as void;

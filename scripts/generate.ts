@@ -10,6 +10,7 @@ import { once } from 'node:events';
 import { finished } from 'node:stream/promises';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
+import { parseArgs } from 'node:util';
 
 export type Sex = 'female' | 'male' | 'other' | 'unknown';
 export type VisitType = 'outpatient' | 'inpatient' | 'emergency' | 'telehealth' | 'other';
@@ -335,19 +336,26 @@ export async function writeDataset(dir: string,
 const USAGE = 'usage: generate.ts --patients N --out DIR [--seed 42] [--forms ndjson,json,csv]';
 
 async function main(argv: string[]): Promise<void> {
-  const args = new Map<string, string>();
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i]!;
-    if (a === '--help' || a === '-h') { console.log(USAGE); return; }
-    const m = /^--(patients|out|seed|forms)(?:=(.*))?$/.exec(a);
-    const value = m?.[2] ?? argv[++i];
-    if (!m || value === undefined) throw new Error(`bad argument ${JSON.stringify(a)}\n${USAGE}`);
-    args.set(m[1]!, value);
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: {
+        patients: { type: 'string' },
+        out: { type: 'string' },
+        seed: { type: 'string', default: '42' },
+        forms: { type: 'string', default: 'ndjson,json,csv' },
+        help: { type: 'boolean', short: 'h', default: false },
+      },
+    }));
+  } catch (err) {
+    throw new Error(`${(err as Error).message}\n${USAGE}`);
   }
-  const patients = Number(args.get('patients'));
-  const seed = Number(args.get('seed') ?? 42);
-  const out = args.get('out');
-  const forms = (args.get('forms') ?? 'ndjson,json,csv').split(',').map((f) => f.trim()).filter(Boolean);
+  if (values.help) { console.log(USAGE); return; }
+  const patients = Number(values.patients);
+  const seed = Number(values.seed);
+  const out = values.out;
+  const forms = values.forms.split(',').map((f) => f.trim()).filter(Boolean);
   const bad = forms.find((f) => !['ndjson', 'json', 'csv'].includes(f));
   if (!out || !Number.isSafeInteger(patients) || patients < 0 || !Number.isSafeInteger(seed) || bad !== undefined) {
     throw new Error(`${bad !== undefined ? `unknown form ${JSON.stringify(bad)}\n` : ''}${USAGE}`);
