@@ -8,7 +8,7 @@ import { hideBin } from 'yargs/helpers';
 import { createDbPool, describeTarget, resolveDatabaseUrl } from './db.ts';
 import { EXIT, explainError, UserError } from './errors.ts';
 import { expandInputs } from './inputs.ts';
-import { chooseFormat, createOutput, type Output } from './log.ts';
+import { chooseFormat, createOutput, type LogStream, type Output } from './log.ts';
 import { migrate, migrationStatus } from './migrate.ts';
 import type { DocumentFormat } from './split-documents.ts';
 import { loadBatch, type FileOutcome, type LoadResult } from './stage.ts';
@@ -21,13 +21,13 @@ const PROJECT_DIR = fileURLToPath(new URL('..', import.meta.url));
 type Common = { 'database-url'?: string; 'log-format'?: string; verbose: boolean };
 type LoadArgs = Common & { paths: string[]; 'max-document-mb': number; 'stdin-format': DocumentFormat };
 
-function out(argv: Common): Output {
-  return createOutput(chooseFormat(argv['log-format']), argv.verbose);
+function out(argv: Common, logStream: LogStream): Output {
+  return createOutput(chooseFormat(argv['log-format']), argv.verbose, logStream);
 }
 
 /** Runs a command body; any error becomes one clear line and an exit code (a stack only with --verbose). */
-async function guarded(argv: Common, body: (o: Output, url: string) => Promise<number>): Promise<void> {
-  const o = out(argv);
+async function guarded(argv: Common, body: (o: Output, url: string) => Promise<number>, logStream: LogStream = 'stdout'): Promise<void> {
+  const o = out(argv, logStream);
   const url = resolveDatabaseUrl(argv['database-url']);
   let code: number;
   try {
@@ -250,12 +250,12 @@ export function buildCli(args: string[]) {
             const fixtures = path.join(PROJECT_DIR, 'fixtures');
             const loaded = await load(o, url, { ...argv, paths: [fixtures], 'max-document-mb': 16, 'stdin-format': 'ndjson' } as LoadArgs);
             await transform(o, url, { shards: DEFAULT_SHARDS, 'shard-min-documents': DEFAULT_SHARD_MIN_DOCUMENTS });
-            await showDemo(url, loaded.batchId, (t) => (o.format === 'pretty' ? o.print(t) : o.log.info(t)));
+            await showDemo(url, loaded.batchId, (t) => o.text(t));
           } finally {
             await stop();
           }
           return EXIT.OK;
-        }),
+        }, 'stderr'), // stdout carries the summary, as plain text whatever the terminal
     )
     .demandCommand(1, 'name a command; see --help')
     // yargs turns a non-number into NaN silently (--max-document-mb abc would disable the limit).

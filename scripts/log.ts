@@ -14,7 +14,12 @@ export type Output = {
   stopProgress: () => void;
   /** Human-readable text for a person at a terminal (suppressed in JSON mode). */
   print: (text: string) => void;
+  /** Plain text on stdout in any format: what a command prints as its result for a person (the demo's summary). */
+  text: (text: string) => void;
 };
+
+/** Where JSON log lines go: stdout for a scheduler; stderr when stdout carries a command's text. */
+export type LogStream = 'stdout' | 'stderr';
 
 export function chooseFormat(requested: string | undefined): LogFormat {
   if (requested === 'json' || requested === 'pretty') return requested;
@@ -41,10 +46,10 @@ function prettyStream(): Writable {
   });
 }
 
-export function createOutput(format: LogFormat, verbose: boolean): Output {
+export function createOutput(format: LogFormat, verbose: boolean, logStream: LogStream = 'stdout'): Output {
   const log = pino(
     { base: { app: 'healthetl' }, level: verbose ? 'debug' : 'info', timestamp: pino.stdTimeFunctions.isoTime },
-    format === 'json' ? pino.destination({ fd: 1, sync: true }) : prettyStream(),
+    format === 'json' ? pino.destination({ fd: logStream === 'stderr' ? 2 : 1, sync: true }) : prettyStream(),
   );
   let bar: cliProgress.SingleBar | null = null;
   let started = 0;
@@ -71,6 +76,9 @@ export function createOutput(format: LogFormat, verbose: boolean): Output {
     },
     print(text) {
       if (format === 'pretty') process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+    },
+    text(text) {
+      process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
     },
   };
 }

@@ -573,3 +573,19 @@ describe('concurrent runs on overlapping inputs', () => {
     await concurrently(four, 4);
   });
 });
+
+describe('demo', () => {
+  const d = useTestDatabase();
+
+  test('off a terminal the summary is plain text on stdout and the log lines are JSON on stderr', async () => {
+    const r = await healthetl(db(d, 'demo'), { timeoutMs: 55_000 });
+    expect(r.code, r.stderr).toBe(0);
+    const out = r.stdout.split('\n').filter((l) => l.trim().length > 0);
+    for (const l of out) expect(() => JSON.parse(l), `stdout line is JSON: ${l}`).toThrow();
+    expect(out).toContain('Table counts');
+    expect(r.stdout).toMatch(/^This run \(batch \d+\): received \d+ = loaded \d+ \+ rejected \d+ \+ duplicate \d+ \+ superseded \d+/m);
+    expect(out).toContain('Latest visits (synthetic fixtures)');
+    const logs = stderrLines(r).map((l) => JSON.parse(l) as Line);
+    expect(logs.map((l) => l.msg)).toContain('batch staged');
+  });
+});
