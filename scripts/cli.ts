@@ -106,7 +106,7 @@ async function printRejects(o: Output, url: string, batchIds: number[]): Promise
         o.print(`  rejected: ${r.source_file} ${at}: ${r.field}`);
       }
     }
-    o.print('  (reasons: SELECT * FROM etl.rejected_documents WHERE batch_id = ...; they may quote values, so they stay in the database)');
+    o.print('  (reasons: SELECT * FROM etl.batch_rejects WHERE batch_id = ...; they may quote values, so they stay in the database)');
   } finally {
     await pool.end();
   }

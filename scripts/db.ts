@@ -3,7 +3,7 @@
 import os from 'node:os';
 import pg from 'pg';
 import { createPool, SchemaValidationError, sql, type DatabasePool, type Interceptor, type QuerySqlToken } from 'slonik';
-import type { z, ZodTypeAny } from 'zod';
+import { z, type ZodTypeAny } from 'zod';
 
 export { sql };
 
@@ -85,6 +85,9 @@ export async function connectPg(databaseUrl: string, timeouts: Timeouts = DEFAUL
   );
   return client;
 }
+
+/** The row type of a call whose result is not read (a function returning void). */
+export const NoResult = z.object({});
 
 /**
  * Runs a slonik query on a plain pg client and checks each row with the query's zod parser, as

@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { runner } from 'node-pg-migrate';
 import type pg from 'pg';
 import { z } from 'zod';
-import { connectPg, queryOn, sql } from './db.ts';
+import { connectPg, NoResult, queryOn, sql } from './db.ts';
 
 export const MIGRATIONS_DIR = fileURLToPath(new URL('../migrations', import.meta.url));
 export const MIGRATIONS_TABLE = 'healthetl_migrations';
@@ -33,12 +33,12 @@ async function withMigrateLock<T>(client: pg.Client, log: MigrationLog, fn: () =
   if (!ok) {
     log('waiting for another migration to finish');
     await queryOn(client, sql.unsafe`SET lock_timeout = 0`);
-    await queryOn(client, sql.unsafe`SELECT pg_advisory_lock(${MIGRATE_LOCK_ID}::bigint)`);
+    await queryOn(client, sql.type(NoResult)`SELECT pg_advisory_lock(${MIGRATE_LOCK_ID}::bigint)`);
   }
   try {
     return await fn();
   } finally {
-    await queryOn(client, sql.unsafe`SELECT pg_advisory_unlock(${MIGRATE_LOCK_ID}::bigint)`).catch(() => undefined);
+    await queryOn(client, sql.type(NoResult)`SELECT pg_advisory_unlock(${MIGRATE_LOCK_ID}::bigint)`).catch(() => undefined);
   }
 }
 

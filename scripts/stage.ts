@@ -9,7 +9,7 @@ import { createGunzip } from 'node:zlib';
 import type pg from 'pg';
 import { z } from 'zod';
 import { copyRows, encodeRow, type StagedDoc } from './copy-binary.ts';
-import { connectPg, queryOn, sql, type Timeouts, DEFAULT_TIMEOUTS } from './db.ts';
+import { connectPg, NoResult, queryOn, sql, type Timeouts, DEFAULT_TIMEOUTS } from './db.ts';
 import { fileErrorText, isConnectionError, isDataError, isServerError, serverRefusedReason } from './errors.ts';
 import { maybeGunzip, type Input } from './inputs.ts';
 import { DEFAULT_MAX_DOCUMENT_BYTES, readJson, readNdjson, type DocumentFormat, type ReadEvent } from './split-documents.ts';
@@ -128,7 +128,10 @@ class FileStager {
   }
 }
 
-async function sha256OfFile(p: string): Promise<{ sha: Buffer; size: number }> {
+/** A file's sha256 and size, read before it is staged. */
+type Fingerprint = { sha: Buffer; size: number };
+
+async function sha256OfFile(p: string): Promise<Fingerprint> {
   const h = createHash('sha256');
   let size = 0;
   for await (const chunk of createReadStream(p, { highWaterMark: 1 << 20 }) as AsyncIterable<Buffer>) {
@@ -154,24 +157,18 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
   let documents = 0;
   let rejected = 0;
   try {
+    // The session holds the batch's loader lock until etl.finish_staging: a transform that can
+    // take it knows this loader is gone.
     const [{ batch_id: batchId }] = await queryOn(
       client,
       sql.type(z.object({ batch_id: z.coerce.number() }))`
-        INSERT INTO etl.batches (loader) VALUES (${`healthetl on ${os.hostname()} (pid ${process.pid})`}) RETURNING batch_id`,
+        SELECT etl.start_batch(${`healthetl on ${os.hostname()} (pid ${process.pid})`}) AS batch_id`,
     );
-    // Held for the whole load: a transform that can take it knows this loader is gone.
-    await queryOn(client, sql.unsafe`SELECT pg_advisory_lock(etl.loader_lock_key(${batchId}))`);
 
-    const record = async (f: FileOutcome, extra?: { size?: number; sha?: Buffer }) => {
+    const record = async (f: FileOutcome, fingerprint?: Fingerprint) => {
       files.push(f);
-      if (f.status === 'unreadable' || f.status === 'skipped') {
-        await queryOn(
-          client,
-          sql.unsafe`INSERT INTO etl.batch_files (batch_id, source_file, size_bytes, file_sha256, documents, status, error)
-           VALUES (${batchId}, ${f.path}, ${extra?.size ?? null}, ${extra?.sha ? sql.binary(extra.sha) : null}, 0, ${f.status}, ${f.reason ?? null})
-           ON CONFLICT DO NOTHING`,
-        );
-      }
+      // Staged, rejected and duplicate files were recorded in their own transaction.
+      if (f.status === 'unreadable' || f.status === 'skipped') await recordFile(client, batchId, f.path, fingerprint, 0, f.status, f.reason ?? null);
       opts.onFile?.(f);
     };
 
@@ -190,7 +187,7 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
       }
       seen.add(input.path);
       // Same bytes as a file already staged: count its documents as duplicates without parsing.
-      let fingerprint: { sha: Buffer; size: number } | undefined;
+      let fingerprint: Fingerprint | undefined;
       if (input.kind === 'file') {
         try {
           fingerprint = await sha256OfFile(input.path);
@@ -199,28 +196,14 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
           continue;
         }
         progress.totalBytes += fingerprint.size;
-        const prior = await queryOn(
+        // Bytes staged before (etl.stage_known_file says when they count): recorded as a duplicate
+        // file, its documents as duplicates; NULL: new bytes, to be read.
+        const [{ n: count }] = await queryOn(
           client,
-          // A file with rejected documents is read again so that they are reported again.
-          // Only a transformed batch counts: the transform takes a 'duplicate' row as proof that the
-          // bytes were accepted, so pointing at a batch still waiting for its transform (another
-          // loader's, or a `load` without `transform`) made that batch's own documents duplicates
-          // of these rows and nobody loaded them.
-          sql.type(z.object({ batch_id: z.coerce.number(), source_file: z.string() }))`
-           SELECT f.batch_id, f.source_file FROM etl.batch_files f
-           JOIN etl.batches b ON b.batch_id = f.batch_id AND b.status = 'transformed'
-           WHERE f.file_sha256 = ${sql.binary(fingerprint.sha)} AND f.status = 'staged'
-             AND NOT EXISTS (SELECT 1 FROM landing.raw_documents d
-                             WHERE d.batch_id = f.batch_id AND d.source_file = f.source_file AND d.status = 'rejected')
-           ORDER BY f.batch_id LIMIT 1`,
+          sql.type(z.object({ n: z.coerce.number().nullable() }))`
+            SELECT etl.stage_known_file(${batchId}, ${input.path}, ${fingerprint.size}, ${sql.binary(fingerprint.sha)}) AS n`,
         );
-        if (prior.length > 0) {
-          const [{ n: count }] = await queryOn(
-            client,
-            sql.type(z.object({ n: z.coerce.number() }))`
-              SELECT etl.stage_duplicate_file(${batchId}, ${input.path}, ${fingerprint.size}, ${sql.binary(fingerprint.sha)},
-                                              ${prior[0].batch_id}, ${prior[0].source_file}) AS n`,
-          );
+        if (count !== null) {
           documents += count;
           progress.documents += count;
           progress.bytes += fingerprint.size;
@@ -235,8 +218,7 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
       await record(outcome, fingerprint);
     }
 
-    await queryOn(client, sql.unsafe`UPDATE etl.batches SET status = 'staged', staged_at = clock_timestamp() WHERE batch_id = ${batchId}`);
-    await queryOn(client, sql.unsafe`SELECT pg_advisory_unlock(etl.loader_lock_key(${batchId}))`);
+    await queryOn(client, sql.type(NoResult)`SELECT etl.finish_staging(${batchId})`);
     return { batchId, files, documents, rejected };
   } catch (err) {
     // "Client was closed and is not queryable" says less than the server's own reason (57P01: shut down).
@@ -252,7 +234,7 @@ async function stageFile(
   client: pg.Client,
   batchId: number,
   input: Extract<Input, { kind: 'file' | 'stdin' }>,
-  fingerprint: { sha: Buffer; size: number } | undefined,
+  fingerprint: Fingerprint | undefined,
   maxDoc: number,
   chunkBytes: number,
   opts: LoadOptions,
@@ -315,7 +297,7 @@ async function stageFile(
       await stageRejects(client, batchId, [
         { source_file: sourceFile, line: null, item: null, byte_offset: 0, sha256: fingerprint?.sha.toString('hex') ?? ZERO_SHA, format: input.format, reason: fileError.reason },
       ]);
-      await insertFileRow(client, batchId, sourceFile, fingerprint, 1, 'rejected', fileError.reason);
+      await recordFile(client, batchId, sourceFile, fingerprint, 1, 'rejected', fileError.reason);
       await queryOn(client, sql.unsafe`COMMIT`);
       progress.documents++;
       return { path: sourceFile, status: 'rejected', documents: 1, rejected: 1, reason: fileError.reason };
@@ -325,7 +307,7 @@ async function stageFile(
       throw new FileChangedError(fingerprint.size, readBytes);
     }
     await stager.finish();
-    await insertFileRow(client, batchId, sourceFile, fingerprint, stager.documents, 'staged', null);
+    await recordFile(client, batchId, sourceFile, fingerprint, stager.documents, 'staged', null);
     await queryOn(client, sql.unsafe`COMMIT`);
     progress.bytes = baseBytes + readBytes;
     opts.onProgress?.(progress);
@@ -350,20 +332,21 @@ class FileChangedError extends Error {
   }
 }
 
-async function insertFileRow(
+/** The file's row of etl.batch_files (etl.record_file: a second row for a path adds its documents when it was read). */
+async function recordFile(
   client: pg.Client,
   batchId: number,
   sourceFile: string,
-  fingerprint: { sha: Buffer; size: number } | undefined,
+  fingerprint: Fingerprint | undefined,
   documents: number,
-  status: 'staged' | 'rejected',
+  status: 'staged' | 'rejected' | 'unreadable' | 'skipped',
   error: string | null,
 ): Promise<void> {
   await queryOn(
     client,
-    sql.unsafe`INSERT INTO etl.batch_files (batch_id, source_file, size_bytes, file_sha256, documents, status, error)
-     VALUES (${batchId}, ${sourceFile}, ${fingerprint?.size ?? null}, ${fingerprint ? sql.binary(fingerprint.sha) : null}, ${documents}, ${status}, ${error})
-     ON CONFLICT (batch_id, source_file) DO UPDATE SET documents = etl.batch_files.documents + excluded.documents`,
+    sql.type(NoResult)`
+      SELECT etl.record_file(${batchId}, ${sourceFile}, ${fingerprint?.size ?? null}, ${fingerprint ? sql.binary(fingerprint.sha) : null},
+                             ${documents}, ${status}, ${error})`,
   );
 }
 

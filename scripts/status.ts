@@ -59,7 +59,7 @@ export type RejectedRow = z.infer<typeof Rejected>;
 export async function rejectedDocuments(pool: DatabasePool, batchId: number, limit = 20): Promise<RejectedRow[]> {
   return [
     ...(await pool.any(sql.type(Rejected)`
-      SELECT source_file, line, item, byte_offset, field FROM etl.rejected_documents
+      SELECT source_file, line, item, byte_offset, field FROM etl.batch_rejects
       WHERE batch_id = ${batchId} ORDER BY document_id LIMIT ${limit}`)),
   ];
 }

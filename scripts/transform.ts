@@ -29,15 +29,12 @@ export const DEFAULT_SHARDS = 2;
 export const DEFAULT_SHARD_MIN_DOCUMENTS = 10_000;
 
 /**
- * Batches with staged documents whose loader has finished or is gone (a batch still held by
- * a live loader is left for later).
+ * Batches with staged documents, oldest first (etl.pending_batches); one whose loader is still
+ * alive is left for later when its turn comes (HE002).
  */
 export async function pendingBatches(pool: DatabasePool): Promise<number[]> {
   const ids = await pool.anyFirst(sql.type(z.object({ batch_id: z.coerce.number() }))`
-    SELECT b.batch_id FROM etl.batches b
-    WHERE b.status IN ('loading', 'staged')
-      AND EXISTS (SELECT 1 FROM landing.raw_documents d WHERE d.batch_id = b.batch_id AND d.status = 'staged')
-    ORDER BY b.batch_id`);
+    SELECT batch_id FROM etl.pending_batches() AS batch_id`);
   return [...ids];
 }
 
@@ -70,42 +67,33 @@ async function coordinate(
   started: (shards: Promise<unknown>) => void,
 ): Promise<BatchTransform> {
   return pool.transaction(async (tx) => {
-    const free = await tx.oneFirst(sql.type(z.object({ ok: z.boolean() }))`
-      SELECT pg_try_advisory_xact_lock(etl.transform_lock_key()) AS ok`);
-    if (!free) {
-      onWait?.(`waiting for another run to finish transforming (batch ${batchId} is next)`);
+    // The transform lock, then no shards of a lost coordinator still running; raises HE001 (no such
+    // batch) and HE002 (its loader is alive). Tried first, so that a wait is said before it starts.
+    let state = await tx.one(sql.type(BeginTransform)`SELECT * FROM etl.begin_transform(${batchId}, false)`);
+    if (state.waiting) {
+      onWait?.(
+        state.waiting === 'transform'
+          ? `waiting for another run to finish transforming (batch ${batchId} is next)`
+          : `waiting for the shards of an earlier transform to finish (batch ${batchId} is next)`,
+      );
+      // These waits are meant to be long; the lock timeout is set again below.
       await tx.query(sql.unsafe`SET LOCAL lock_timeout = 0`);
-      await tx.query(sql.unsafe`SELECT pg_advisory_xact_lock(etl.transform_lock_key())`);
+      // The comment says in pg_stat_activity which lock this session waits for.
+      state = await tx.one(
+        state.waiting === 'transform'
+          ? sql.type(BeginTransform)`SELECT * FROM etl.begin_transform(${batchId}, true) /* waits for etl.transform_lock_key() */`
+          : sql.type(BeginTransform)`SELECT * FROM etl.begin_transform(${batchId}, true) /* waits for etl.shard_lock_key() */`,
+      );
     }
-    // Shards of a coordinator that was lost (another process's) may still be running: wait for
-    // them (each holds this lock shared) before reading the state they are changing. Taken and
-    // released at once (a session lock), or this transaction's own shards would wait for it.
-    const noShards = await tx.oneFirst(sql.type(z.object({ ok: z.boolean() }))`
-      SELECT CASE WHEN pg_try_advisory_lock(etl.shard_lock_key()) THEN pg_advisory_unlock(etl.shard_lock_key()) ELSE false END AS ok`);
-    if (!noShards) {
-      onWait?.(`waiting for the shards of an earlier transform to finish (batch ${batchId} is next)`);
-      await tx.query(sql.unsafe`SET LOCAL lock_timeout = 0`);
-      await tx.query(sql.unsafe`SELECT pg_advisory_lock(etl.shard_lock_key()), pg_advisory_unlock(etl.shard_lock_key())`);
-    }
-    const state = await tx.maybeOne(sql.type(z.object({ status: z.string(), busy: z.boolean(), staged: z.coerce.number() }))`
-      SELECT b.status,
-             CASE WHEN b.status = 'loading' THEN NOT pg_try_advisory_xact_lock(etl.loader_lock_key(b.batch_id)) ELSE false END AS busy,
-             (SELECT count(*) FROM landing.raw_documents d WHERE d.batch_id = b.batch_id AND d.status = 'staged') AS staged
-      FROM etl.batches b WHERE b.batch_id = ${batchId}`);
-    // A batch whose loader is alive is left alone before etl.transform_batch locks its row: that
-    // row lock waits for the loader's open file transaction (its landing rows' foreign keys hold a
-    // share lock on the row), which stalled every transform, holding the transform lock, for as
-    // long as the other loader took to stage its current file.
-    if (state?.busy) throw new BatchStillLoading(batchId);
     // Transformed by another run while this one waited: nothing to do. Calling the transform again
     // would only move the batch's transformed_at to now, losing when its documents were loaded.
-    if (state?.status === 'transformed' && !state.staged) return { batchId, shards: 0, ...NO_DOCUMENTS };
+    if (state.status === 'transformed' && !state.staged) return { batchId, shards: 0, ...NO_DOCUMENTS };
     // Past the waits that are meant to be long, a stuck lock (a table locked by another session)
     // is a clear error after HEALTHETL_LOCK_TIMEOUT_MS, as in the loader, not a hang.
     await tx.query(lockTimeout);
     // One pool connection is this transaction's: shards beyond the rest would wait for one forever.
     const room = Math.max(1, (pool.configuration.maximumPoolSize ?? 10) - 1);
-    const wanted = (state?.staged ?? 0) >= (opts.shardMinDocuments ?? DEFAULT_SHARD_MIN_DOCUMENTS) ? (opts.shards ?? DEFAULT_SHARDS) : 1;
+    const wanted = (state.staged ?? 0) >= (opts.shardMinDocuments ?? DEFAULT_SHARD_MIN_DOCUMENTS) ? (opts.shards ?? DEFAULT_SHARDS) : 1;
     const shards = Math.min(wanted, room);
     if (shards <= 1) {
       const counts = await tx.one(sql.type(TransformCounts)`SELECT * FROM etl.transform_batch(${batchId})`);
@@ -119,7 +107,7 @@ async function coordinate(
           // shards' concurrent transactions.
           await c.transaction(async (t) => {
             await t.query(lockTimeout);
-            await t.query(sql.unsafe`SELECT etl.ensure_batch_partitions(${batchId}, ${shard}, ${shards})`);
+            await t.query(sql.type(z.object({ created: z.number() }))`SELECT etl.ensure_batch_partitions(${batchId}, ${shard}, ${shards}) AS created`);
           });
           return c.transaction(async (t) => {
             await t.query(lockTimeout);
@@ -147,14 +135,11 @@ const NO_DOCUMENTS: TransformCounts = { documents: 0, loaded: 0, rejected: 0, du
 
 const lockTimeout = sql.unsafe`SELECT set_config('lock_timeout', ${String(DEFAULT_TIMEOUTS.lockTimeoutMs)}, true)`;
 
-/** The same condition (and SQLSTATE) etl.transform_batch raises for a batch whose loader is alive. */
-class BatchStillLoading extends Error {
-  readonly code = 'HE002';
-  readonly hint = 'Wait for its loader to finish, then run "healthetl transform".';
-  constructor(batchId: number) {
-    super(`batch ${batchId} is still being loaded`);
-  }
-}
+const BeginTransform = z.object({
+  waiting: z.enum(['transform', 'shards']).nullable(),
+  status: z.string().nullable(),
+  staged: z.coerce.number().nullable(),
+});
 
 /**
  * Transforms the given batches, or every pending one; batches of live loaders are skipped. A
