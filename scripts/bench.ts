@@ -52,7 +52,7 @@ function parseBenchArgs(argv: string[]): Args {
       },
     }));
   } catch (err) {
-    throw new Error(`${(err as Error).message} (see --help)`);
+    throw new Error(`${(err as Error).message} (see --help)`, { cause: err });
   }
   if (values.help) {
     process.stdout.write(USAGE);
@@ -106,7 +106,7 @@ function runCli(args: string[], url: string): Promise<{ code: number; last: Reco
     child.on('error', reject);
     child.on('close', (code) => {
       const lines = out.trim().split('\n').filter(Boolean);
-      let last: Record<string, unknown> | null = null;
+      let last: Record<string, unknown> | null;
       try {
         last = lines.length ? JSON.parse(lines[lines.length - 1]) : null;
       } catch {

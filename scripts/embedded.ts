@@ -81,6 +81,7 @@ export async function startEmbedded(opts: { dataDir: string; persistent: boolean
     await pg.start();
   } catch (err) {
     const tail = logs.join('').split('\n').slice(-8).join('\n');
+    // eslint-disable-next-line preserve-caught-error -- explainError follows `cause` down to the driver's error; this message, with the server's log tail, is the one to show
     throw new Error(`could not start the embedded PostgreSQL in ${dataDir}: ${(err as Error)?.message ?? 'server exited'}\n${tail}`);
   }
   const url = `postgresql://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}/postgres`;

@@ -349,7 +349,7 @@ async function main(argv: string[]): Promise<void> {
       },
     }));
   } catch (err) {
-    throw new Error(`${(err as Error).message}\n${USAGE}`);
+    throw new Error(`${(err as Error).message}\n${USAGE}`, { cause: err });
   }
   if (values.help) { console.log(USAGE); return; }
   const patients = Number(values.patients);
