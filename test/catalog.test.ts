@@ -58,11 +58,28 @@ test('no function in our schemas has a body over 150 lines: the next rule is a n
   expect(bodies.filter((b) => b.lines > 150)).toEqual([]);
 });
 
-test('the transform is a driver of steps: etl.transform_batch calls each etl.step_* function, and fits on a screen', async () => {
-  const [driver] = await db.query(`SELECT p.prosrc FROM pg_proc p WHERE p.oid = 'etl.transform_batch(bigint, int, int, int)'::regprocedure`);
+test('the transform is a driver of steps: etl.transform_batch and etl.transform_documents call each etl.step_* function, and fit on a screen', async () => {
+  const drivers = await db.query(`SELECT p.prosrc FROM pg_proc p
+                                  WHERE p.oid IN ('etl.transform_batch(bigint, int, int, int)'::regprocedure,
+                                                  'etl.transform_documents(bigint, int, int, bigint[])'::regprocedure)`);
+  expect(drivers).toHaveLength(2);
   const steps = (await db.query(`SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
                                  WHERE n.nspname = 'etl' AND p.proname LIKE 'step\\_%' ORDER BY 1`)).map((r) => r.proname as string);
   expect(steps.length).toBeGreaterThan(10);
-  for (const s of steps) expect(driver.prosrc, s).toContain(`etl.${s}(`);
-  expect(driver.prosrc.split('\n').length).toBeLessThanOrEqual(60);
+  for (const s of steps) expect(drivers.map((d) => d.prosrc).join('\n'), s).toContain(`etl.${s}(`);
+  for (const d of drivers) expect(d.prosrc.split('\n').length).toBeLessThanOrEqual(60);
+});
+
+test('no function in our schemas can be hijacked: each pins search_path or has a SQL-standard body', async () => {
+  const fns = await db.query(`
+    SELECT n.nspname || '.' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')' AS name,
+           l.lanname, p.prosqlbody IS NOT NULL AS standard_body,
+           coalesce(p.proconfig, '{}') @> ARRAY['search_path=pg_catalog, pg_temp'] AS pinned
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
+    WHERE n.nspname IN ('landing', 'etl', 'clinical', 'analytics', 'dq')`);
+  expect(fns.length).toBeGreaterThan(40);
+  expect(fns.filter((f) => !f.standard_body && !f.pinned).map((f) => f.name)).toEqual([]);
+  // The per-value helpers stay inlinable: SQL-standard bodies, no SET clause.
+  const helpers = ['etl.jtext(j jsonb)', 'etl.is_ymd(t text)', 'etl.to_visit_date(t text)', 'etl.patient_id_of(j jsonb)', 'etl.sex_of(j jsonb)'];
+  for (const h of helpers) expect(fns.find((f) => f.name === h), h).toMatchObject({ lanname: 'sql', standard_body: true, pinned: false });
 });

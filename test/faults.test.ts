@@ -428,7 +428,7 @@ describe('a batch that fails does not hold back the batches after it', () => {
     expect((await runCli(on(db, 'run', f1))).code).toBe(0);
     // Batch 2 replaces patient 3 (its row will be locked by another session); batch 3 is new patients.
     const [p3] = patients(3, 4, 11).docs;
-    await writeNdjson(f2, [JSON.stringify({ ...p3, updated_at: '2030-01-01T00:00:00Z' })]);
+    await writeNdjson(f2, [JSON.stringify({ ...p3, updated_at: '2026-01-01T00:00:00Z' })]);
     await writeNdjson(f3, patients(10, 20, 11).lines);
     for (const f of [f2, f3]) expect((await runCli(on(db, 'load', f))).code).toBe(0);
 
@@ -454,7 +454,7 @@ describe('a batch that fails does not hold back the batches after it', () => {
 
     const again = await runCli(on(db, 'transform'));
     expect(again.code, again.stderr).toBe(0);
-    const [p] = await db.query(`SELECT source_updated_at = '2030-01-01T00:00:00Z' AS newer, batch_id::int FROM clinical.patients WHERE source_patient_id = $1`, [p3.patient_id]);
+    const [p] = await db.query(`SELECT source_updated_at = '2026-01-01T00:00:00Z' AS newer, batch_id::int FROM clinical.patients WHERE source_patient_id = $1`, [p3.patient_id]);
     expect(p).toEqual({ newer: true, batch_id: 2 });
     expect((await db.query(`SELECT count(*)::int AS n FROM clinical.patients`))[0].n).toBe(20);
   });

@@ -47,10 +47,10 @@ const visitArb: fc.Arbitrary<Visit> = fc.record({
 const validDoc: fc.Arbitrary<Doc> = fc
   .record(
     {
-      // '7' and 7 are the same patient (patient_id as text); a small pool makes snapshots and copies common.
-      patient_id: fc.constantFrom<unknown>('A', 'B', 'C', '7', 7),
+      // '7', ' 7' and 7 are the same patient (the canonical id); a small pool makes snapshots and copies common.
+      patient_id: fc.constantFrom<unknown>('A', 'B', 'C', '7', ' 7', 7),
       source_system: fc.constantFrom<unknown>('s2', null, ''),
-      updated_at: fc.constantFrom<unknown>(...TIMES, 'yesterday' /* invalid: oldest */),
+      updated_at: fc.constantFrom<unknown>(...TIMES, 'yesterday' /* invalid: a reject (0006) */),
       birth_date: fc.constantFrom('1980-02-29', '1981-02-29' /* a problem */),
       sex: fc.constantFrom('female', 'F' /* a problem */),
       n: fc.integer({ min: 0, max: 2 }), // varies the bytes a little: identical documents are frequent
@@ -71,6 +71,8 @@ const mutations: Record<string, Mutation> = {
   'patient_id empty': (d) => ({ doc: { ...d, patient_id: '' }, fault: T('patient_id') }),
   'patient_id object': (d) => ({ doc: { ...d, patient_id: { id: 'A' } }, fault: T('patient_id') }),
   'patient_id boolean': (d) => ({ doc: { ...d, patient_id: true }, fault: T('patient_id') }),
+  'patient_id a fraction': (d) => ({ doc: { ...d, patient_id: 7.5 }, fault: T('patient_id') }),
+  'updated_at far ahead': (d) => ({ doc: { ...d, updated_at: '2999-01-01T00:00:00Z' }, fault: T('updated_at') }),
   'source_system number': (d) => ({ doc: { ...d, source_system: 3 }, fault: T('source_system') }),
   'visits object': (d) => ({ doc: { ...d, visits: { visit_id: 'V1' } }, fault: T('visits') }),
   'visit not an object': (d) => ({ doc: { ...d, visits: [...firstVisit(d), 'V9'] }, fault: T('visits[') }),
@@ -96,13 +98,18 @@ const mutations: Record<string, Mutation> = {
 const inputArb: fc.Arbitrary<Input> = fc
   .tuple(validDoc, fc.option(fc.constantFrom(...Object.keys(mutations)), { freq: 2, nil: null }))
   .map(([d, m]) => {
+    if (m === null && d.updated_at === 'yesterday') return { text: JSON.stringify(d), fault: T('updated_at') };
     if (m === null) {
       const ss = typeof d.source_system === 'string' && d.source_system !== '' ? d.source_system : 'default';
       const ts = typeof d.updated_at === 'string' && TIMES.includes(d.updated_at) ? Date.parse(d.updated_at) : -Infinity;
-      return { text: JSON.stringify(d), fault: null, key: `${ss}/${String(d.patient_id)}`, ts, visits: (d.visits as Visit[]).length };
+      return { text: JSON.stringify(d), fault: null, key: `${ss}/${String(d.patient_id).trim()}`, ts, visits: (d.visits as Visit[]).length };
     }
     const r = mutations[m](d);
-    return { text: r.text ?? JSON.stringify(r.doc), fault: r.fault };
+    // An invalid updated_at is a document-level reject (0006), reported after $, patient_id,
+    // source_system and visits, before any visit's.
+    const docLevel = ['$', 'patient_id', 'source_system', 'visits', 'updated_at'];
+    const fault = r.doc?.updated_at === 'yesterday' && r.fault?.by === 'transform' && !docLevel.includes(r.fault.what) ? T('updated_at') : r.fault;
+    return { text: r.text ?? JSON.stringify(r.doc), fault };
   });
 
 // Batches drawn from a small pool of documents: the same bytes re-delivered within a batch and
@@ -182,7 +189,7 @@ async function check(batches: Input[][], shards: ShardOptions = {}): Promise<voi
   for (let b = 0; b < batches.length; b++) {
     const rows = await db.query(
       `SELECT d.line::int AS line, d.status, count(r.document_id)::int AS reject_rows, min(r.field) AS field
-       FROM landing.raw_documents d LEFT JOIN etl.rejected_documents r USING (document_id)
+       FROM landing.raw_documents d LEFT JOIN etl.batch_rejects r USING (document_id)
        WHERE d.batch_id = $1 GROUP BY d.document_id ORDER BY d.line`,
       [ids[b]],
     );
@@ -190,12 +197,19 @@ async function check(batches: Input[][], shards: ShardOptions = {}): Promise<voi
     expect(rows.map((r) => r.line)).toEqual(batches[b].map((_, i) => i + 1));
     expect(rows.map((r) => r.status)).toEqual(outcomes[b]);
     for (const [i, r] of rows.entries()) {
-      // One etl.rejected_documents row per rejected document, none for the others; it names the field.
+      // One etl.batch_rejects row per rejected delivery, none for the others; it names the field.
       expect(r.reject_rows, `batch ${b} line ${r.line}`).toBe(r.status === 'rejected' ? 1 : 0);
       const fault = batches[b][i].fault;
       if (r.status === 'rejected') expect(r.field.startsWith(fault!.what) || (fault!.what === '$' && r.field === '$'), `${r.field} vs ${fault!.what}`).toBe(true);
     }
   }
+  // Rejects are stored once per distinct content, and their deliveries add up to the rejected documents.
+  const [once] = await db.query(`SELECT (SELECT count(*)::int FROM etl.rejected_documents) AS rows,
+                                        (SELECT coalesce(sum(deliveries), 0)::int FROM etl.rejected_documents) AS deliveries,
+                                        (SELECT count(DISTINCT content_sha256)::int FROM landing.raw_documents WHERE status = 'rejected') AS contents,
+                                        (SELECT count(*)::int FROM landing.raw_documents WHERE status = 'rejected') AS rejected`);
+  expect(once.rows).toBe(once.contents);
+  expect(once.deliveries).toBe(once.rejected);
   // The patient of every loaded document is in clinical.patients; the current row is the newest
   // snapshot's, with its visits; nothing else is there.
   const byKey = (a: { key: string }, b: { key: string }) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0);
@@ -205,7 +219,7 @@ async function check(batches: Input[][], shards: ShardOptions = {}): Promise<voi
   expect(patients.sort(byKey)).toEqual([...current.entries()].map(([key, c]) => ({ key, visits: c.visits })).sort(byKey));
   const [orphans] = await db.query(`SELECT count(*)::int AS n FROM landing.raw_documents d WHERE d.status = 'loaded'
       AND NOT EXISTS (SELECT 1 FROM clinical.patients p WHERE p.source_system = coalesce(nullif(d.payload->>'source_system', ''), 'default')
-                      AND p.source_patient_id = d.payload->>'patient_id')`);
+                      AND p.source_patient_id = btrim(d.payload->>'patient_id'))`);
   expect(orphans.n).toBe(0);
   // Counts reconcile for every batch. A batch whose documents the loader refused all has nothing
   // to transform: it stays 'staged'.
@@ -317,23 +331,25 @@ describe('required child fields of the wrong JSON type (transform_batch, migrati
 
   // Regression: etl.is_rfc3339 (0003) accepted a leap second with a fraction, which the cast then
   // refused: the whole batch failed on every run, and the error quoted the value.
-  test('a leap second with a fraction is an invalid optional value (a problem), not a failed batch', async () => {
+  // Since 0006 an invalid updated_at is a reject (it was a problem); written_at is still optional.
+  test('a leap second with a fraction is invalid (a reject in updated_at, a problem in written_at), not a failed batch', async () => {
     await reset();
     const visit = { visit_id: 'V1', visit_date: '2016-12-31', provider_notes: [{ text: 'x', written_at: '2016-12-31T23:59:60.5Z' }] };
     const docs = [
-      { patient_id: 'L1', updated_at: '2016-12-31T23:59:60.25Z', visits: [visit] },
-      { patient_id: 'L2', updated_at: '2016-12-31T23:59:60Z', visits: [] },
+      { patient_id: 'L1', updated_at: '2016-12-31T23:59:60.25Z', visits: [] },
+      { patient_id: 'L2', updated_at: '2016-12-31T23:59:60Z', visits: [visit] },
     ];
     const stdin = Readable.from([docs.map((d) => JSON.stringify(d)).join('\n') + '\n']);
-    await loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], { stdin });
+    const r = await loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], { stdin });
     await transformPending(pool);
     expect(await db.query(`SELECT source_patient_id AS id, to_char(source_updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') AS at
                            FROM clinical.patients ORDER BY 1`)).toEqual([
-      { id: 'L1', at: null },
       { id: 'L2', at: '2017-01-01 00:00:00' }, // :60 without a fraction is the next minute, as PostgreSQL reads it
     ]);
+    expect(await db.query(`SELECT line::int AS line, reason FROM etl.batch_rejects WHERE batch_id = $1`, [r.batchId])).toEqual([
+      { line: 1, reason: 'updated_at: "2016-12-31T23:59:60.25Z" is not an RFC 3339 timestamp with an offset' },
+    ]);
     expect(await db.query(`SELECT field, problem FROM etl.document_problems ORDER BY field`)).toEqual([
-      { field: 'updated_at', problem: 'not a valid RFC 3339 timestamp' },
       { field: 'visits[0].provider_notes[0].written_at', problem: 'not a valid RFC 3339 timestamp' },
     ]);
   });

@@ -43,7 +43,7 @@ let batch2: string[];
 beforeAll(async () => {
   dir = await mkdtemp(path.join(os.tmpdir(), 'healthetl-shards-'));
   const { docs } = patients(0, 400, 7);
-  const newer = (d: PatientDocument): PatientDocument => ({ ...d, updated_at: '2030-01-01T00:00:00Z', visits: d.visits.slice(0, -1) });
+  const newer = (d: PatientDocument): PatientDocument => ({ ...d, updated_at: '2026-01-01T00:00:00Z', visits: d.visits.slice(0, -1) });
   const older = (d: PatientDocument): PatientDocument => ({ ...d, updated_at: '2000-01-01T00:00:00Z', mrn: `OLD-${d.mrn}` });
   const lines = (ds: PatientDocument[]) => ds.map((d) => JSON.stringify(d));
   // Batch 1: the hand-written fixtures (valid, warnings, rejects, snapshots) and 300 generated
@@ -330,8 +330,8 @@ describe('a coordinator lost while its shards run', () => {
     const files = { pre: 'lost-pre.ndjson', a: 'lost-a.ndjson', b: 'lost-b.ndjson' };
     const visit = (id: string) => ({ visit_id: id, visit_date: '2024-03-03' });
     await writeNdjson(path.join(dir, files.pre), [JSON.stringify({ ...p7, updated_at: '2000-01-01T00:00:00Z', visits: [] }), ...docs.slice(0, 4).map((d) => JSON.stringify(d))]);
-    await writeNdjson(path.join(dir, files.a), [JSON.stringify({ ...p7, updated_at: '2030-01-01T00:00:00Z', visits: [visit('VA')] }), ...docs.slice(10, 30).map((d) => JSON.stringify(d))]);
-    await writeNdjson(path.join(dir, files.b), [JSON.stringify({ ...p7, updated_at: '2031-01-01T00:00:00Z', visits: [visit('VB')] })]);
+    await writeNdjson(path.join(dir, files.a), [JSON.stringify({ ...p7, updated_at: '2026-01-01T00:00:00Z', visits: [visit('VA')] }), ...docs.slice(10, 30).map((d) => JSON.stringify(d))]);
+    await writeNdjson(path.join(dir, files.b), [JSON.stringify({ ...p7, updated_at: '2026-02-01T00:00:00Z', visits: [visit('VB')] })]);
     const on = (...args: string[]) => [...args, '--database-url', lost.url(), '--log-format', 'json', '--shards', '2', '--shard-min-documents', '1'];
     expect((await runCli(on('run', path.join(dir, files.pre)))).code).toBe(0);
 

@@ -132,6 +132,17 @@ COMMENT ON SCHEMA dq IS 'Data-quality checks and their results.';
 CREATE SCHEMA etl;
 COMMENT ON SCHEMA etl IS 'Batches, rejects, problems and the set-based transform functions.';
 
+CREATE TABLE etl.batch_deletes (
+  batch_id bigint NOT NULL,
+  visits bigint NOT NULL,
+  diagnoses bigint NOT NULL,
+  treatments bigint NOT NULL,
+  provider_notes bigint NOT NULL,
+  deleted_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL
+);
+CREATE INDEX batch_deletes_batch_idx ON etl.batch_deletes USING btree (batch_id);
+COMMENT ON TABLE etl.batch_deletes IS 'Rows deleted from replaced patients by each transform of a batch (or shard).';
+
 CREATE TABLE etl.batch_files (
   batch_id bigint NOT NULL,
   source_file text NOT NULL,
@@ -257,6 +268,9 @@ COMMENT ON VIEW etl.batch_rejects IS 'Every rejected delivery of every batch (on
 --   failed_files bigint
 --   loader_count bigint
 --   balanced boolean
+--   error text
+--   deleted_visits bigint
+--   deleted_children bigint
 CREATE VIEW etl.batch_summary AS
  SELECT b.batch_id,
     b.status,
@@ -276,22 +290,27 @@ CREATE VIEW etl.batch_summary AS
            FROM etl.batch_files f
           WHERE ((f.batch_id = b.batch_id) AND (f.status = ANY (ARRAY['unreadable'::text, 'rejected'::text])))) AS failed_files,
     lf.loader_count,
-    ((lf.loader_count = count(d.document_id)) AND (count(d.document_id) = count(d.document_id) FILTER (WHERE (d.status = ANY (ARRAY['staged'::text, 'loaded'::text, 'rejected'::text, 'duplicate'::text, 'superseded'::text]))))) AS balanced
+    ((lf.loader_count = count(d.document_id)) AND (count(d.document_id) = count(d.document_id) FILTER (WHERE (d.status = ANY (ARRAY['staged'::text, 'loaded'::text, 'rejected'::text, 'duplicate'::text, 'superseded'::text]))))) AS balanced,
+    b.error,
+    (( SELECT COALESCE(sum(x.visits), (0)::numeric) AS "coalesce"
+           FROM etl.batch_deletes x
+          WHERE (x.batch_id = b.batch_id)))::bigint AS deleted_visits,
+    (( SELECT COALESCE(sum(((x.diagnoses + x.treatments) + x.provider_notes)), (0)::numeric) AS "coalesce"
+           FROM etl.batch_deletes x
+          WHERE (x.batch_id = b.batch_id)))::bigint AS deleted_children
    FROM ((etl.batches b
      CROSS JOIN LATERAL ( SELECT (COALESCE(sum(f.documents), (0)::numeric))::bigint AS loader_count
            FROM etl.batch_files f
           WHERE (f.batch_id = b.batch_id)) lf)
      LEFT JOIN landing.raw_documents d ON ((d.batch_id = b.batch_id)))
   GROUP BY b.batch_id, lf.loader_count;
-COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents received and what became of them; balanced says whether they add up.';
+COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents received and what became of them; balanced says whether they add up; error, why its last transform failed; rows its snapshots deleted.';
 
 CREATE OR REPLACE FUNCTION etl.batch_finish_lock_key()
  RETURNS bigint
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-AS $function$
-  SELECT 4848000000000000::bigint - 3
-$function$;
+RETURN ('4848000000000000'::bigint - 3);
 
 CREATE OR REPLACE FUNCTION etl.begin_transform(p_batch_id bigint, p_wait boolean DEFAULT true)
  RETURNS TABLE(waiting text, status text, staged bigint)
@@ -339,24 +358,25 @@ CREATE OR REPLACE FUNCTION etl.ensure_batch_partitions(p_batch_id bigint, p_shar
  RETURNS integer
  LANGUAGE sql
  SET jit TO 'off'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   SELECT etl.ensure_visit_partitions(ARRAY(
-    SELECT DISTINCT extract(year FROM etl.to_visit_date(v.d #>> '{}'))::int
+    SELECT DISTINCT extract(year FROM vd.d)::int
     FROM landing.raw_documents r
     CROSS JOIN LATERAL jsonb_to_record(CASE WHEN jsonb_typeof(r.payload) = 'object' THEN r.payload ELSE '{}'::jsonb END)
       AS x(source_system jsonb, patient_id jsonb, visits jsonb)
     CROSS JOIN LATERAL jsonb_path_query(x.visits, 'strict $[*].visit_date', '{}', true) AS v(d)
+    CROSS JOIN LATERAL (SELECT etl.to_visit_date(v.d #>> '{}') AS d) vd
     WHERE r.batch_id = p_batch_id AND r.status = 'staged'
       AND etl.shard_of(x.source_system, x.patient_id, p_shards) = p_shard
-      -- not for documents the document-level rules reject (a rejected document's years would
-      -- only make empty partitions); one rejected by a visit or child rule may still add one
-      AND jsonb_typeof(x.patient_id) IN ('string', 'number') AND x.patient_id <> '""'::jsonb
-      AND coalesce(jsonb_typeof(x.source_system), 'null') IN ('string', 'null')))
+      AND etl.patient_id_problem(x.patient_id) IS NULL AND etl.source_system_problem(x.source_system) IS NULL
+      AND etl.visit_year_ok(vd.d, r.received_at)))
 $function$;
 
 CREATE OR REPLACE FUNCTION etl.ensure_visit_partitions(years integer[])
  RETURNS integer
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
   y int;
@@ -380,13 +400,74 @@ BEGIN
 END
 $function$;
 
+CREATE OR REPLACE FUNCTION etl.find_poison(p_batch_id bigint, p_shard integer, p_shards integer, p_sqlstate text)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_ids bigint[];
+  v_lo int[];     -- a stack of ranges [lo, hi) of v_ids known to fail, with their SQLSTATE
+  v_hi int[];
+  v_state text[];
+  lo int;
+  hi int;
+  st text;
+  half int[];
+  v_trials int := 0;
+  v_found int := 0;
+BEGIN
+  SELECT array_agg(d.document_id ORDER BY d.document_id) INTO v_ids
+  FROM landing.raw_documents d
+  CROSS JOIN LATERAL jsonb_to_record(CASE WHEN jsonb_typeof(d.payload) = 'object' THEN d.payload ELSE '{}'::jsonb END)
+    AS x(source_system jsonb, patient_id jsonb)
+  WHERE d.batch_id = p_batch_id AND d.status = 'staged'
+    AND (p_shards = 1 OR etl.shard_of(x.source_system, x.patient_id, p_shards) = p_shard)
+    AND NOT EXISTS (SELECT 1 FROM t_poison p WHERE p.document_id = d.document_id);
+  IF v_ids IS NULL THEN
+    RETURN 0;
+  END IF;
+  v_lo := ARRAY[1];
+  v_hi := ARRAY[cardinality(v_ids) + 1];
+  v_state := ARRAY[p_sqlstate];
+  WHILE cardinality(v_lo) > 0 LOOP
+    lo := v_lo[cardinality(v_lo)];
+    hi := v_hi[cardinality(v_hi)];
+    st := v_state[cardinality(v_state)];
+    v_lo := trim_array(v_lo, 1);
+    v_hi := trim_array(v_hi, 1);
+    v_state := trim_array(v_state, 1);
+    IF hi - lo = 1 THEN
+      INSERT INTO t_poison (document_id, sqlstate) VALUES (v_ids[lo], st);
+      v_found := v_found + 1;
+      CONTINUE;
+    END IF;
+    FOREACH half SLICE 1 IN ARRAY ARRAY[[lo, (lo + hi) / 2], [(lo + hi) / 2, hi]] LOOP
+      IF v_trials >= 64 THEN
+        RETURN v_found;
+      END IF;
+      v_trials := v_trials + 1;
+      st := etl.try_transform(p_batch_id, p_shard, p_shards, v_ids[half[1]:half[2] - 1]);
+      IF st IS NOT NULL THEN
+        v_lo := v_lo || half[1];
+        v_hi := v_hi || half[2];
+        v_state := v_state || st;
+      END IF;
+    END LOOP;
+  END LOOP;
+  RETURN v_found;
+END
+$function$;
+
 CREATE OR REPLACE FUNCTION etl.finish_batch(p_batch_id bigint)
  RETURNS boolean
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   WITH done AS (
     UPDATE etl.batches b
-    SET status = 'transformed', transformed_at = clock_timestamp(), staged_at = coalesce(b.staged_at, clock_timestamp())
+    SET status = 'transformed', transformed_at = clock_timestamp(), staged_at = coalesce(b.staged_at, clock_timestamp()),
+        error = NULL
     WHERE b.batch_id = p_batch_id AND b.status <> 'transformed'
       AND NOT EXISTS (SELECT 1 FROM landing.raw_documents d WHERE d.batch_id = p_batch_id AND d.status = 'staged')
     RETURNING 1)
@@ -408,84 +489,68 @@ CREATE OR REPLACE FUNCTION etl.holds_advisory_lock(p_pid integer, p_key bigint)
  RETURNS boolean
  LANGUAGE sql
  STABLE
-AS $function$
-  SELECT EXISTS (
-    SELECT 1 FROM pg_locks l
-    WHERE l.locktype = 'advisory' AND l.pid = p_pid AND l.granted AND l.mode = 'ExclusiveLock'
-      AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND ((l.classid::bigint << 32) | l.objid::bigint) = p_key)
-$function$;
+RETURN (EXISTS (SELECT 1 FROM pg_locks l WHERE ((l.locktype = 'advisory'::text) AND (l.pid = holds_advisory_lock.p_pid) AND l.granted AND (l.mode = 'ExclusiveLock'::text) AND (l.objsubid = 1) AND (l.database = (SELECT pg_database.oid FROM pg_database WHERE (pg_database.datname = current_database()))) AND ((((l.classid)::bigint << 32) | (l.objid)::bigint) = holds_advisory_lock.p_key))));
 
 CREATE OR REPLACE FUNCTION etl.is_absent(j jsonb)
  RETURNS boolean
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-AS $function$
-  SELECT j IS NULL OR jsonb_typeof(j) = 'null'
-$function$;
+RETURN ((j IS NULL) OR (jsonb_typeof(j) = 'null'::text));
 
 CREATE OR REPLACE FUNCTION etl.is_blank(j jsonb)
  RETURNS boolean
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-AS $function$
-  SELECT j IS NULL OR jsonb_typeof(j) = 'null' OR j = '""'::jsonb
-$function$;
+RETURN ((j IS NULL) OR (jsonb_typeof(j) = 'null'::text) OR (j = '""'::jsonb));
 
 CREATE OR REPLACE FUNCTION etl.is_rfc3339(t text)
  RETURNS boolean
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-AS $function$
-  SELECT t ~ '^\d{4}-\d{2}-\d{2}[Tt ]([01]\d|2[0-3]):[0-5]\d:([0-5]\d(\.\d{1,9})?|60(\.0{1,9})?)([Zz]|[+-](0\d|1[0-5]):[0-5]\d)$'
-     AND etl.is_ymd(substr(t, 1, 10))
-$function$;
+RETURN ((t ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9](\.[0-9]{1,9})?|60(\.0{1,9})?)([Zz]|[+-](0[0-9]|1[0-5]):[0-5][0-9])$'::text) AND etl.is_ymd(substr(t, 1, 10)));
 
 CREATE OR REPLACE FUNCTION etl.is_ymd(t text)
  RETURNS boolean
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-AS $function$
-  SELECT CASE WHEN t ~ '^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$' THEN
-    substr(t, 1, 4)::int >= 1
-    AND substr(t, 9, 2)::int <= CASE
-      WHEN substr(t, 6, 2)::int IN (4, 6, 9, 11) THEN 30
-      WHEN substr(t, 6, 2)::int = 2 THEN
-        CASE WHEN (substr(t, 1, 4)::int % 4 = 0 AND substr(t, 1, 4)::int % 100 <> 0)
-               OR substr(t, 1, 4)::int % 400 = 0 THEN 29 ELSE 28 END
-      ELSE 31 END
-  ELSE false END
-$function$;
+RETURN CASE WHEN (t ~ '^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$'::text) THEN (((substr(t, 1, 4))::integer >= 1) AND ((substr(t, 9, 2))::integer <= CASE WHEN ((substr(t, 6, 2))::integer = ANY (ARRAY[4, 6, 9, 11])) THEN 30 WHEN ((substr(t, 6, 2))::integer = 2) THEN CASE WHEN (((((substr(t, 1, 4))::integer % 4) = 0) AND (((substr(t, 1, 4))::integer % 100) <> 0)) OR (((substr(t, 1, 4))::integer % 400) = 0)) THEN 29 ELSE 28 END ELSE 31 END)) ELSE false END;
 
 CREATE OR REPLACE FUNCTION etl.jarr(j jsonb)
  RETURNS jsonb
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-AS $function$
-  SELECT CASE WHEN jsonb_typeof(j) = 'array' THEN j ELSE '[]'::jsonb END
-$function$;
+RETURN CASE WHEN (jsonb_typeof(j) = 'array'::text) THEN j ELSE '[]'::jsonb END;
 
 CREATE OR REPLACE FUNCTION etl.jtext(j jsonb)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-AS $function$
-  SELECT CASE WHEN jsonb_typeof(j) IN ('string', 'number', 'boolean') THEN j #>> '{}' END
-$function$;
+RETURN CASE WHEN (jsonb_typeof(j) = ANY (ARRAY['string'::text, 'number'::text, 'boolean'::text])) THEN (j #>> '{}'::text[]) ELSE NULL::text END;
 
 CREATE OR REPLACE FUNCTION etl.loader_lock_key(batch_id bigint)
  RETURNS bigint
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-AS $function$
-  SELECT 4848000000000000 + batch_id
-$function$;
+RETURN ('4848000000000000'::bigint + batch_id);
+
+CREATE OR REPLACE FUNCTION etl.max_key_bytes()
+ RETURNS integer
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN 1000;
 
 CREATE OR REPLACE FUNCTION etl.patient_id_of(j jsonb)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-RETURN etl.jtext(j);
+RETURN CASE jsonb_typeof(j) WHEN 'number'::text THEN CASE WHEN ((j)::numeric = trunc((j)::numeric)) THEN (trunc((j)::numeric))::text ELSE NULL::text END WHEN 'string'::text THEN btrim(NORMALIZE((j #>> '{}'::text[]), NFC), ' 	
+'::text) ELSE NULL::text END;
+
+CREATE OR REPLACE FUNCTION etl.patient_id_problem(j jsonb)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN etl.is_blank(j) THEN 'is required'::text WHEN (jsonb_typeof(j) <> ALL (ARRAY['string'::text, 'number'::text])) THEN format('must be a string or a number (found %s)'::text, jsonb_typeof(j)) WHEN (etl.patient_id_of(j) IS NULL) THEN format('must be an integer when it is a number (found %s)'::text, (j)::text) WHEN (etl.patient_id_of(j) = ''::text) THEN 'is required'::text WHEN (octet_length(etl.patient_id_of(j)) > etl.max_key_bytes()) THEN format('is longer than %s bytes'::text, etl.max_key_bytes()) ELSE NULL::text END;
 
 CREATE OR REPLACE FUNCTION etl.pending_batches()
  RETURNS SETOF bigint
@@ -497,6 +562,15 @@ AS $function$
   WHERE b.status IN ('loading', 'staged')
     AND EXISTS (SELECT 1 FROM landing.raw_documents d WHERE d.batch_id = b.batch_id AND d.status = 'staged')
   ORDER BY b.batch_id
+$function$;
+
+CREATE OR REPLACE FUNCTION etl.record_batch_failure(p_batch_id bigint, p_sqlstate text, p_message text)
+ RETURNS void
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  UPDATE etl.batches SET error = format('SQLSTATE %s at %s: %s', p_sqlstate, to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), p_message)
+  WHERE batch_id = p_batch_id AND status <> 'transformed'
 $function$;
 
 CREATE OR REPLACE FUNCTION etl.record_file(p_batch_id bigint, p_source_file text, p_size bigint, p_sha256 bytea, p_documents bigint, p_status text, p_error text)
@@ -559,9 +633,7 @@ CREATE OR REPLACE FUNCTION etl.shard_lock_key()
  RETURNS bigint
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-AS $function$
-  SELECT 4848000000000000::bigint - 2
-$function$;
+RETURN ('4848000000000000'::bigint - 2);
 
 CREATE OR REPLACE FUNCTION etl.shard_of(source_system jsonb, patient_id jsonb, shards integer)
  RETURNS integer
@@ -575,6 +647,12 @@ CREATE OR REPLACE FUNCTION etl.source_system_of(j jsonb)
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN COALESCE(NULLIF(etl.jtext(j), ''::text), 'default'::text);
+
+CREATE OR REPLACE FUNCTION etl.source_system_problem(j jsonb)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN (jsonb_typeof(j) <> ALL (ARRAY['string'::text, 'null'::text])) THEN format('must be a string (found %s)'::text, jsonb_typeof(j)) WHEN (octet_length((j #>> '{}'::text[])) > etl.max_key_bytes()) THEN format('is longer than %s bytes'::text, etl.max_key_bytes()) ELSE NULL::text END;
 
 CREATE OR REPLACE FUNCTION etl.stage_known_file(p_batch_id bigint, p_source_file text, p_size bigint, p_sha256 bytea)
  RETURNS bigint
@@ -681,29 +759,49 @@ BEGIN
               THEN format('visits[%s].%s[%s]: must be an object (found %s)', tv.position, k.kind, c.ord - 1, jsonb_typeof(c.e))
               WHEN etl.is_blank(c.e -> k.required)
               THEN format('visits[%s].%s[%s].%s: is required', tv.position, k.kind, c.ord - 1, k.required)
-              ELSE format('visits[%s].%s[%s].%s: must be a string or a number (found %s)',
-                          tv.position, k.kind, c.ord - 1, k.required, jsonb_typeof(c.e -> k.required)) END
+              WHEN jsonb_typeof(c.e -> k.required) NOT IN ('string', 'number')
+              THEN format('visits[%s].%s[%s].%s: must be a string or a number (found %s)',
+                          tv.position, k.kind, c.ord - 1, k.required, jsonb_typeof(c.e -> k.required))
+              ELSE format('visits[%s].%s[%s].%s: is longer than %s bytes',
+                          tv.position, k.kind, c.ord - 1, k.required, etl.max_key_bytes()) END
   FROM t_visits tv
-  CROSS JOIN LATERAL (VALUES (1, 'diagnoses', 'code'), (2, 'treatments', NULL), (3, 'provider_notes', 'text')) AS k(n, kind, required)
+  CROSS JOIN LATERAL (VALUES (1, 'diagnoses', 'code', true), (2, 'treatments', NULL, false), (3, 'provider_notes', 'text', false))
+    AS k(n, kind, required, indexed)
   CROSS JOIN LATERAL jsonb_array_elements(etl.jarr(tv.v -> k.kind)) WITH ORDINALITY AS c(e, ord)
   WHERE tv.bad AND tv.vtype = 'object'
     AND (jsonb_typeof(c.e) <> 'object'
          OR (k.required IS NOT NULL AND (etl.is_blank(c.e -> k.required)
-                                         OR jsonb_typeof(c.e -> k.required) NOT IN ('string', 'number'))));
+                                         OR jsonb_typeof(c.e -> k.required) NOT IN ('string', 'number')))
+         OR (k.indexed AND octet_length(c.e ->> k.required) > etl.max_key_bytes()));
 END
 $function$;
 
-CREATE OR REPLACE FUNCTION etl.step_delete_replaced()
+CREATE OR REPLACE FUNCTION etl.step_delete_replaced(p_batch_id bigint)
  RETURNS void
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
+DECLARE
+  v_notes bigint := 0;
+  v_treatments bigint := 0;
+  v_diagnoses bigint := 0;
+  v_visits bigint := 0;
 BEGIN
+  CREATE TEMP TABLE t_deleted (visits bigint, diagnoses bigint, treatments bigint, provider_notes bigint) ON COMMIT DROP;
   IF EXISTS (SELECT 1 FROM t_apply WHERE replacing) THEN
     DELETE FROM clinical.provider_notes c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+    GET DIAGNOSTICS v_notes = ROW_COUNT;
     DELETE FROM clinical.treatments     c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+    GET DIAGNOSTICS v_treatments = ROW_COUNT;
     DELETE FROM clinical.diagnoses      c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+    GET DIAGNOSTICS v_diagnoses = ROW_COUNT;
     DELETE FROM clinical.visits         c USING t_apply a WHERE a.replacing AND c.patient_key = a.patient_key;
+    GET DIAGNOSTICS v_visits = ROW_COUNT;
+  END IF;
+  INSERT INTO t_deleted VALUES (v_visits, v_diagnoses, v_treatments, v_notes);
+  IF v_visits + v_diagnoses + v_treatments + v_notes > 0 THEN
+    INSERT INTO etl.batch_deletes (batch_id, visits, diagnoses, treatments, provider_notes)
+    VALUES (p_batch_id, v_visits, v_diagnoses, v_treatments, v_notes);
   END IF;
 END
 $function$;
@@ -746,34 +844,32 @@ BEGIN
   FROM t_docs d
   CROSS JOIN LATERAL (VALUES
     (1, '$', CASE WHEN d.doc_type <> 'object' THEN format('document is not a JSON object (found %s)', d.doc_type) END),
-    (2, 'patient_id', CASE WHEN d.doc_type = 'object' THEN CASE
-        WHEN etl.is_blank(d.patient_id) THEN 'is required'
-        WHEN jsonb_typeof(d.patient_id) NOT IN ('string', 'number')
-          THEN format('must be a string or a number (found %s)', jsonb_typeof(d.patient_id)) END END),
-    (3, 'source_system', CASE WHEN d.doc_type = 'object' AND jsonb_typeof(d.source_system) NOT IN ('string', 'null')
-        THEN format('must be a string (found %s)', jsonb_typeof(d.source_system)) END),
+    (2, 'patient_id', CASE WHEN d.doc_type = 'object' THEN etl.patient_id_problem(d.patient_id) END),
+    (3, 'source_system', CASE WHEN d.doc_type = 'object' THEN etl.source_system_problem(d.source_system) END),
     (4, 'visits', CASE WHEN d.doc_type = 'object' AND d.visits_type NOT IN ('array', 'null')
-        THEN format('must be an array (found %s)', d.visits_type) END)
+        THEN format('must be an array (found %s)', d.visits_type) END),
+    (5, 'updated_at', CASE WHEN d.doc_type = 'object' THEN etl.updated_at_problem(d.updated_at, d.received_at) END)
   ) AS c(n, field, msg)
   WHERE c.msg IS NOT NULL
-    AND (d.doc_type <> 'object' OR etl.is_blank(d.patient_id) OR jsonb_typeof(d.patient_id) NOT IN ('string', 'number')
-         OR jsonb_typeof(d.source_system) NOT IN ('string', 'null') OR d.visits_type NOT IN ('array', 'null'))
+    AND (d.doc_type <> 'object' OR etl.patient_id_problem(d.patient_id) IS NOT NULL
+         OR etl.source_system_problem(d.source_system) IS NOT NULL OR d.visits_type NOT IN ('array', 'null')
+         OR etl.updated_at_problem(d.updated_at, d.received_at) IS NOT NULL)
     AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id);
 END
 $function$;
 
-CREATE OR REPLACE FUNCTION etl.step_documents(p_batch_id bigint, p_shard integer, p_shards integer)
+CREATE OR REPLACE FUNCTION etl.step_documents(p_batch_id bigint, p_shard integer, p_shards integer, p_only bigint[])
  RETURNS void
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
   CREATE TEMP TABLE t_docs ON COMMIT DROP AS
-  SELECT d.document_id, d.content_sha256, d.doc_type, d.visits_type, x.*
-  FROM (SELECT r.document_id, r.content_sha256, r.payload, jsonb_typeof(r.payload) AS doc_type,
+  SELECT d.document_id, d.content_sha256, d.received_at, d.doc_type, d.visits_type, x.*
+  FROM (SELECT r.document_id, r.content_sha256, r.received_at, r.payload, jsonb_typeof(r.payload) AS doc_type,
                jsonb_typeof(r.payload -> 'visits') AS visits_type
         FROM landing.raw_documents r
-        WHERE r.batch_id = p_batch_id AND r.status = 'staged'
+        WHERE r.batch_id = p_batch_id AND r.status = 'staged' AND (p_only IS NULL OR r.document_id = ANY (p_only))
         OFFSET 0) d
   CROSS JOIN LATERAL jsonb_to_record(CASE WHEN d.doc_type = 'object' THEN d.payload ELSE '{}'::jsonb END)
     AS x(patient_id jsonb, source_system jsonb, updated_at jsonb, mrn jsonb, ssn jsonb, name jsonb,
@@ -867,7 +963,13 @@ CREATE OR REPLACE FUNCTION etl.step_outcomes(p_batch_id bigint, p_shards integer
 AS $function$
 BEGIN
   INSERT INTO t_outcome SELECT a.document_id, 'loaded' FROM t_apply a;
-  UPDATE landing.raw_documents d SET status = o.status
+  UPDATE landing.raw_documents d
+  SET status = o.status,
+      payload = CASE WHEN o.status = 'duplicate' THEN NULL
+                     WHEN o.status = 'rejected'
+                          AND EXISTS (SELECT 1 FROM etl.rejected_documents r
+                                      WHERE r.content_sha256 = d.content_sha256 AND r.document_id <> d.document_id) THEN NULL
+                     ELSE d.payload END
   FROM t_outcome o WHERE o.document_id = d.document_id;
   IF p_shards > 1 THEN
     PERFORM pg_advisory_xact_lock(etl.batch_finish_lock_key());
@@ -937,6 +1039,31 @@ BEGIN
 END
 $function$;
 
+CREATE OR REPLACE FUNCTION etl.step_poison()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM t_poison) THEN
+    RETURN;
+  END IF;
+  PERFORM etl.record_rejects((
+    SELECT jsonb_agg(jsonb_build_object(
+             'content_sha256', encode(r.content_sha256, 'hex'), 'document_id', r.document_id, 'batch_id', r.batch_id,
+             'source_file', r.source_file, 'line', r.line, 'item', r.item, 'byte_offset', r.byte_offset,
+             'field', '$', 'reason', x.reason, 'all_reasons', jsonb_build_array(x.reason)))
+    FROM t_poison p
+    JOIN t_docs d ON d.document_id = p.document_id
+    JOIN landing.raw_documents r ON r.document_id = p.document_id
+    CROSS JOIN LATERAL (SELECT format('$: PostgreSQL refused the document while transforming it (SQLSTATE %s)', p.sqlstate) AS reason) x
+    WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id)));
+  INSERT INTO t_outcome
+  SELECT p.document_id, 'rejected' FROM t_poison p JOIN t_docs d ON d.document_id = p.document_id
+  WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id);
+END
+$function$;
+
 CREATE OR REPLACE FUNCTION etl.step_problems(p_batch_id bigint)
  RETURNS void
  LANGUAGE plpgsql
@@ -952,8 +1079,6 @@ BEGIN
                         THEN 'not a valid date (YYYY-MM-DD)' END),
     ('sex', CASE WHEN NOT etl.is_absent(d.sex) AND etl.sex_of(d.sex) IS NULL
                  THEN 'not one of ' || array_to_string(etl.sex_codes(), ', ') END),
-    ('updated_at', CASE WHEN NOT etl.is_absent(d.updated_at) AND a.updated_at IS NULL
-                        THEN 'not a valid RFC 3339 timestamp' END),
     ('name.given', CASE WHEN jsonb_typeof(d.name -> 'given') NOT IN ('string', 'array', 'null')
                           OR (jsonb_typeof(d.name -> 'given') = 'array'
                               AND jsonb_path_exists(d.name -> 'given', '$[*] ? (@.type() != "string")'))
@@ -964,7 +1089,7 @@ BEGIN
   SELECT tv.document_id, p_batch_id, format('visits[%s].%s', tv.position, c.field), c.problem
   FROM (SELECT tv0.* FROM t_visits tv0 JOIN t_apply a ON a.document_id = tv0.document_id
         WHERE (tv0.discharge_raw IS NOT NULL AND etl.to_visit_date(tv0.discharge_raw) IS NULL)
-           OR etl.visit_type_of(tv0.type_raw) IS NULL AND tv0.type_raw IS NOT NULL) tv
+           OR (etl.visit_type_of(tv0.type_raw) IS NULL AND tv0.type_raw IS NOT NULL)) tv
   CROSS JOIN LATERAL (VALUES
     ('discharge_date', CASE WHEN tv.discharge_raw IS NOT NULL AND etl.to_visit_date(tv.discharge_raw) IS NULL THEN 'not a valid date' END),
     ('visit_type', CASE WHEN etl.visit_type_of(tv.type_raw) IS NULL AND tv.type_raw IS NOT NULL
@@ -1038,7 +1163,9 @@ BEGIN
   EXCEPTION WHEN OTHERS THEN
     NULL;
   END;
-  DROP TABLE IF EXISTS pg_temp.t_docs, pg_temp.t_errors, pg_temp.t_visits, pg_temp.t_outcome, pg_temp.t_apply, pg_temp.t_dup;
+  DROP TABLE IF EXISTS pg_temp.t_docs, pg_temp.t_errors, pg_temp.t_visits, pg_temp.t_outcome, pg_temp.t_apply,
+    pg_temp.t_dup, pg_temp.t_poison, pg_temp.t_deleted;
+  CREATE TEMP TABLE t_poison (document_id bigint PRIMARY KEY, sqlstate text NOT NULL) ON COMMIT DROP;
 END
 $function$;
 
@@ -1086,7 +1213,8 @@ BEGIN
            CASE WHEN etl.is_absent(x.type) THEN 'medication'
                 WHEN x.type #>> '{}' = ANY (etl.treatment_types()) THEN x.type #>> '{}' END AS treatment_type,
            etl.to_visit_date(x.start_date #>> '{}') AS start_d,
-           etl.to_visit_date(x.end_date #>> '{}') AS end_d
+           etl.to_visit_date(x.end_date #>> '{}') AS end_d,
+           octet_length(etl.jtext(x.name)) > etl.max_key_bytes() AS name_too_long
     FROM t_visits tv
     JOIN t_apply a ON a.document_id = tv.document_id
     CROSS JOIN LATERAL ROWS FROM (jsonb_to_recordset(etl.jarr(tv.v -> 'treatments'))
@@ -1097,7 +1225,7 @@ BEGIN
     INSERT INTO clinical.treatments (patient_key, visit_key, visit_date, position, source_treatment_id, treatment_type,
                                      code, code_system, name, dose, route, frequency, start_date, end_date)
     SELECT s.patient_key, s.visit_key, s.visit_date, s.position, etl.jtext(s.treatment_id), s.treatment_type,
-           etl.jtext(s.code), etl.jtext(s.system), etl.jtext(s.name),
+           etl.jtext(s.code), etl.jtext(s.system), CASE WHEN s.name_too_long THEN NULL ELSE etl.jtext(s.name) END,
            etl.jtext(s.dose), etl.jtext(s.route), etl.jtext(s.frequency), s.start_d, s.end_d
     FROM src s
   )
@@ -1106,10 +1234,11 @@ BEGIN
   FROM src s
   CROSS JOIN LATERAL (VALUES
     ('type', CASE WHEN s.treatment_type IS NULL THEN 'not one of ' || array_to_string(etl.treatment_types(), ', ') END),
+    ('name', CASE WHEN s.name_too_long THEN format('longer than %s bytes', etl.max_key_bytes()) END),
     ('start_date', CASE WHEN s.start_d IS NULL AND NOT etl.is_absent(s.start_date) THEN 'not a valid date' END),
     ('end_date', CASE WHEN s.end_d IS NULL AND NOT etl.is_absent(s.end_date) THEN 'not a valid date' END)
   ) AS f(field, problem)
-  WHERE (s.treatment_type IS NULL OR s.start_d IS NULL OR s.end_d IS NULL) AND f.problem IS NOT NULL;
+  WHERE (s.treatment_type IS NULL OR s.start_d IS NULL OR s.end_d IS NULL OR s.name_too_long) AND f.problem IS NOT NULL;
 END
 $function$;
 
@@ -1152,11 +1281,15 @@ BEGIN
         WHEN etl.is_blank(v.vid_j) THEN 'is required'
         WHEN jsonb_typeof(v.vid_j) NOT IN ('string', 'number')
           THEN format('must be a string or a number (found %s)', jsonb_typeof(v.vid_j))
+        WHEN octet_length(v.vid) > etl.max_key_bytes() THEN format('is longer than %s bytes', etl.max_key_bytes())
         WHEN v.position > v.first_pos
           THEN format('%s is a duplicate of visits[%s].visit_id', to_json(v.vid), v.first_pos) END END),
     (3, format('visits[%s].visit_date', v.position), CASE WHEN v.vtype = 'object' THEN CASE
         WHEN etl.is_blank(v.v -> 'visit_date') THEN 'is required'
-        WHEN v.visit_date IS NULL THEN format('%s is not a valid date', (v.v -> 'visit_date')::text) END END),
+        WHEN v.visit_date IS NULL THEN format('%s is not a valid date', (v.v -> 'visit_date')::text)
+        WHEN NOT etl.visit_year_ok(v.visit_date, v.received_at)
+          THEN format('%s is outside the years 1900 to %s', (v.v -> 'visit_date')::text,
+                      extract(year FROM v.received_at AT TIME ZONE 'UTC')::int + 1) END END),
     (4, format('visits[%s].diagnoses', v.position), CASE WHEN jsonb_typeof(v.v -> 'diagnoses') NOT IN ('array', 'null')
         THEN format('must be an array (found %s)', jsonb_typeof(v.v -> 'diagnoses')) END),
     (5, format('visits[%s].treatments', v.position), CASE WHEN jsonb_typeof(v.v -> 'treatments') NOT IN ('array', 'null')
@@ -1178,19 +1311,23 @@ BEGIN
   SELECT v.*,
          (v.vtype <> 'object' OR etl.is_blank(v.vid_j) OR jsonb_typeof(v.vid_j) NOT IN ('string', 'number')
           OR v.visit_date IS NULL
+          OR coalesce(octet_length(v.vid) > etl.max_key_bytes(), false)
+          OR coalesce(NOT etl.visit_year_ok(v.visit_date, v.received_at), false)
           OR coalesce(jsonb_typeof(v.v -> 'diagnoses') NOT IN ('array', 'null'), false)
           OR coalesce(jsonb_typeof(v.v -> 'treatments') NOT IN ('array', 'null'), false)
           OR coalesce(jsonb_typeof(v.v -> 'provider_notes') NOT IN ('array', 'null'), false)
           -- children without their required field, or not objects (jsonpath: one C-level pass)
           -- (type() does not unwrap arrays, so an array or object code/text is caught too)
           OR v.v @? '$.diagnoses[*] ? (@.type() != "object" || !exists(@.code) || @.code == ""
-                                       || (@.code.type() != "string" && @.code.type() != "number"))'
+                                       || (@.code.type() != "string" && @.code.type() != "number")
+                                       || @.code like_regex "^.{251}" flag "s")'
           OR v.v @? '$.treatments[*] ? (@.type() != "object")'
           OR v.v @? '$.provider_notes[*] ? (@.type() != "object" || !exists(@.text) || @.text == ""
                                             || (@.text.type() != "string" && @.text.type() != "number"))'
          ) AS bad
   FROM (
     SELECT d.document_id,
+           d.received_at,
            (e.ord - 1)::int                   AS position,
            jsonb_typeof(e.v)                  AS vtype,
            e.v -> 'visit_id'                  AS vid_j,
@@ -1224,38 +1361,60 @@ CREATE OR REPLACE FUNCTION etl.to_date(t text)
  RETURNS date
  LANGUAGE sql
  STABLE PARALLEL SAFE
-AS $function$
-  SELECT CASE WHEN etl.is_ymd(t) THEN t::date END
-$function$;
+RETURN CASE WHEN etl.is_ymd(t) THEN (t)::date ELSE NULL::date END;
 
 CREATE OR REPLACE FUNCTION etl.to_timestamptz(t text)
  RETURNS timestamp with time zone
  LANGUAGE sql
  STABLE PARALLEL SAFE
-AS $function$
-  SELECT CASE WHEN etl.is_rfc3339(t) THEN t::timestamptz END
-$function$;
+RETURN CASE WHEN etl.is_rfc3339(t) THEN (t)::timestamp with time zone ELSE NULL::timestamp with time zone END;
 
 CREATE OR REPLACE FUNCTION etl.to_visit_date(t text)
  RETURNS date
  LANGUAGE sql
  STABLE PARALLEL SAFE
-AS $function$
-  SELECT CASE WHEN etl.is_ymd(t) THEN t::date
-              WHEN etl.is_rfc3339(t) THEN substr(t, 1, 10)::date END
-$function$;
+RETURN CASE WHEN etl.is_ymd(t) THEN (t)::date WHEN etl.is_rfc3339(t) THEN (substr(t, 1, 10))::date ELSE NULL::date END;
 
 CREATE OR REPLACE FUNCTION etl.transform_batch(p_batch_id bigint, p_shard integer DEFAULT 0, p_shards integer DEFAULT 1, p_coordinator integer DEFAULT NULL::integer)
- RETURNS TABLE(documents bigint, loaded bigint, rejected bigint, duplicate bigint, superseded bigint, problems bigint)
+ RETURNS TABLE(documents bigint, loaded bigint, rejected bigint, duplicate bigint, superseded bigint, problems bigint, deleted_visits bigint, deleted_children bigint)
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
   PERFORM etl.step_lock_batch(p_batch_id, p_shard, p_shards, p_coordinator);
   PERFORM etl.step_settings();
+  BEGIN
+    PERFORM etl.transform_documents(p_batch_id, p_shard, p_shards, NULL);
+  EXCEPTION WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded THEN
+    PERFORM etl.find_poison(p_batch_id, p_shard, p_shards, SQLSTATE);
+    PERFORM etl.transform_documents(p_batch_id, p_shard, p_shards, NULL);
+  END;
+
+  RETURN QUERY
+  SELECT count(*),
+         count(*) FILTER (WHERE o.status = 'loaded'),
+         count(*) FILTER (WHERE o.status = 'rejected'),
+         count(*) FILTER (WHERE o.status = 'duplicate'),
+         count(*) FILTER (WHERE o.status = 'superseded'),
+         (SELECT count(*) FROM etl.document_problems p JOIN t_outcome t ON t.document_id = p.document_id
+          WHERE p.batch_id = p_batch_id),
+         coalesce((SELECT sum(x.visits) FROM t_deleted x), 0)::bigint,
+         coalesce((SELECT sum(x.diagnoses + x.treatments + x.provider_notes) FROM t_deleted x), 0)::bigint
+  FROM t_outcome o;
+END
+$function$;
+COMMENT ON FUNCTION etl.transform_batch(p_batch_id bigint, p_shard integer, p_shards integer, p_coordinator integer) IS 'Transform one staged batch (or one shard of it) into the clinical tables in one transaction; returns outcome counts.';
+
+CREATE OR REPLACE FUNCTION etl.transform_documents(p_batch_id bigint, p_shard integer, p_shards integer, p_only bigint[])
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
   -- Validation: every staged document gets one outcome, or goes on to the snapshot step.
-  PERFORM etl.step_documents(p_batch_id, p_shard, p_shards);
+  PERFORM etl.step_documents(p_batch_id, p_shard, p_shards, p_only);
   PERFORM etl.step_earlier_duplicates();
+  PERFORM etl.step_poison();
   PERFORM etl.step_document_rules();
   PERFORM etl.step_visits();
   PERFORM etl.step_visit_rules();
@@ -1265,7 +1424,7 @@ BEGIN
   -- Snapshots: the newest document per patient replaces what the patient had.
   PERFORM etl.step_snapshots();
   PERFORM etl.step_patient_keys();
-  PERFORM etl.step_delete_replaced();
+  PERFORM etl.step_delete_replaced(p_batch_id);
   -- Inserts.
   PERFORM etl.step_patients(p_batch_id);
   PERFORM etl.step_visit_partitions(p_batch_id, p_shard, p_shards);
@@ -1275,27 +1434,14 @@ BEGIN
   PERFORM etl.step_provider_notes(p_batch_id);
   PERFORM etl.step_problems(p_batch_id);
   PERFORM etl.step_outcomes(p_batch_id, p_shards);
-
-  RETURN QUERY
-  SELECT count(*),
-         count(*) FILTER (WHERE o.status = 'loaded'),
-         count(*) FILTER (WHERE o.status = 'rejected'),
-         count(*) FILTER (WHERE o.status = 'duplicate'),
-         count(*) FILTER (WHERE o.status = 'superseded'),
-         (SELECT count(*) FROM etl.document_problems p JOIN t_outcome t ON t.document_id = p.document_id
-          WHERE p.batch_id = p_batch_id)
-  FROM t_outcome o;
 END
 $function$;
-COMMENT ON FUNCTION etl.transform_batch(p_batch_id bigint, p_shard integer, p_shards integer, p_coordinator integer) IS 'Transform one staged batch (or one shard of it) into the clinical tables in one transaction; returns outcome counts.';
 
 CREATE OR REPLACE FUNCTION etl.transform_lock_key()
  RETURNS bigint
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-AS $function$
-  SELECT 4848000000000000::bigint - 1
-$function$;
+RETURN ('4848000000000000'::bigint - 1);
 
 CREATE OR REPLACE FUNCTION etl.treatment_types()
  RETURNS text[]
@@ -1303,13 +1449,33 @@ CREATE OR REPLACE FUNCTION etl.treatment_types()
  IMMUTABLE PARALLEL SAFE
 RETURN ARRAY['medication'::text, 'procedure'::text];
 
+CREATE OR REPLACE FUNCTION etl.try_transform(p_batch_id bigint, p_shard integer, p_shards integer, p_only bigint[])
+ RETURNS text
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  PERFORM etl.transform_documents(p_batch_id, p_shard, p_shards, p_only);
+  RAISE EXCEPTION 'a trial transform is always rolled back' USING ERRCODE = 'HE009';
+EXCEPTION
+  WHEN SQLSTATE 'HE009' THEN
+    RETURN NULL;
+  WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded THEN
+    RETURN SQLSTATE;
+END
+$function$;
+
+CREATE OR REPLACE FUNCTION etl.updated_at_problem(j jsonb, received_at timestamp with time zone)
+ RETURNS text
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+RETURN CASE WHEN etl.is_absent(j) THEN NULL::text WHEN (NOT etl.is_rfc3339((j #>> '{}'::text[]))) THEN format('%s is not an RFC 3339 timestamp with an offset'::text, (j)::text) WHEN (etl.to_timestamptz((j #>> '{}'::text[])) > (received_at + '24:00:00'::interval)) THEN format('%s is more than 24 hours after the document was received'::text, (j)::text) ELSE NULL::text END;
+
 CREATE OR REPLACE FUNCTION etl.visit_partition_name(y integer)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-AS $function$
-  SELECT 'visits_y' || lpad(y::text, 4, '0')
-$function$;
+RETURN ('visits_y'::text || lpad((y)::text, 4, '0'::text));
 
 CREATE OR REPLACE FUNCTION etl.visit_type_of(t text)
  RETURNS text
@@ -1322,6 +1488,12 @@ CREATE OR REPLACE FUNCTION etl.visit_types()
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ARRAY['outpatient'::text, 'inpatient'::text, 'emergency'::text, 'telehealth'::text, 'other'::text];
+
+CREATE OR REPLACE FUNCTION etl.visit_year_ok(d date, received_at timestamp with time zone)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN ((EXTRACT(year FROM d) >= (1900)::numeric) AND (EXTRACT(year FROM d) <= (EXTRACT(year FROM (received_at AT TIME ZONE 'UTC'::text)) + (1)::numeric)));
 
 -- ==== schema landing ============================================================================
 
