@@ -533,6 +533,18 @@ CREATE OR REPLACE FUNCTION etl.loader_lock_key(batch_id bigint)
  IMMUTABLE PARALLEL SAFE
 RETURN ('4848000000000000'::bigint + batch_id);
 
+CREATE OR REPLACE FUNCTION etl.lock_out_transforms()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
+  PERFORM pg_advisory_lock(etl.shard_lock_key());
+  PERFORM pg_advisory_unlock(etl.shard_lock_key());
+END
+$function$;
+
 CREATE OR REPLACE FUNCTION etl.max_key_bytes()
  RETURNS integer
  LANGUAGE sql
@@ -562,6 +574,37 @@ AS $function$
   WHERE b.status IN ('loading', 'staged')
     AND EXISTS (SELECT 1 FROM landing.raw_documents d WHERE d.batch_id = b.batch_id AND d.status = 'staged')
   ORDER BY b.batch_id
+$function$;
+
+CREATE OR REPLACE FUNCTION etl.purge(p_older_than interval)
+ RETURNS TABLE(payloads bigint, rejects bigint, problems bigint)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_cutoff timestamptz := now() - p_older_than;
+  v_payloads bigint;
+  v_rejects bigint;
+  v_problems bigint;
+BEGIN
+  IF p_older_than IS NULL OR p_older_than < interval '0' THEN
+    RAISE EXCEPTION 'purge needs an age of zero or more (got %)', p_older_than
+      USING ERRCODE = 'HE006', HINT = 'Call etl.purge(interval ''90 days''), or healthetl purge --older-than 90.';
+  END IF;
+  PERFORM etl.lock_out_transforms();
+  UPDATE landing.raw_documents d SET payload = NULL
+  WHERE d.payload IS NOT NULL AND d.received_at < v_cutoff AND d.status <> 'staged'
+    AND NOT EXISTS (SELECT 1 FROM clinical.patients p WHERE p.document_id = d.document_id);
+  GET DIAGNOSTICS v_payloads = ROW_COUNT;
+  DELETE FROM etl.rejected_documents r WHERE r.last_rejected_at < v_cutoff;
+  GET DIAGNOSTICS v_rejects = ROW_COUNT;
+  DELETE FROM etl.document_problems x
+  USING landing.raw_documents d
+  WHERE d.document_id = x.document_id AND d.received_at < v_cutoff
+    AND NOT EXISTS (SELECT 1 FROM clinical.patients p WHERE p.document_id = x.document_id);
+  GET DIAGNOSTICS v_problems = ROW_COUNT;
+  RETURN QUERY SELECT v_payloads, v_rejects, v_problems;
+END
 $function$;
 
 CREATE OR REPLACE FUNCTION etl.record_batch_failure(p_batch_id bigint, p_sqlstate text, p_message text)
@@ -616,6 +659,64 @@ CREATE OR REPLACE FUNCTION etl.reject_key(p_sha256 bytea, p_source_file text, p_
  IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN (p_sha256 = '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea) THEN sha256(convert_to(concat_ws('
 '::text, p_source_file, p_line, p_item, p_byte_offset, p_reason), 'UTF8'::name)) ELSE p_sha256 END;
+
+CREATE OR REPLACE FUNCTION etl.replay_documents(p_batch_id bigint, p_documents bigint[])
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  PERFORM etl.step_documents(NULL, 0, 1, p_documents);
+  PERFORM etl.step_document_rules();
+  PERFORM etl.step_visits();
+  PERFORM etl.step_visit_rules();
+  PERFORM etl.step_child_rules();
+  INSERT INTO t_outcome SELECT DISTINCT document_id, 'rejected' FROM t_errors;
+  PERFORM etl.step_snapshots();
+  PERFORM etl.step_patient_keys();
+  DELETE FROM etl.document_problems p USING t_apply a WHERE p.document_id = a.document_id;
+  PERFORM etl.step_delete_replaced(NULL);
+  PERFORM etl.step_patients(p_batch_id);
+  PERFORM etl.step_visit_partitions(p_batch_id, 0, 1);
+  PERFORM etl.step_insert_visits();
+  PERFORM etl.step_diagnoses(p_batch_id);
+  PERFORM etl.step_treatments(p_batch_id);
+  PERFORM etl.step_provider_notes(p_batch_id);
+  PERFORM etl.step_problems(p_batch_id);
+  INSERT INTO t_outcome SELECT a.document_id, 'loaded' FROM t_apply a;
+END
+$function$;
+
+CREATE OR REPLACE FUNCTION etl.replay_patients(p_patient_keys bigint[])
+ RETURNS TABLE(patient_key bigint, outcome text, field text)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_batch bigint;
+  v_documents bigint[];
+BEGIN
+  PERFORM etl.lock_out_transforms();
+  DROP TABLE IF EXISTS pg_temp.t_replay;
+  CREATE TEMP TABLE t_replay ON COMMIT DROP AS
+  SELECT p.patient_key, p.document_id, d.batch_id, (d.payload IS NULL) AS no_payload, NULL::text AS outcome, NULL::text AS field
+  FROM clinical.patients p
+  JOIN landing.raw_documents d ON d.document_id = p.document_id
+  WHERE p.patient_key = ANY (p_patient_keys);
+  UPDATE t_replay r SET outcome = 'kept', field = '$payload' WHERE r.no_payload;
+  FOR v_batch, v_documents IN
+    SELECT r.batch_id, array_agg(r.document_id) FROM t_replay r WHERE r.outcome IS NULL GROUP BY r.batch_id ORDER BY r.batch_id
+  LOOP
+    PERFORM etl.step_settings();
+    PERFORM etl.replay_documents(v_batch, v_documents);
+    UPDATE t_replay r
+    SET outcome = CASE WHEN o.status = 'loaded' THEN 'replayed' ELSE 'kept' END,
+        field = (SELECT e.field FROM t_errors e WHERE e.document_id = r.document_id ORDER BY e.sort_key LIMIT 1)
+    FROM t_outcome o WHERE o.document_id = r.document_id;
+  END LOOP;
+  RETURN QUERY SELECT r.patient_key, r.outcome, r.field FROM t_replay r ORDER BY r.patient_key;
+END
+$function$;
 
 CREATE OR REPLACE FUNCTION etl.sex_codes()
  RETURNS text[]
@@ -799,7 +900,7 @@ BEGIN
     GET DIAGNOSTICS v_visits = ROW_COUNT;
   END IF;
   INSERT INTO t_deleted VALUES (v_visits, v_diagnoses, v_treatments, v_notes);
-  IF v_visits + v_diagnoses + v_treatments + v_notes > 0 THEN
+  IF p_batch_id IS NOT NULL AND v_visits + v_diagnoses + v_treatments + v_notes > 0 THEN
     INSERT INTO etl.batch_deletes (batch_id, visits, diagnoses, treatments, provider_notes)
     VALUES (p_batch_id, v_visits, v_diagnoses, v_treatments, v_notes);
   END IF;
@@ -870,6 +971,11 @@ BEGIN
                jsonb_typeof(r.payload -> 'visits') AS visits_type
         FROM landing.raw_documents r
         WHERE r.batch_id = p_batch_id AND r.status = 'staged' AND (p_only IS NULL OR r.document_id = ANY (p_only))
+        UNION ALL
+        SELECT r.document_id, r.content_sha256, r.received_at, r.payload, jsonb_typeof(r.payload) AS doc_type,
+               jsonb_typeof(r.payload -> 'visits') AS visits_type
+        FROM landing.raw_documents r
+        WHERE p_batch_id IS NULL AND r.document_id = ANY (p_only)
         OFFSET 0) d
   CROSS JOIN LATERAL jsonb_to_record(CASE WHEN d.doc_type = 'object' THEN d.payload ELSE '{}'::jsonb END)
     AS x(patient_id jsonb, source_system jsonb, updated_at jsonb, mrn jsonb, ssn jsonb, name jsonb,
