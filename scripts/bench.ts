@@ -25,7 +25,16 @@ import { CSV_COLUMNS, TABLES, writeDataset, type DatasetInfo, type PatientDocume
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const CLI = path.join(ROOT, 'bin/healthetl.mjs');
 
-type Args = { patients: number; seed: number; json?: string | true; smoke: boolean; rssMb: number; rowSample: number; keep: boolean; shards?: number };
+type Args = {
+  patients: number;
+  seed: number;
+  json?: string | true;
+  smoke: boolean;
+  rssMb: number;
+  rowSample: number;
+  keep: boolean;
+  shards?: number;
+};
 
 const USAGE =
   'usage: npm run bench -- [--patients N=50000] [--seed S=42] [--rss-mb MB=2048 (0 skips)] [--row-sample K=2000] [--json [file]] [--smoke] [--keep] [--shards N (default: as healthetl run)]\n' +
@@ -91,9 +100,13 @@ function withDatabase(url: string, db: string): string {
 }
 
 /** Runs the CLI as a scheduler would, returning its exit code, last JSON line and peak RSS. */
-function runCli(args: string[], url: string): Promise<{ code: number; last: Record<string, unknown> | null; maxRssKb: number; stderr: string }> {
+function runCli(
+  args: string[],
+  url: string,
+): Promise<{ code: number; last: Record<string, unknown> | null; maxRssKb: number; stderr: string }> {
   // Preloaded into the child: report the process's own peak RSS when it exits.
-  const rss = 'data:text/javascript,process.on("exit",()=>process.stderr.write("healthetl-bench-maxrss-kb="+process.resourceUsage().maxRSS+"\\n"))';
+  const rss =
+    'data:text/javascript,process.on("exit",()=>process.stderr.write("healthetl-bench-maxrss-kb="+process.resourceUsage().maxRSS+"\\n"))';
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, ['--import', rss, CLI, ...args, '--database-url', url, '--log-format', 'json'], {
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -121,7 +134,10 @@ function runCli(args: string[], url: string): Promise<{ code: number; last: Reco
 async function clinicalCounts(c: pg.Client): Promise<Record<string, number>> {
   const out: Record<string, number> = {};
   for (const t of TABLES) {
-    const [{ n }] = await queryOn(c, sql.type(z.object({ n: z.coerce.number() }))`SELECT count(*) AS n FROM ${sql.identifier(['clinical', t])}`);
+    const [{ n }] = await queryOn(
+      c,
+      sql.type(z.object({ n: z.coerce.number() }))`SELECT count(*) AS n FROM ${sql.identifier(['clinical', t])}`,
+    );
     out[t] = n;
   }
   return out;
@@ -161,9 +177,24 @@ async function rowByRow(c: pg.Client, docs: PatientDocument[]): Promise<void> {
                birth_date, sex, phone, email, address_lines, city, state, postal_code, country, source_updated_at,
                document_id, content_sha256, batch_id)
              VALUES ($1, 'rowbyrow', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, 0, '\\x00', 0)`,
-      values: [pk, d.patient_id, d.mrn, d.ssn, [d.name.given].flat().join(' '), d.name.family, d.birth_date, d.sex,
-        d.contact.phone, d.contact.email, d.address.line, d.address.city, d.address.state, d.address.postal_code,
-        d.address.country, d.updated_at ?? null],
+      values: [
+        pk,
+        d.patient_id,
+        d.mrn,
+        d.ssn,
+        [d.name.given].flat().join(' '),
+        d.name.family,
+        d.birth_date,
+        d.sex,
+        d.contact.phone,
+        d.contact.email,
+        d.address.line,
+        d.address.city,
+        d.address.state,
+        d.address.postal_code,
+        d.address.country,
+        d.updated_at ?? null,
+      ],
     });
     for (const [vi, v] of d.visits.entries()) {
       const vk = await c.query({
@@ -171,8 +202,18 @@ async function rowByRow(c: pg.Client, docs: PatientDocument[]): Promise<void> {
         text: `INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, discharge_date, visit_type,
                  facility_id, facility_name, provider_npi, provider_name, position)
                VALUES ($1, nextval('clinical.visits_visit_key_seq'), $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING visit_key`,
-        values: [pk, v.visit_date, v.visit_id, v.discharge_date ?? null, v.visit_type, v.facility.id, v.facility.name,
-          v.provider.npi, v.provider.name, vi],
+        values: [
+          pk,
+          v.visit_date,
+          v.visit_id,
+          v.discharge_date ?? null,
+          v.visit_type,
+          v.facility.id,
+          v.facility.name,
+          v.provider.npi,
+          v.provider.name,
+          vi,
+        ],
       });
       const key = vk.rows[0].visit_key;
       for (const [i, x] of v.diagnoses.entries()) {
@@ -189,8 +230,22 @@ async function rowByRow(c: pg.Client, docs: PatientDocument[]): Promise<void> {
           text: `INSERT INTO clinical.treatments (patient_key, visit_key, visit_date, position, source_treatment_id, treatment_type,
                    code, code_system, name, dose, route, frequency, start_date, end_date)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)`,
-          values: [pk, key, v.visit_date, i, x.treatment_id, x.type, x.code, x.system, x.name, x.dose, x.route, x.frequency,
-            x.start_date, x.end_date],
+          values: [
+            pk,
+            key,
+            v.visit_date,
+            i,
+            x.treatment_id,
+            x.type,
+            x.code,
+            x.system,
+            x.name,
+            x.dose,
+            x.route,
+            x.frequency,
+            x.start_date,
+            x.end_date,
+          ],
         });
       }
       for (const [i, x] of v.provider_notes.entries()) {
@@ -236,7 +291,9 @@ async function main(): Promise<void> {
     try {
       log(`PostgreSQL ${pgVersion} (${serverKind}); generating ${args.patients} patients (seed ${args.seed})`);
       const shardArgs = args.shards ? ['--shards', String(args.shards)] : [];
-      info = (await timed(() => writeDataset(path.join(work, 'data'), { patients: args.patients, seed: args.seed, forms: ['ndjson', 'csv'] }))).value;
+      info = (
+        await timed(() => writeDataset(path.join(work, 'data'), { patients: args.patients, seed: args.seed, forms: ['ndjson', 'csv'] }))
+      ).value;
       const totalRows = Object.values(info.rows).reduce((a, b) => a + b, 0);
       const mb = info.bytes.ndjson / 1e6;
       log(`${totalRows} rows, ${mb.toFixed(1)} MB of NDJSON`);
@@ -291,7 +348,11 @@ async function main(): Promise<void> {
       const rbSeconds = (rb.seconds * args.patients) / k;
 
       rows.push(
-        rate('1. healthetl run (end to end)', e2e.seconds, `stage ${round(phases.stage)} s + transform ${round(phases.transform)} s (${args.shards ?? DEFAULT_SHARDS} shards); loader peak RSS ${Math.round(e2e.value.maxRssKb / 1024)} MB`),
+        rate(
+          '1. healthetl run (end to end)',
+          e2e.seconds,
+          `stage ${round(phases.stage)} s + transform ${round(phases.transform)} s (${args.shards ?? DEFAULT_SHARDS} shards); loader peak RSS ${Math.round(e2e.value.maxRssKb / 1024)} MB`,
+        ),
         rate('2. COPY of flattened CSV (lower bound)', lower.seconds),
         rate('3. row by row (extrapolated)', rbSeconds, `${k} patients measured in ${round(rb.seconds)} s`),
         rate('4. second run, all duplicates', again.seconds),
@@ -307,7 +368,8 @@ async function main(): Promise<void> {
           const file = big.files[form]!;
           await queryOn(c, TRUNCATE_ALL);
           const r = await timed(() => runCli(['load', file], url));
-          if (r.value.code !== 0) throw new Error(`load of the large ${form} file exited ${r.value.code}: ${r.value.stderr.trim().split('\n').pop()}`);
+          if (r.value.code !== 0)
+            throw new Error(`load of the large ${form} file exited ${r.value.code}: ${r.value.stderr.trim().split('\n').pop()}`);
           rss[form] = { mb: round(big.bytes[form] / 1e6), peak_rss_mb: Math.round(r.value.maxRssKb / 1024), seconds: round(r.seconds) };
           await rm(file);
         }
@@ -354,7 +416,8 @@ async function main(): Promise<void> {
       else if (args.json) await writeFile(args.json, `${JSON.stringify(result, null, 2)}\n`);
     } finally {
       await c.end().catch(() => undefined);
-      if (!args.keep) await queryOn(admin, sql.unsafe`DROP DATABASE IF EXISTS ${sql.identifier([dbName])} WITH (FORCE)`).catch(() => undefined);
+      if (!args.keep)
+        await queryOn(admin, sql.unsafe`DROP DATABASE IF EXISTS ${sql.identifier([dbName])} WITH (FORCE)`).catch(() => undefined);
       await admin.end();
     }
   } finally {
@@ -402,9 +465,14 @@ function printTable(r: {
     '',
     `| ${w('step', 40)} | seconds | patients/s | rows/s | MB/s | note`,
     `| ${'-'.repeat(40)} | ------- | ---------- | ------ | ---- | ----`,
-    ...r.steps.map((s) => `| ${w(s.step, 40)} | ${String(s.seconds).padStart(7)} | ${String(s.patients_per_s).padStart(10)} | ${String(s.rows_per_s).padStart(6)} | ${String(s.mb_per_s).padStart(4)} | ${s.note ?? ''}`),
+    ...r.steps.map(
+      (s) =>
+        `| ${w(s.step, 40)} | ${String(s.seconds).padStart(7)} | ${String(s.patients_per_s).padStart(10)} | ${String(s.rows_per_s).padStart(6)} | ${String(s.mb_per_s).padStart(4)} | ${s.note ?? ''}`,
+    ),
     '',
-    ...Object.entries(r.loader_peak_rss).map(([form, x]) => `loader peak RSS, ${form} file of ${x.mb} MB: ${x.peak_rss_mb} MB (${x.seconds} s)`),
+    ...Object.entries(r.loader_peak_rss).map(
+      ([form, x]) => `loader peak RSS, ${form} file of ${x.mb} MB: ${x.peak_rss_mb} MB (${x.seconds} s)`,
+    ),
     `ratios: end to end / lower bound = ${r.ratios.e2e_over_lower_bound} (target <= 1.5); row by row / end to end = ${r.ratios.row_by_row_over_e2e} (target >= 30); first run / second run = ${r.ratios.e2e_over_second_run} (target >= 10)`,
     `floors: staging alone / lower bound = ${r.ratios.stage_over_lower_bound}; row by row / lower bound = ${r.ratios.row_by_row_over_lower_bound}`,
   ];

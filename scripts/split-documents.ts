@@ -200,7 +200,11 @@ export async function* readJson(input: Readable, maxBytes = DEFAULT_MAX_DOCUMENT
             mode = 'end';
             continue;
           }
-          yield { kind: 'file-error', byteOffset: offset + i, reason: notValidJson(`expected ',' or ']' after array item ${item - 1}`, offset + i) };
+          yield {
+            kind: 'file-error',
+            byteOffset: offset + i,
+            reason: notValidJson(`expected ',' or ']' after array item ${item - 1}`, offset + i),
+          };
           return;
         }
         // mode === 'array-value'

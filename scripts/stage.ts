@@ -68,7 +68,13 @@ class FileStager {
     this.documents++;
     const sha = ev.bytes ? createHash('sha256').update(ev.bytes).digest() : null;
     if (ev.kind === 'reject') {
-      this.rejects.push({ line: ev.line, item: ev.item, byteOffset: ev.byteOffset, sha256: sha ? sha.toString('hex') : ZERO_SHA, reason: ev.reason });
+      this.rejects.push({
+        line: ev.line,
+        item: ev.item,
+        byteOffset: ev.byteOffset,
+        sha256: sha ? sha.toString('hex') : ZERO_SHA,
+        reason: ev.reason,
+      });
       if (this.rejects.length >= 1000) await this.flushRejects();
       return;
     }
@@ -90,7 +96,10 @@ class FileStager {
     const sp = sql.identifier([`chunk_${++this.chunkNo}`]);
     await queryOn(this.client, sql.unsafe`SAVEPOINT ${sp}`);
     try {
-      await copyRows(this.client, docs.flatMap((d) => encodeRow(this.batchId, this.file, this.fmt, d)));
+      await copyRows(
+        this.client,
+        docs.flatMap((d) => encodeRow(this.batchId, this.file, this.fmt, d)),
+      );
       await queryOn(this.client, sql.unsafe`RELEASE SAVEPOINT ${sp}`);
       return;
     } catch (err) {
@@ -106,7 +115,13 @@ class FileStager {
       } catch (err) {
         if (!isDataError(err)) throw err;
         await queryOn(this.client, sql.unsafe`ROLLBACK TO SAVEPOINT one`);
-        this.rejects.push({ line: d.line, item: d.item, byteOffset: d.byteOffset, sha256: d.sha256.toString('hex'), reason: serverRefusedReason(err) });
+        this.rejects.push({
+          line: d.line,
+          item: d.item,
+          byteOffset: d.byteOffset,
+          sha256: d.sha256.toString('hex'),
+          reason: serverRefusedReason(err),
+        });
       }
     }
   }
@@ -168,7 +183,8 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
     const record = async (f: FileOutcome, fingerprint?: Fingerprint) => {
       files.push(f);
       // Staged, rejected and duplicate files were recorded in their own transaction.
-      if (f.status === 'unreadable' || f.status === 'skipped') await recordFile(client, batchId, f.path, fingerprint, 0, f.status, f.reason ?? null);
+      if (f.status === 'unreadable' || f.status === 'skipped')
+        await recordFile(client, batchId, f.path, fingerprint, 0, f.status, f.reason ?? null);
       opts.onFile?.(f);
     };
 
@@ -295,7 +311,15 @@ async function stageFile(
       raw.destroy();
       await queryOn(client, sql.unsafe`BEGIN`);
       await stageRejects(client, batchId, [
-        { source_file: sourceFile, line: null, item: null, byte_offset: 0, sha256: fingerprint?.sha.toString('hex') ?? ZERO_SHA, format: input.format, reason: fileError.reason },
+        {
+          source_file: sourceFile,
+          line: null,
+          item: null,
+          byte_offset: 0,
+          sha256: fingerprint?.sha.toString('hex') ?? ZERO_SHA,
+          format: input.format,
+          reason: fileError.reason,
+        },
       ]);
       await recordFile(client, batchId, sourceFile, fingerprint, 1, 'rejected', fileError.reason);
       await queryOn(client, sql.unsafe`COMMIT`);
@@ -350,7 +374,15 @@ async function recordFile(
   );
 }
 
-type RejectRow = { source_file: string; line: number | null; item: number | null; byte_offset: number; sha256: string; format: DocumentFormat; reason: string };
+type RejectRow = {
+  source_file: string;
+  line: number | null;
+  item: number | null;
+  byte_offset: number;
+  sha256: string;
+  format: DocumentFormat;
+  reason: string;
+};
 
 async function stageRejects(client: pg.Client, batchId: number, rejects: RejectRow[]): Promise<void> {
   await queryOn(client, sql.type(z.object({ n: z.coerce.number() }))`SELECT etl.stage_rejects(${batchId}, ${sql.jsonb(rejects)}) AS n`);

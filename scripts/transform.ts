@@ -107,7 +107,9 @@ async function coordinate(
           // shards' concurrent transactions.
           await c.transaction(async (t) => {
             await t.query(lockTimeout);
-            await t.query(sql.type(z.object({ created: z.number() }))`SELECT etl.ensure_batch_partitions(${batchId}, ${shard}, ${shards}) AS created`);
+            await t.query(
+              sql.type(z.object({ created: z.number() }))`SELECT etl.ensure_batch_partitions(${batchId}, ${shard}, ${shards}) AS created`,
+            );
           });
           return c.transaction(async (t) => {
             await t.query(lockTimeout);

@@ -11,7 +11,10 @@ export function urlFor(db: string): string {
 let counter = 0;
 
 /** Creates a fresh migrated database for this file; dropped after the file's tests. */
-export function useTestDatabase(): { url: () => string; query: <R extends pg.QueryResultRow = any>(text: string, values?: unknown[]) => Promise<R[]> } {
+export function useTestDatabase(): {
+  url: () => string;
+  query: <R extends pg.QueryResultRow = any>(text: string, values?: unknown[]) => Promise<R[]>;
+} {
   // The template's creator process id keeps names unique per run (teardown drops leftovers).
   const owner = inject('templateDb').split('_')[2];
   const name = `healthetl_t_${owner}_${process.pid}_${++counter}_${Math.random().toString(36).slice(2, 8)}`;

@@ -20,7 +20,17 @@ export type Query = <R extends Record<string, any> = any>(text: string, values?:
 /** The environment of a scheduler: no DATABASE_URL or PG* (the URL is passed explicitly), CI=true. */
 export function childEnv(extra: Record<string, string | undefined> = {}): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = { ...process.env, CI: 'true' };
-  for (const k of ['DATABASE_URL', 'PGHOST', 'PGPORT', 'PGUSER', 'PGPASSWORD', 'PGDATABASE', 'PGSSLMODE', 'HEALTHETL_LOCK_TIMEOUT_MS', 'HEALTHETL_STATEMENT_TIMEOUT_MS']) {
+  for (const k of [
+    'DATABASE_URL',
+    'PGHOST',
+    'PGPORT',
+    'PGUSER',
+    'PGPASSWORD',
+    'PGDATABASE',
+    'PGSSLMODE',
+    'HEALTHETL_LOCK_TIMEOUT_MS',
+    'HEALTHETL_STATEMENT_TIMEOUT_MS',
+  ]) {
     delete env[k];
   }
   for (const [k, v] of Object.entries(extra)) {
@@ -77,7 +87,12 @@ export function stderrLines(r: CliResult): string[] {
 }
 
 /** Polls until `check` returns a truthy value; gives up (throws) after limitMs so a broken test cannot hang. */
-export async function pollUntil<T>(what: string, check: () => Promise<T | null | undefined | false>, limitMs = 60_000, everyMs = 15): Promise<T> {
+export async function pollUntil<T>(
+  what: string,
+  check: () => Promise<T | null | undefined | false>,
+  limitMs = 60_000,
+  everyMs = 15,
+): Promise<T> {
   const give = Date.now() + limitMs;
   for (;;) {
     const v = await check();
@@ -256,7 +271,13 @@ export function expectAllOrNothing(batches: BatchState[]): void {
     if (b.status === 'transformed') {
       expect(b.staged, `batch ${b.batch_id} is transformed: nothing left staged`).toBe(0);
     } else {
-      expect({ batch: b.batch_id, loaded: b.loaded, duplicate: b.duplicate, superseded: b.superseded, patients: b.patients_from_batch }).toEqual({
+      expect({
+        batch: b.batch_id,
+        loaded: b.loaded,
+        duplicate: b.duplicate,
+        superseded: b.superseded,
+        patients: b.patients_from_batch,
+      }).toEqual({
         batch: b.batch_id,
         loaded: 0,
         duplicate: 0,

@@ -4,8 +4,15 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
-  CSV_COLUMNS, TABLES, csvField, generatePatient, pgTextArray, writeDataset,
-  type DatasetInfo, type PatientDocument, type Table,
+  CSV_COLUMNS,
+  TABLES,
+  csvField,
+  generatePatient,
+  pgTextArray,
+  writeDataset,
+  type DatasetInfo,
+  type PatientDocument,
+  type Table,
 } from '../scripts/generate.ts';
 
 const N = 2000;
@@ -26,7 +33,10 @@ function parseCsv(text: string): Array<Array<string | null>> {
         if (q < 0) throw new Error('unterminated quote');
         field += text.slice(i, q);
         i = q + 1;
-        if (text[i] === '"') { field += '"'; i++; } else break;
+        if (text[i] === '"') {
+          field += '"';
+          i++;
+        } else break;
       }
     } else {
       let j = i;
@@ -35,9 +45,17 @@ function parseCsv(text: string): Array<Array<string | null>> {
       i = j;
     }
     row.push(field);
-    if (text[i] === ',') { i++; continue; }
+    if (text[i] === ',') {
+      i++;
+      continue;
+    }
     if (text[i] === '\r') i++;
-    if (text[i] === '\n' || i >= text.length) { rows.push(row); row = []; i++; continue; }
+    if (text[i] === '\n' || i >= text.length) {
+      rows.push(row);
+      row = [];
+      i++;
+      continue;
+    }
     throw new Error(`unexpected ${JSON.stringify(text[i])} at ${i}`);
   }
   return rows;
@@ -54,7 +72,9 @@ async function migrationColumns(): Promise<Record<string, string[]>> {
   const sql = await readFile(new URL('../migrations/0002_clinical-tables.sql', import.meta.url), 'utf8');
   const out: Record<string, string[]> = {};
   for (const m of sql.matchAll(/CREATE TABLE clinical\.(\w+) \(([\s\S]*?)\n\)/g)) {
-    out[m[1]!] = m[2]!.split('\n').map((l) => l.trim())
+    out[m[1]!] = m[2]!
+      .split('\n')
+      .map((l) => l.trim())
       .filter((l) => /^[a-z_][a-z0-9_]*\s+(bigint|text|date|int|boolean|timestamptz|bytea|text\[\])\b/.test(l))
       .filter((l) => !/GENERATED ALWAYS/.test(l) && !/DEFAULT/.test(l)) // identity keys and loaded_at
       .map((l) => l.split(/\s+/)[0]!);
@@ -70,7 +90,9 @@ const isTimestamp = (s: unknown): boolean =>
 // The contract's required fields and enumerations; returns the problems found.
 function problems(d: PatientDocument): string[] {
   const p: string[] = [];
-  const check = (ok: boolean, what: string) => { if (!ok) p.push(what); };
+  const check = (ok: boolean, what: string) => {
+    if (!ok) p.push(what);
+  };
   check(/^P\d{7}$/.test(d.patient_id), 'patient_id');
   check(d.source_system === 'bench', 'source_system');
   check(isTimestamp(d.updated_at), 'updated_at');
@@ -85,16 +107,34 @@ function problems(d: PatientDocument): string[] {
   check(a.line.length > 0 && [a.city, a.state, a.postal_code, a.country].every((x) => x.length > 0), 'address');
   check(d.visits.length > 0 && new Set(d.visits.map((v) => v.visit_id)).size === d.visits.length, 'visit ids');
   for (const v of d.visits) {
-    check(isDate(v.visit_date) && v.visit_date >= '2015-01-01' && v.visit_date <= '2025-12-31' && v.visit_date > d.birth_date, 'visit_date');
+    check(
+      isDate(v.visit_date) && v.visit_date >= '2015-01-01' && v.visit_date <= '2025-12-31' && v.visit_date > d.birth_date,
+      'visit_date',
+    );
     check(v.discharge_date === undefined || (isDate(v.discharge_date) && v.discharge_date >= v.visit_date), 'discharge_date');
     check(['outpatient', 'inpatient', 'emergency', 'telehealth', 'other'].includes(v.visit_type), 'visit_type');
     check(!!v.facility.id && !!v.facility.name && /^9\d{9}$/.test(v.provider.npi) && !!v.provider.name, 'facility/provider');
-    check(v.diagnoses.every((x) => x.system === 'ICD-10-CM' && /^[A-Z]\d{2}(\.[0-9A-Z]{1,4})?$/.test(x.code) && !!x.description), 'diagnoses');
+    check(
+      v.diagnoses.every((x) => x.system === 'ICD-10-CM' && /^[A-Z]\d{2}(\.[0-9A-Z]{1,4})?$/.test(x.code) && !!x.description),
+      'diagnoses',
+    );
     check(v.diagnoses.filter((x) => x.primary).length === 1, 'one primary diagnosis');
     check(new Set(v.diagnoses.map((x) => x.code)).size === v.diagnoses.length, 'distinct diagnosis codes');
-    check(v.treatments.every((t) => ['medication', 'procedure'].includes(t.type) && isDate(t.start_date) && isDate(t.end_date)
-      && t.end_date >= t.start_date && [t.treatment_id, t.code, t.system, t.name, t.dose, t.route, t.frequency].every(Boolean)), 'treatments');
-    check(v.provider_notes.every((n) => !!n.note_id && !!n.author && isTimestamp(n.written_at) && n.text.length > 0), 'notes');
+    check(
+      v.treatments.every(
+        (t) =>
+          ['medication', 'procedure'].includes(t.type) &&
+          isDate(t.start_date) &&
+          isDate(t.end_date) &&
+          t.end_date >= t.start_date &&
+          [t.treatment_id, t.code, t.system, t.name, t.dose, t.route, t.frequency].every(Boolean),
+      ),
+      'treatments',
+    );
+    check(
+      v.provider_notes.every((n) => !!n.note_id && !!n.author && isTimestamp(n.written_at) && n.text.length > 0),
+      'notes',
+    );
   }
   return p;
 }
@@ -182,7 +222,7 @@ describe('writeDataset', () => {
     expect((await stat(join(dir, 'patients.ndjson'))).size).toBe(info.bytes.ndjson);
   });
 
-  it('writes CSV files with the migration\'s columns and the flattened row counts', async () => {
+  it("writes CSV files with the migration's columns and the flattened row counts", async () => {
     const columns = await migrationColumns();
     expect(Object.keys(columns).sort()).toEqual([...TABLES].sort());
     expect((await readdir(join(dir, 'csv'))).sort()).toEqual(TABLES.map((t) => `${t}.csv`).sort());
@@ -229,15 +269,30 @@ describe('writeDataset', () => {
     const flatVisits = docs.flatMap((d, i) => d.visits.map((v, position) => ({ i, v, position })));
     visits.forEach((row, k) => {
       const { i, v, position } = flatVisits[k]!;
-      expect([row.patient_key, row.source_visit_id, row.visit_date, row.position, row.visit_start, row.discharge_date])
-        .toEqual([String(i + 1), v.visit_id, v.visit_date, String(position), null, v.discharge_date ?? null]);
+      expect([row.patient_key, row.source_visit_id, row.visit_date, row.position, row.visit_start, row.discharge_date]).toEqual([
+        String(i + 1),
+        v.visit_id,
+        v.visit_date,
+        String(position),
+        null,
+        v.discharge_date ?? null,
+      ]);
       expect(row.provider_name).toBe(v.provider.name);
     });
 
     const notes = await read('provider_notes');
     const flatNotes = flatVisits.flatMap(({ i, v }, k) =>
-      v.provider_notes.map((n, position) => ({ patient_key: String(i + 1), visit_key: String(k + 1), visit_date: v.visit_date,
-        position: String(position), source_note_id: n.note_id, author: n.author, written_at: n.written_at, note_text: n.text })));
+      v.provider_notes.map((n, position) => ({
+        patient_key: String(i + 1),
+        visit_key: String(k + 1),
+        visit_date: v.visit_date,
+        position: String(position),
+        source_note_id: n.note_id,
+        author: n.author,
+        written_at: n.written_at,
+        note_text: n.text,
+      })),
+    );
     expect(notes).toEqual(flatNotes);
     // The data exercises CSV quoting: commas, doubled quotes and line breaks inside fields.
     expect(notes.some((n) => n.note_text!.includes('"') && n.note_text!.includes(','))).toBe(true);
@@ -245,12 +300,14 @@ describe('writeDataset', () => {
 
     const diagnoses = await read('diagnoses');
     const flatDx = flatVisits.flatMap(({ v }) => v.diagnoses);
-    expect(diagnoses.map((x) => [x.code, x.code_system, x.description, x.is_primary]))
-      .toEqual(flatDx.map((x) => [x.code, x.system, x.description, String(x.primary)]));
+    expect(diagnoses.map((x) => [x.code, x.code_system, x.description, x.is_primary])).toEqual(
+      flatDx.map((x) => [x.code, x.system, x.description, String(x.primary)]),
+    );
     const treatments = await read('treatments');
     const flatTx = flatVisits.flatMap(({ v }) => v.treatments);
-    expect(treatments.map((x) => [x.source_treatment_id, x.treatment_type, x.code_system, x.name, x.frequency, x.end_date]))
-      .toEqual(flatTx.map((x) => [x.treatment_id, x.type, x.system, x.name, x.frequency, x.end_date]));
+    expect(treatments.map((x) => [x.source_treatment_id, x.treatment_type, x.code_system, x.name, x.frequency, x.end_date])).toEqual(
+      flatTx.map((x) => [x.treatment_id, x.type, x.system, x.name, x.frequency, x.end_date]),
+    );
   });
 
   it('writes only the forms asked for', async () => {

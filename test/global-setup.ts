@@ -72,10 +72,10 @@ export default async function setup(project: TestProject) {
     const c = new pg.Client({ connectionString: adminUrl });
     await c.connect();
     // Test databases left behind by a failed file, and the template.
-    const { rows: dbs } = await c.query<{ datname: string }>(
-      `SELECT datname FROM pg_database WHERE datname LIKE $1 OR datname = $2`,
-      [`healthetl_t_${process.pid}_%`, templateDb],
-    );
+    const { rows: dbs } = await c.query<{ datname: string }>(`SELECT datname FROM pg_database WHERE datname LIKE $1 OR datname = $2`, [
+      `healthetl_t_${process.pid}_%`,
+      templateDb,
+    ]);
     for (const d of dbs) await c.query(`DROP DATABASE IF EXISTS ${d.datname} WITH (FORCE)`).catch(() => undefined);
     await c.end();
     await stop();

@@ -27,7 +27,8 @@ const doc = (id: string, extra: object = {}) =>
   JSON.stringify({ patient_id: id, note: PHI_CANARY, visits: [{ visit_id: 'V1', visit_date: '2022-02-02' }], ...extra });
 const bytes = (s: string) => Buffer.byteLength(s);
 /** Byte offset of line n (1-based) in lines joined by \n. */
-const lineOffset = (lines: (string | Buffer)[], n: number) => lines.slice(0, n - 1).reduce((o, l) => o + (typeof l === 'string' ? bytes(l) : l.length) + 1, 0);
+const lineOffset = (lines: (string | Buffer)[], n: number) =>
+  lines.slice(0, n - 1).reduce((o, l) => o + (typeof l === 'string' ? bytes(l) : l.length) + 1, 0);
 
 type Reject = { file: string; line: number | null; item: number | null; byte_offset: number; reason: string | RegExp };
 
@@ -54,35 +55,68 @@ beforeAll(async () => {
   const cutShort = (s: string) => s.slice(0, s.indexOf('"visits":[') + 10);
   const cut = cutShort(doc('T-1'));
   await writeFile(f('truncated.json'), cut);
-  rejects.push({ file: 'truncated.json', line: null, item: null, byte_offset: 0, reason: `$: not valid JSON: unexpected end of input (at byte ${bytes(cut)})` });
+  rejects.push({
+    file: 'truncated.json',
+    line: null,
+    item: null,
+    byte_offset: 0,
+    reason: `$: not valid JSON: unexpected end of input (at byte ${bytes(cut)})`,
+  });
   const arr = `[${doc('T-8')},\n${doc('T-9').slice(0, 25)}`;
   await writeFile(f('truncated-array.json'), arr);
   rejects.push({
-    file: 'truncated-array.json', line: null, item: null, byte_offset: 0,
+    file: 'truncated-array.json',
+    line: null,
+    item: null,
+    byte_offset: 0,
     reason: `$: not valid JSON: unexpected end of input inside the top-level array (at byte ${bytes(arr)})`,
   });
   const tl = [doc('T-2'), cutShort(doc('T-3')), doc('T-4')];
   await writeNdjson(f('truncated.ndjson'), tl);
-  rejects.push({ file: 'truncated.ndjson', line: 2, item: null, byte_offset: lineOffset(tl, 2), reason: `$: not valid JSON: unexpected end of input (at byte ${lineOffset(tl, 2) + bytes(tl[1])})` });
+  rejects.push({
+    file: 'truncated.ndjson',
+    line: 2,
+    item: null,
+    byte_offset: lineOffset(tl, 2),
+    reason: `$: not valid JSON: unexpected end of input (at byte ${lineOffset(tl, 2) + bytes(tl[1])})`,
+  });
   loadedIds.push('T-2', 'T-4');
 
   // Invalid UTF-8 (0xC3 must be followed by a continuation byte, 0x28 is '(').
   const head = `{"patient_id":"U-2","note":"${PHI_CANARY}","x":"a`;
   const ul = [doc('U-1'), Buffer.concat([Buffer.from(head), Buffer.from([0xc3, 0x28]), Buffer.from('"}')]), doc('U-3')];
   await writeFile(f('bad-utf8.ndjson'), Buffer.concat(ul.flatMap((l) => [Buffer.from(l), Buffer.from('\n')])));
-  rejects.push({ file: 'bad-utf8.ndjson', line: 2, item: null, byte_offset: lineOffset(ul, 2), reason: `$: not valid UTF-8 (at byte ${lineOffset(ul, 2) + bytes(head)})` });
+  rejects.push({
+    file: 'bad-utf8.ndjson',
+    line: 2,
+    item: null,
+    byte_offset: lineOffset(ul, 2),
+    reason: `$: not valid UTF-8 (at byte ${lineOffset(ul, 2) + bytes(head)})`,
+  });
   loadedIds.push('U-1', 'U-3');
 
   // \u0000 inside a string (jsonb cannot store it).
   const nul = `{"patient_id":"N-1","note":"${PHI_CANARY}","x":"a\\u0000b"}`;
   await writeNdjson(f('nul.ndjson'), [nul]);
-  rejects.push({ file: 'nul.ndjson', line: 1, item: null, byte_offset: 0, reason: `$: contains \\u0000, which PostgreSQL cannot store (at byte ${nul.indexOf('\\u0000')})` });
+  rejects.push({
+    file: 'nul.ndjson',
+    line: 1,
+    item: null,
+    byte_offset: 0,
+    reason: `$: contains \\u0000, which PostgreSQL cannot store (at byte ${nul.indexOf('\\u0000')})`,
+  });
 
   // A 50 MB document between two good ones (the default limit is 16 MiB).
   const big = `{"patient_id":"BIG-1","note":"${PHI_CANARY}","pad":"${'x'.repeat(50 * MiB)}"}`;
   const bl = [doc('BIG-0'), big, doc('BIG-2')];
   await writeNdjson(f('big.ndjson'), bl);
-  rejects.push({ file: 'big.ndjson', line: 2, item: null, byte_offset: lineOffset(bl, 2), reason: '$: document is larger than the 16 MiB limit (--max-document-mb)' });
+  rejects.push({
+    file: 'big.ndjson',
+    line: 2,
+    item: null,
+    byte_offset: lineOffset(bl, 2),
+    reason: '$: document is larger than the 16 MiB limit (--max-document-mb)',
+  });
   loadedIds.push('BIG-0', 'BIG-2');
 
   // Nesting 10,000 levels deep (an unknown field; the clinical fields name and facility), and 100,000.
@@ -104,7 +138,11 @@ beforeAll(async () => {
       return false;
     }
   };
-  probe = { deep10kArrays: await accepts(arrays(10_000)), deep10kObjects: await accepts(objects(10_000)), deep100k: await accepts(arrays(100_000)) };
+  probe = {
+    deep10kArrays: await accepts(arrays(10_000)),
+    deep10kObjects: await accepts(objects(10_000)),
+    deep100k: await accepts(arrays(100_000)),
+  };
   const refused = '$: PostgreSQL refused the document: stack depth limit exceeded (SQLSTATE 54001)';
   const deepOutcome = (n: number, ok: boolean, id: string) => {
     if (ok) loadedIds.push(id);
@@ -124,7 +162,13 @@ beforeAll(async () => {
   ];
   await writeNdjson(f('huge-number.ndjson'), hl);
   const numberAt = (n: number, field: string, token: string) =>
-    rejects.push({ file: 'huge-number.ndjson', line: n, item: null, byte_offset: lineOffset(hl, n), reason: `${field}: number too large for a double (at byte ${lineOffset(hl, n) + hl[n - 1].indexOf(token)})` });
+    rejects.push({
+      file: 'huge-number.ndjson',
+      line: n,
+      item: null,
+      byte_offset: lineOffset(hl, n),
+      reason: `${field}: number too large for a double (at byte ${lineOffset(hl, n) + hl[n - 1].indexOf(token)})`,
+    });
   numberAt(1, 'weight', '1e400');
   numberAt(2, 'visits[0].cost', '-1E+400');
   numberAt(3, 'n', '999');
@@ -140,7 +184,13 @@ beforeAll(async () => {
   ];
   await writeNdjson(f('dup-keys.ndjson'), kl);
   const dupAt = (n: number, field: string, from: number) =>
-    rejects.push({ file: 'dup-keys.ndjson', line: n, item: null, byte_offset: lineOffset(kl, n), reason: `${field}: duplicate key, the document is ambiguous (at byte ${lineOffset(kl, n) + from})` });
+    rejects.push({
+      file: 'dup-keys.ndjson',
+      line: n,
+      item: null,
+      byte_offset: lineOffset(kl, n),
+      reason: `${field}: duplicate key, the document is ambiguous (at byte ${lineOffset(kl, n) + from})`,
+    });
   dupAt(1, 'patient_id', kl[0].lastIndexOf('"patient_id"'));
   dupAt(2, 'visits[0].visit_date', kl[1].lastIndexOf('"visit_date"'));
   dupAt(4, 'x', kl[3].indexOf('"\\u0078"'));
@@ -148,7 +198,13 @@ beforeAll(async () => {
   const ka = `[${doc('K-6')},\n{"patient_id":"K-7","note":"${PHI_CANARY}","mrn":"1","mrn":"2"},\n${doc('K-8')}]`;
   await writeFile(f('dup-keys-array.json'), ka);
   const item1 = ka.indexOf('{"patient_id":"K-7"');
-  rejects.push({ file: 'dup-keys-array.json', line: null, item: 1, byte_offset: item1, reason: `mrn: duplicate key, the document is ambiguous (at byte ${ka.lastIndexOf('"mrn"')})` });
+  rejects.push({
+    file: 'dup-keys-array.json',
+    line: null,
+    item: 1,
+    byte_offset: item1,
+    reason: `mrn: duplicate key, the document is ambiguous (at byte ${ka.lastIndexOf('"mrn"')})`,
+  });
   loadedIds.push('K-6', 'K-8');
 
   // Binary files named .json: an image (not UTF-8 from byte 0) and an ELF header (ASCII, not JSON).
@@ -218,8 +274,16 @@ describe('one run over a directory of hostile files', () => {
       `SELECT source_file, line::int AS line, item::int AS item, byte_offset::int AS byte_offset, reason, field
        FROM etl.rejected_documents ORDER BY source_file, line NULLS FIRST, item NULLS FIRST`,
     );
-    const got = rows.map((r) => ({ file: path.relative(input, r.source_file), line: r.line, item: r.item, byte_offset: r.byte_offset, reason: r.reason }));
-    const want = [...rejects].sort((a, b) => (a.file < b.file ? -1 : a.file > b.file ? 1 : (a.line ?? -1) - (b.line ?? -1) || (a.item ?? -1) - (b.item ?? -1)));
+    const got = rows.map((r) => ({
+      file: path.relative(input, r.source_file),
+      line: r.line,
+      item: r.item,
+      byte_offset: r.byte_offset,
+      reason: r.reason,
+    }));
+    const want = [...rejects].sort((a, b) =>
+      a.file < b.file ? -1 : a.file > b.file ? 1 : (a.line ?? -1) - (b.line ?? -1) || (a.item ?? -1) - (b.item ?? -1),
+    );
     expect(got).toEqual(want);
     for (const r of rows) expect(r.field).toBe(r.reason.slice(0, r.reason.indexOf(': ')));
     // Reasons from the loader never quote the document.
@@ -227,7 +291,9 @@ describe('one run over a directory of hostile files', () => {
   });
 
   test('unreadable and skipped inputs are reported per file with the reason; the empty file and the empty tree are not errors', async () => {
-    const files = await db.query(`SELECT source_file, status, documents::int AS documents, error FROM etl.batch_files ORDER BY source_file`);
+    const files = await db.query(
+      `SELECT source_file, status, documents::int AS documents, error FROM etl.batch_files ORDER BY source_file`,
+    );
     const by = new Map(files.map((x) => [path.relative(input, x.source_file), x]));
     expect(by.get('damaged.ndjson.gz')).toMatchObject({ status: 'unreadable', documents: 0 });
     expect(by.get('damaged.ndjson.gz')!.error).toMatch(/^Z_DATA_ERROR: .* \(after \d+ bytes\)$/);
@@ -262,7 +328,9 @@ describe('one run over a directory of hostile files', () => {
                                  JOIN clinical.visits v USING (patient_key) WHERE p.source_patient_id = 'D-2'`);
     expect(d2).toEqual({ given_name: null, family_name: null, facility_id: null, facility_name: null });
     // H-4's extreme but finite doubles and K-4's colons were no reason to refuse them.
-    const [h4] = await db.query(`SELECT payload->>'largest' AS largest, payload->>'smallest' AS smallest FROM landing.raw_documents WHERE payload->>'patient_id' = 'H-4'`);
+    const [h4] = await db.query(
+      `SELECT payload->>'largest' AS largest, payload->>'smallest' AS smallest FROM landing.raw_documents WHERE payload->>'patient_id' = 'H-4'`,
+    );
     expect(Number(h4.largest)).toBe(1.7976931348623157e308);
     expect(Number(h4.smallest)).toBe(5e-324);
   });

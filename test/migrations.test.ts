@@ -74,15 +74,18 @@ describe('up, down, up', () => {
       expect.arrayContaining(['landing.raw_documents', 'etl.batches', 'clinical.patients', 'clinical.visits', 'etl.batch_summary']),
     );
     expect(first.functions.map((f: any) => `${f.nspname}.${f.proname}`)).toContain('etl.transform_batch');
-    expect(first.functions.find((f: any) => f.proname === 'transform_batch')!.definition).toMatch(/CREATE OR REPLACE FUNCTION etl\.transform_batch/);
+    expect(first.functions.find((f: any) => f.proname === 'transform_batch')!.definition).toMatch(
+      /CREATE OR REPLACE FUNCTION etl\.transform_batch/,
+    );
     expect(first.columns.length).toBeGreaterThan(50);
     expect(first.indexes.length).toBeGreaterThan(5);
     expect(first.constraints.length).toBeGreaterThan(5);
 
     // Use the schema the way the transform does: a yearly visits partition is created at run time.
     await withClient(url, (c) => c.query('SELECT etl.ensure_visit_partitions(ARRAY[2024])'));
-    const [{ n: partitions }] = await withClient(url, async (c) =>
-      (await c.query(`SELECT count(*)::int AS n FROM pg_inherits WHERE inhparent = 'clinical.visits'::regclass`)).rows,
+    const [{ n: partitions }] = await withClient(
+      url,
+      async (c) => (await c.query(`SELECT count(*)::int AS n FROM pg_inherits WHERE inhparent = 'clinical.visits'::regclass`)).rows,
     );
     expect(partitions).toBe(1);
 
@@ -108,7 +111,7 @@ describe('up, down, up', () => {
     expect(await catalogSnapshot(url)).toEqual(first);
   });
 
-  test('each migration\'s Down restores exactly the schema before it', async () => {
+  test("each migration's Down restores exactly the schema before it", async () => {
     // A Down that restates a function (0004 restores 0003's definitions) must restore it whole:
     // the catalog after up to N-1 equals the catalog after up to N and down one.
     const url = await freshDatabase();
@@ -173,22 +176,28 @@ describe('0005: rejects stored once', () => {
         { first: 5, first_batch: 1, last: 6, last_batch: 2, deliveries: 2, reason: '$: too large' },
       ]);
       // Every delivery is still listed, by batch, with its reason.
-      const { rows: deliveries } = await c.query(`SELECT document_id::int AS document_id, batch_id::int AS batch_id, line::int AS line, reason
+      const { rows: deliveries } =
+        await c.query(`SELECT document_id::int AS document_id, batch_id::int AS batch_id, line::int AS line, reason
                                                   FROM etl.batch_rejects ORDER BY 1`);
       expect(deliveries).toEqual(before);
     });
 
     await migrate(url, 'down', { count: 1 });
     expect(await withClient(url, async (c) => (await c.query(perDelivery)).rows)).toEqual(before);
-    const [{ zeros }] = await withClient(url, async (c) =>
-      (await c.query(`SELECT count(*)::int AS zeros FROM landing.raw_documents WHERE content_sha256 = '${zero}'`)).rows);
+    const [{ zeros }] = await withClient(
+      url,
+      async (c) => (await c.query(`SELECT count(*)::int AS zeros FROM landing.raw_documents WHERE content_sha256 = '${zero}'`)).rows,
+    );
     expect(zeros).toBe(2);
   });
 });
 
 describe('concurrent migrate up', () => {
   async function appliedOnce(url: string) {
-    const rows = await withClient(url, async (c) => (await c.query(`SELECT name, count(*)::int AS n FROM public.${MIGRATIONS_TABLE} GROUP BY name ORDER BY name`)).rows);
+    const rows = await withClient(
+      url,
+      async (c) => (await c.query(`SELECT name, count(*)::int AS n FROM public.${MIGRATIONS_TABLE} GROUP BY name ORDER BY name`)).rows,
+    );
     expect(rows).toEqual(migrationNames().map((name) => ({ name, n: 1 })));
   }
 
@@ -210,9 +219,15 @@ describe('concurrent migrate up', () => {
       const running = [1, 2].map((i) => migrate(url, 'up', { log: (m) => waited.push(`${i}: ${m}`) }));
       // Both are blocked on the lock (visible in pg_locks) before it is released.
       await expect
-        .poll(async () => (await holder.query(`SELECT count(*)::int AS n FROM pg_locks
+        .poll(
+          async () =>
+            (
+              await holder.query(`SELECT count(*)::int AS n FROM pg_locks
                            WHERE locktype = 'advisory' AND NOT granted
-                             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`)).rows[0].n, { timeout: 10_000 })
+                             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`)
+            ).rows[0].n,
+          { timeout: 10_000 },
+        )
         .toBe(2);
       expect(waited.sort()).toEqual(['1: waiting for another migration to finish', '2: waiting for another migration to finish']);
       await holder.query(`SELECT pg_advisory_unlock(${MIGRATE_LOCK_ID})`);
@@ -245,13 +260,17 @@ function manifestProblems(dir: string): string[] {
     if (listed.has(m[2])) problems.push(`${m[2]} is listed twice in ${MANIFEST}`);
     listed.set(m[2], m[1]);
   }
-  const files = readdirSync(dir).filter((f) => f.endsWith('.sql')).sort();
+  const files = readdirSync(dir)
+    .filter((f) => f.endsWith('.sql'))
+    .sort();
   for (const [file, sha] of listed) {
     if (!files.includes(file)) {
       problems.push(`${file} is listed in ${MANIFEST} but missing: released migrations are never removed`);
       continue;
     }
-    const actual = createHash('sha256').update(readFileSync(path.join(dir, file))).digest('hex');
+    const actual = createHash('sha256')
+      .update(readFileSync(path.join(dir, file)))
+      .digest('hex');
     if (actual !== sha) {
       problems.push(
         `${file} changed (sha256 ${actual}, released as ${sha}): released migrations are immutable; ` +
@@ -275,9 +294,18 @@ describe('released migrations are immutable', () => {
     try {
       cpSync(MIGRATIONS_DIR, dir, { recursive: true });
       // Against the manifest of the copy itself, so this test does not depend on the real files' state.
-      const files = readdirSync(dir).filter((f) => f.endsWith('.sql')).sort();
+      const files = readdirSync(dir)
+        .filter((f) => f.endsWith('.sql'))
+        .sort();
       const manifest = (names: string[]) =>
-        names.map((f) => `${createHash('sha256').update(readFileSync(path.join(dir, f))).digest('hex')}  ${f}`).join('\n') + '\n';
+        names
+          .map(
+            (f) =>
+              `${createHash('sha256')
+                .update(readFileSync(path.join(dir, f)))
+                .digest('hex')}  ${f}`,
+          )
+          .join('\n') + '\n';
       writeFileSync(path.join(dir, MANIFEST), `# header\n\n${manifest(files)}`);
       expect(manifestProblems(dir)).toEqual([]);
 

@@ -96,8 +96,13 @@ const b = (s: string | Buffer): Buffer => (typeof s === 'string' ? Buffer.from(s
 const len = (s: string): number => Buffer.byteLength(s, 'utf8');
 
 type Where = { line?: number; item?: number; at: number };
-const doc = (text: string | Buffer, w: Where) =>
-  ({ kind: 'document', bytes: b(text), line: w.line ?? null, item: w.item ?? null, byteOffset: w.at });
+const doc = (text: string | Buffer, w: Where) => ({
+  kind: 'document',
+  bytes: b(text),
+  line: w.line ?? null,
+  item: w.item ?? null,
+  byteOffset: w.at,
+});
 const reject = (text: string | Buffer | null, reason: string | RegExp, w: Where) => ({
   kind: 'reject',
   bytes: text === null ? null : b(text),
@@ -134,10 +139,7 @@ function layout(pieces: Array<string | [string]>): { input: string; docs: Array<
 describe('readNdjson', () => {
   it('reads one document per line with 1-based lines and byte offsets', async () => {
     // {"id":1} is 8 bytes, so line 2 starts at byte 9.
-    expect(await ndjson('{"id":1}\n{"id":2}\n')).toEqual([
-      doc('{"id":1}', { line: 1, at: 0 }),
-      doc('{"id":2}', { line: 2, at: 9 }),
-    ]);
+    expect(await ndjson('{"id":1}\n{"id":2}\n')).toEqual([doc('{"id":1}', { line: 1, at: 0 }), doc('{"id":2}', { line: 2, at: 9 })]);
   });
 
   it('skips a leading BOM (counted in offsets), CRLF, blank and whitespace-only lines, and trims spaces', async () => {
@@ -159,10 +161,7 @@ describe('readNdjson', () => {
   });
 
   it('reads a last line without a newline, and ignores trailing blank lines', async () => {
-    expect(await ndjson('{"a":1}\n{"b":2}')).toEqual([
-      doc('{"a":1}', { line: 1, at: 0 }),
-      doc('{"b":2}', { line: 2, at: 8 }),
-    ]);
+    expect(await ndjson('{"a":1}\n{"b":2}')).toEqual([doc('{"a":1}', { line: 1, at: 0 }), doc('{"b":2}', { line: 2, at: 8 })]);
     expect(await ndjson('{"a":1}\r\n\r\n\n   \n')).toEqual([doc('{"a":1}', { line: 1, at: 0 })]);
   });
 
@@ -314,7 +313,27 @@ describe('readNdjson', () => {
   });
 
   it('reads any sequence of JSON lines under random chunkings (property)', async () => {
-    const unit = fc.constantFrom('a', 'Z', ' ', '"', '\\', ']', '[', '{', '}', ',', ':', '\t', '\n', '\r', 'é', '東', '😀', '\u2028', '\u0001');
+    const unit = fc.constantFrom(
+      'a',
+      'Z',
+      ' ',
+      '"',
+      '\\',
+      ']',
+      '[',
+      '{',
+      '}',
+      ',',
+      ':',
+      '\t',
+      '\n',
+      '\r',
+      'é',
+      '東',
+      '😀',
+      '\u2028',
+      '\u0001',
+    );
     const value = fc.jsonValue({ stringUnit: unit, maxDepth: 3 });
     const lineEnd = fc.constantFrom('\n', '\r\n', ' \n', '\n\n', '\r\n \t\r\n');
     const lead = fc.constantFrom('', ' ', '\t ');
@@ -399,16 +418,10 @@ describe('readJson: a top-level array', () => {
     ]);
     expect(await json('[ 1 , 2 ]')).toEqual([doc('1', { item: 0, at: 2 }), doc('2', { item: 1, at: 6 })]);
     // [ 0, \r\n 1-2, spaces 3-4, true 5-8, ',' 9, \r\n 10-11, spaces 12-13, null 14-17
-    expect(await json('[\r\n  true,\r\n  null\r\n]\r\n')).toEqual([
-      doc('true', { item: 0, at: 5 }),
-      doc('null', { item: 1, at: 14 }),
-    ]);
+    expect(await json('[\r\n  true,\r\n  null\r\n]\r\n')).toEqual([doc('true', { item: 0, at: 5 }), doc('null', { item: 1, at: 14 })]);
     expect(await json('\uFEFF[{"a":1}]')).toEqual([doc('{"a":1}', { item: 0, at: 4 })]);
     // "é" is 4 bytes (1-4), ',' at 5
-    expect(await json('["é",{"k":"東"}]')).toEqual([
-      doc('"é"', { item: 0, at: 1 }),
-      doc('{"k":"東"}', { item: 1, at: 6 }),
-    ]);
+    expect(await json('["é",{"k":"東"}]')).toEqual([doc('"é"', { item: 0, at: 1 }), doc('{"k":"東"}', { item: 1, at: 6 })]);
   });
 
   it('yields nothing for an empty array', async () => {
@@ -526,7 +539,8 @@ describe('readJson: a top-level array', () => {
   });
 
   it('is a file error when a separator or a value is missing', async () => {
-    const sep = (item: number, at: number) => fileError(at, `$: not valid JSON: expected ',' or ']' after array item ${item} (at byte ${at})`);
+    const sep = (item: number, at: number) =>
+      fileError(at, `$: not valid JSON: expected ',' or ']' after array item ${item} (at byte ${at})`);
     const value = (item: number, at: number) => fileError(at, `$: not valid JSON: expected a value for array item ${item} (at byte ${at})`);
     expect(await json('[1 2]')).toEqual([doc('1', { item: 0, at: 1 }), sep(0, 3)]);
     expect(await json('[{"a":1}{"b":2}]')).toEqual([doc('{"a":1}', { item: 0, at: 1 }), sep(0, 8)]);
@@ -592,7 +606,11 @@ describe('the fixtures (read as byte streams of 1, 7 and 64 KiB chunks)', () => 
 
   it('valid/array.json: items 0-2; valid/with-bom.json: one object at byte 3', async () => {
     const events = await read(readJson, 'valid/array.json');
-    expect(events.map((e) => e.kind === 'document' && [e.line, e.item])).toEqual([[null, 0], [null, 1], [null, 2]]);
+    expect(events.map((e) => e.kind === 'document' && [e.line, e.item])).toEqual([
+      [null, 0],
+      [null, 1],
+      [null, 2],
+    ]);
     expect(events[0].byteOffset).toBe(4); // after '[\n  '
     const bom = await read(readJson, 'valid/with-bom.json');
     expect(bom).toHaveLength(1);
@@ -732,6 +750,8 @@ describe('memory', () => {
     expect(last!.byteOffset).toBe(lastLineAt);
     // Holding the input would take at least 200 MB; a streaming reader stays far below.
     expect(peak).toBeLessThan(128 * 1024 * 1024);
-    console.log(`memory test: ${count} documents, ${(produced / 1048576).toFixed(0)} MiB in ${seconds.toFixed(1)} s, peak +${(peak / 1048576).toFixed(0)} MiB`);
+    console.log(
+      `memory test: ${count} documents, ${(produced / 1048576).toFixed(0)} MiB in ${seconds.toFixed(1)} s, peak +${(peak / 1048576).toFixed(0)} MiB`,
+    );
   }, 60_000);
 });

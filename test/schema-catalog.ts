@@ -117,7 +117,15 @@ function grantLines(kind: string, name: string, grants: string | null): string[]
 }
 
 const RELKIND: Record<string, string> = {
-  r: 'TABLE', p: 'TABLE', f: 'FOREIGN TABLE', v: 'VIEW', m: 'MATERIALIZED VIEW', S: 'SEQUENCE', c: 'TYPE', i: 'INDEX', I: 'INDEX',
+  r: 'TABLE',
+  p: 'TABLE',
+  f: 'FOREIGN TABLE',
+  v: 'VIEW',
+  m: 'MATERIALIZED VIEW',
+  S: 'SEQUENCE',
+  c: 'TYPE',
+  i: 'INDEX',
+  I: 'INDEX',
 };
 
 /**
@@ -133,13 +141,22 @@ export function renderSchema(cat: Catalog): string {
   const q = (schema: string, name: string) => `${schema}.${name}`;
   const partitions = new Set(cat.relations.filter((r) => r.relispartition).map((r) => q(r.nspname, r.relname)));
   const keep = (schema: string, rel: string) => !partitions.has(q(schema, rel));
-  const columns = groupBy(cat.columns.filter((c) => keep(c.nspname, c.relname)), (c) => q(c.nspname, c.relname));
+  const columns = groupBy(
+    cat.columns.filter((c) => keep(c.nspname, c.relname)),
+    (c) => q(c.nspname, c.relname),
+  );
   const constraints = groupBy(
     cat.constraints.filter((c) => c.contype !== 'n' && keep(c.nspname, c.relname)),
     (c) => q(c.nspname, c.relname),
   );
-  const indexes = groupBy(cat.indexes.filter((i) => keep(i.schemaname, i.tablename)), (i) => q(i.schemaname, i.tablename));
-  const triggers = groupBy(cat.triggers.filter((t) => keep(t.nspname, t.relname)), (t) => q(t.nspname, t.relname));
+  const indexes = groupBy(
+    cat.indexes.filter((i) => keep(i.schemaname, i.tablename)),
+    (i) => q(i.schemaname, i.tablename),
+  );
+  const triggers = groupBy(
+    cat.triggers.filter((t) => keep(t.nspname, t.relname)),
+    (t) => q(t.nspname, t.relname),
+  );
   const views = new Map(cat.views.map((v) => [q(v.schemaname, v.viewname), v]));
   const sequences = new Map(cat.sequences.map((s) => [q(s.schemaname, s.sequencename), s]));
   const relComments = new Map(
@@ -181,7 +198,10 @@ export function renderSchema(cat: Catalog): string {
     if (s.comment !== null) out.push(`COMMENT ON SCHEMA ${schema} IS ${literal(s.comment)};`);
     out.push(...grantLines('schema', schema, s.grants));
 
-    for (const t of sorted(cat.types.filter((t) => t.nspname === schema), (t) => t.typname)) {
+    for (const t of sorted(
+      cat.types.filter((t) => t.nspname === schema),
+      (t) => t.typname,
+    )) {
       const name = q(schema, t.typname);
       if (t.typtype === 'e') {
         block(`CREATE TYPE ${name} AS ENUM (${t.labels.split(',').map(literal).join(', ')});`);
@@ -229,12 +249,19 @@ export function renderSchema(cat: Catalog): string {
           r.partition_key ? ` PARTITION BY ${r.partition_key}` : '',
           r.reloptions ? ` WITH (${r.reloptions.join(', ')})` : '',
         ].join('');
-        block(`CREATE ${unlogged}${r.relkind === 'c' ? 'TYPE' : kind} ${name}${r.relkind === 'c' ? ' AS' : ''} (`, ...body.map((l, i) => `  ${l}${i < body.length - 1 ? ',' : ''}`), `)${tail};`);
+        block(
+          `CREATE ${unlogged}${r.relkind === 'c' ? 'TYPE' : kind} ${name}${r.relkind === 'c' ? ' AS' : ''} (`,
+          ...body.map((l, i) => `  ${l}${i < body.length - 1 ? ',' : ''}`),
+          `)${tail};`,
+        );
       }
       out.push(...relationTail(name, kind), ...grantLines(kind.toLowerCase(), name, r.grants));
     }
 
-    for (const f of sorted(cat.functions.filter((f) => f.nspname === schema), (f) => `${f.proname}(${f.args})`)) {
+    for (const f of sorted(
+      cat.functions.filter((f) => f.nspname === schema),
+      (f) => `${f.proname}(${f.args})`,
+    )) {
       const name = `${q(schema, f.proname)}(${f.args})`;
       const kind = f.prokind === 'p' ? 'PROCEDURE' : 'FUNCTION';
       block(`${trimEnd(f.definition)};`);

@@ -95,7 +95,9 @@ function expectOneClearLine(r: CliResult): void {
   const lines = stderrLines(r);
   expect(lines, r.stderr).toHaveLength(1);
   expect(lines[0]).toMatch(
-    new RegExp(`^healthetl: PostgreSQL at 127\\.0\\.0\\.1:${port}/postgres shut down or restarted during the command \\(57P01\\): .*run the same command again$`),
+    new RegExp(
+      `^healthetl: PostgreSQL at 127\\.0\\.0\\.1:${port}/postgres shut down or restarted during the command \\(57P01\\): .*run the same command again$`,
+    ),
   );
   expect(r.stdout + r.stderr).not.toMatch(/\n\s+at .+:\d+:\d+/); // no stack trace
   expect(r.stdout + r.stderr).not.toMatch(/\b9\d\d-\d\d-\d{4}\b/); // no document content (generated SSNs)
