@@ -63,8 +63,10 @@ test('the transform is a driver of steps: etl.transform_batch and etl.transform_
                                   WHERE p.oid IN ('etl.transform_batch(bigint, int, int, int)'::regprocedure,
                                                   'etl.transform_documents(bigint, int, int, bigint[])'::regprocedure)`);
   expect(drivers).toHaveLength(2);
-  const steps = (await db.query(`SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                                 WHERE n.nspname = 'etl' AND p.proname LIKE 'step\\_%' ORDER BY 1`)).map((r) => r.proname as string);
+  const steps = (
+    await db.query(`SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                                 WHERE n.nspname = 'etl' AND p.proname LIKE 'step\\_%' ORDER BY 1`)
+  ).map((r) => r.proname as string);
   expect(steps.length).toBeGreaterThan(10);
   for (const s of steps) expect(drivers.map((d) => d.prosrc).join('\n'), s).toContain(`etl.${s}(`);
   for (const d of drivers) expect(d.prosrc.split('\n').length).toBeLessThanOrEqual(60);
@@ -80,6 +82,16 @@ test('no function in our schemas can be hijacked: each pins search_path or has a
   expect(fns.length).toBeGreaterThan(40);
   expect(fns.filter((f) => !f.standard_body && !f.pinned).map((f) => f.name)).toEqual([]);
   // The per-value helpers stay inlinable: SQL-standard bodies, no SET clause.
-  const helpers = ['etl.jtext(j jsonb)', 'etl.is_ymd(t text)', 'etl.to_visit_date(t text)', 'etl.patient_id_of(j jsonb)', 'etl.sex_of(j jsonb)'];
-  for (const h of helpers) expect(fns.find((f) => f.name === h), h).toMatchObject({ lanname: 'sql', standard_body: true, pinned: false });
+  const helpers = [
+    'etl.jtext(j jsonb)',
+    'etl.is_ymd(t text)',
+    'etl.to_visit_date(t text)',
+    'etl.patient_id_of(j jsonb)',
+    'etl.sex_of(j jsonb)',
+  ];
+  for (const h of helpers)
+    expect(
+      fns.find((f) => f.name === h),
+      h,
+    ).toMatchObject({ lanname: 'sql', standard_body: true, pinned: false });
 });

@@ -338,7 +338,23 @@ describe('PHI never in output', () => {
 
   test('the collector found the PHI of the fixtures', () => {
     // Hand-picked from the fixture files, including the gzipped file and the malformed one.
-    for (const v of ['Testperson', 'Quinn', '000-00-0001', 'MRN-0001', '+1-555-0100', 'ada.testperson@example.invalid', '1970-01-15', 'Fictional note: cough and fever for 3 days.', '李', '小龍', 'Müller', 'Kim', 'Gzipped', 'Mia', 'Truncated']) {
+    for (const v of [
+      'Testperson',
+      'Quinn',
+      '000-00-0001',
+      'MRN-0001',
+      '+1-555-0100',
+      'ada.testperson@example.invalid',
+      '1970-01-15',
+      'Fictional note: cough and fever for 3 days.',
+      '李',
+      '小龍',
+      'Müller',
+      'Kim',
+      'Gzipped',
+      'Mia',
+      'Truncated',
+    ]) {
       expect(phi, v).toContain(v);
     }
     expect(phi.size).toBeGreaterThan(60);
@@ -379,7 +395,9 @@ describe('standard input', () => {
   });
 
   test('run - --stdin-format json loads a JSON array piped in', async () => {
-    const r = await healthetl(db(d, 'run', '-', '--stdin-format', 'json'), { input: readFileSync(path.join(PROJECT_DIR, 'fixtures/valid/array.json')) });
+    const r = await healthetl(db(d, 'run', '-', '--stdin-format', 'json'), {
+      input: readFileSync(path.join(PROJECT_DIR, 'fixtures/valid/array.json')),
+    });
     expect(r.code, r.stderr).toBe(0);
     expect(finished(r)).toMatchObject({ documents: 3, loaded: 3, rejected: 0 });
     const items = await d.query(`SELECT item::int FROM landing.raw_documents WHERE format = 'json' ORDER BY item`);
@@ -432,7 +450,12 @@ describe('load then transform equals run', () => {
 
     const transform = await healthetl(db(viaSteps, 'transform'));
     expect(transform.code, transform.stderr).toBe(4);
-    expect(jsonLines(transform.stdout).find((l) => l.msg === 'batch transformed')).toMatchObject({ documents: 51, loaded: 23, rejected: 28, problems: 12 });
+    expect(jsonLines(transform.stdout).find((l) => l.msg === 'batch transformed')).toMatchObject({
+      documents: 51,
+      loaded: 23,
+      rejected: 28,
+      problems: 12,
+    });
 
     expect(await clinicalCounts(viaRun.query)).toEqual(expected);
     expect(await clinicalCounts(viaSteps.query)).toEqual(expected);
@@ -457,7 +480,10 @@ describe('load then transform equals run', () => {
     const outcome = await d.query(`
       SELECT d.status, count(*)::int AS n FROM landing.raw_documents d
       WHERE d.source_file = 'fixtures/snapshots/v2.ndjson' GROUP BY 1 ORDER BY 1`);
-    expect(outcome).toEqual([{ status: 'duplicate', n: 1 }, { status: 'loaded', n: 1 }]);
+    expect(outcome).toEqual([
+      { status: 'duplicate', n: 1 },
+      { status: 'loaded', n: 1 },
+    ]);
   });
 });
 
@@ -553,7 +579,9 @@ describe('concurrent runs on overlapping inputs', () => {
     const expected = [[17, 2, 0], ...Array.from({ length: n - 1 }, () => [0, 0, 19])].sort();
     expect(outcomes).toEqual(expected);
     // No document's bytes were loaded twice.
-    expect(await d.query(`SELECT content_sha256 FROM landing.raw_documents WHERE status = 'loaded' GROUP BY 1 HAVING count(*) > 1`)).toEqual([]);
+    expect(
+      await d.query(`SELECT content_sha256 FROM landing.raw_documents WHERE status = 'loaded' GROUP BY 1 HAVING count(*) > 1`),
+    ).toEqual([]);
 
     // What each process reported for its own batch adds up and matches status.
     const byBatch = new Map(batches.map((b) => [b.batch_id, b]));

@@ -25,7 +25,8 @@ import {
   runCli,
   startCli,
   stderrLines,
-  writeNdjson, writePatientFiles,
+  writeNdjson,
+  writePatientFiles,
   type CliResult,
   type Expected,
   type TableFingerprint,
@@ -96,7 +97,10 @@ describe('reconciliation: received = loaded + rejected + duplicate + superseded 
     expect(bad.code, bad.stderr).toBe(6);
     const [badLine] = jsonLines(bad.stdout).filter((l) => l.msg === 'batch');
     expect(badLine).toMatchObject({ batch_id: batch, received: 16, landed: 15, loaded: 15, balanced: false });
-    expect(jsonLines(bad.stdout).find((l) => l.level === 50)).toMatchObject({ batches: [batch], msg: expect.stringContaining(`batch ${batch}`) });
+    expect(jsonLines(bad.stdout).find((l) => l.level === 50)).toMatchObject({
+      batches: [batch],
+      msg: expect.stringContaining(`batch ${batch}`),
+    });
     // Without --batch too: any unbalanced batch makes the exit code 6.
     expect((await runCli(on(db, 'status'))).code).toBe(6);
 
@@ -165,7 +169,14 @@ describe('a loader killed with SIGKILL mid-file, a transform killed with SIGKILL
     // Files are staged in order, one transaction each: a prefix of the list, each complete.
     expect(files.length).toBeGreaterThanOrEqual(1);
     expect(files.length).toBeLessThan(FILES.length);
-    expect(files).toEqual(FILES.slice(0, files.length).map((f) => ({ source_file: path.join(input, f), status: 'staged', documents: PER_FILE, rows: PER_FILE })));
+    expect(files).toEqual(
+      FILES.slice(0, files.length).map((f) => ({
+        source_file: path.join(input, f),
+        status: 'staged',
+        documents: PER_FILE,
+        rows: PER_FILE,
+      })),
+    );
     const [landed] = await db.query(`SELECT count(*)::int AS n, count(DISTINCT source_file)::int AS files FROM landing.raw_documents`);
     expect(landed).toEqual({ n: files.length * PER_FILE, files: files.length });
     expect(countsOf(await fingerprint(db.query))).toEqual({ patients: 0, visits: 0, diagnoses: 0, treatments: 0, provider_notes: 0 });
@@ -234,7 +245,10 @@ describe('two, then four, runs at once on overlapping inputs', () => {
     const mix = (a: string, b: string) => {
       const x = docsByFile.get(a)!;
       const y = docsByFile.get(b)!;
-      return { docs: [...x.docs.slice(0, PER / 2), ...y.docs.slice(PER / 2)], lines: [...x.lines.slice(0, PER / 2), ...y.lines.slice(PER / 2)] };
+      return {
+        docs: [...x.docs.slice(0, PER / 2), ...y.docs.slice(PER / 2)],
+        lines: [...x.lines.slice(0, PER / 2), ...y.lines.slice(PER / 2)],
+      };
     };
     docsByFile.set('mix1', mix('c0', 'c2'));
     docsByFile.set('mix2', mix('d0', 'd3'));
@@ -254,9 +268,18 @@ describe('two, then four, runs at once on overlapping inputs', () => {
       // No warning or error; the only lines besides the usual ones say that a run waits or leaves
       // a batch another process is still loading to that process.
       expect(lines.filter((l) => l.level >= 40)).toEqual([]);
-      const usual = new Set(['file staged', 'file already loaded: documents counted as duplicates', 'batch staged', 'batch transformed', 'run finished', 'nothing to transform']);
+      const usual = new Set([
+        'file staged',
+        'file already loaded: documents counted as duplicates',
+        'batch staged',
+        'batch transformed',
+        'run finished',
+        'nothing to transform',
+      ]);
       for (const l of lines.filter((x) => !usual.has(x.msg))) {
-        expect(l.msg).toMatch(/^waiting for another run to finish transforming|^batch \d+ is still being loaded by another process; left for a later run$/);
+        expect(l.msg).toMatch(
+          /^waiting for another run to finish transforming|^batch \d+ is still being loaded by another process; left for a later run$/,
+        );
         expect(l.level).toBe(30);
       }
     }
@@ -374,7 +397,7 @@ describe('a transform meets a batch whose loader is still staging a file', () =>
     // chunkBytes 1: every document is COPYed as soon as it is read, inside the file's open transaction.
     const loading = loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], { stdin, chunkBytes: 1 });
     stdin.write(lines.slice(0, 10).join('\n') + '\n');
-    await pollUntil('landing rows in the loader\'s open transaction', async () => {
+    await pollUntil("landing rows in the loader's open transaction", async () => {
       const [r] = await db.query(`SELECT count(*)::int AS n FROM pg_locks l JOIN pg_stat_activity a USING (pid)
                                   WHERE a.application_name = 'healthetl' AND l.relation = 'landing.raw_documents'::regclass
                                     AND l.mode = 'RowExclusiveLock' AND a.datname = current_database()`);
@@ -439,7 +462,10 @@ describe('a batch that fails does not hold back the batches after it', () => {
       const r = await runCli(on(db, 'transform'), { env: childEnv({ HEALTHETL_LOCK_TIMEOUT_MS: '300' }) });
       expect(r.code, r.stderr).toBe(1);
       const lines = jsonLines(r.stdout);
-      expect(lines.find((l) => String(l.msg).startsWith('batch failed'))).toMatchObject({ batch: 2, error: expect.stringContaining('lock_timeout') });
+      expect(lines.find((l) => String(l.msg).startsWith('batch failed'))).toMatchObject({
+        batch: 2,
+        error: expect.stringContaining('lock_timeout'),
+      });
       expect(lines.find((l) => l.msg === 'batch transformed')).toMatchObject({ batch: 3, loaded: 10 });
       expect(stderrLines(r)).toEqual([expect.stringContaining('lock_timeout')]);
     } finally {
@@ -454,7 +480,10 @@ describe('a batch that fails does not hold back the batches after it', () => {
 
     const again = await runCli(on(db, 'transform'));
     expect(again.code, again.stderr).toBe(0);
-    const [p] = await db.query(`SELECT source_updated_at = '2026-01-01T00:00:00Z' AS newer, batch_id::int FROM clinical.patients WHERE source_patient_id = $1`, [p3.patient_id]);
+    const [p] = await db.query(
+      `SELECT source_updated_at = '2026-01-01T00:00:00Z' AS newer, batch_id::int FROM clinical.patients WHERE source_patient_id = $1`,
+      [p3.patient_id],
+    );
     expect(p).toEqual({ newer: true, batch_id: 2 });
     expect((await db.query(`SELECT count(*)::int AS n FROM clinical.patients`))[0].n).toBe(20);
   });

@@ -93,7 +93,11 @@ describe('limits are checked up front: a reject naming the field, never a failed
       const [batch] = await db.query(`SELECT status, balanced FROM etl.batch_summary WHERE batch_id = $1`, [r.batchId]);
       expect(batch).toEqual({ status: 'transformed', balanced: true });
       // The long treatment name (optional) loads as NULL with a problem naming the field.
-      expect(await db.query(`SELECT t.name FROM clinical.treatments t JOIN clinical.patients p USING (patient_key) WHERE p.source_patient_id = 'L-N'`)).toEqual([{ name: null }]);
+      expect(
+        await db.query(
+          `SELECT t.name FROM clinical.treatments t JOIN clinical.patients p USING (patient_key) WHERE p.source_patient_id = 'L-N'`,
+        ),
+      ).toEqual([{ name: null }]);
       expect(await db.query(`SELECT field, problem FROM etl.document_problems`)).toEqual([
         { field: 'visits[0].treatments[0].name', problem: 'longer than 1000 bytes' },
       ]);
@@ -206,9 +210,11 @@ describe('patient identity: one canonical form', () => {
       expect((await client.query(`SELECT count(*)::int AS n FROM clinical.patients`)).rows[0].n).toBe(7);
 
       await migrate(url, 'up');
-      const patients = (await client.query(`SELECT p.source_patient_id AS id, array_agg(v.source_visit_id) AS visits
+      const patients = (
+        await client.query(`SELECT p.source_patient_id AS id, array_agg(v.source_visit_id) AS visits
                                             FROM clinical.patients p LEFT JOIN clinical.visits v USING (patient_key)
-                                            GROUP BY 1 ORDER BY 1`)).rows;
+                                            GROUP BY 1 ORDER BY 1`)
+      ).rows;
       expect(patients).toEqual([
         { id: '12', visits: ['NEW'] },
         { id: '7', visits: [null] },
@@ -222,7 +228,8 @@ describe('patient identity: one canonical form', () => {
         'Jos\u00e9',
       ]);
       // The losers' current documents count as superseded now; every batch still balances.
-      const statuses = (await client.query(`SELECT payload->>'patient_id' AS id, status FROM landing.raw_documents ORDER BY document_id`)).rows;
+      const statuses = (await client.query(`SELECT payload->>'patient_id' AS id, status FROM landing.raw_documents ORDER BY document_id`))
+        .rows;
       expect(statuses.map((s) => s.status)).toEqual(['superseded', 'loaded', 'superseded', 'loaded', 'superseded', 'loaded', 'loaded']);
       expect((await client.query(`SELECT bool_and(balanced) AS ok FROM etl.batch_summary`)).rows[0].ok).toBe(true);
     } finally {
@@ -237,9 +244,24 @@ describe('the last line of defence: a document the server refuses is rejected wi
   // Server errors the rules cannot foresee, planted the way a DBA might: a CHECK constraint
   // (23514), an index on a column the contract does not limit (54000), a cast in a CHECK (22P02).
   const plants = [
-    { sqlstate: '23514', plant: `ALTER TABLE clinical.patients ADD CONSTRAINT test_plant CHECK (family_name IS DISTINCT FROM 'Poison') NOT VALID`, drop: `ALTER TABLE clinical.patients DROP CONSTRAINT test_plant`, bad: { name: { family: 'Poison' } } },
-    { sqlstate: '54000', plant: `CREATE INDEX test_plant ON clinical.patients (given_name)`, drop: `DROP INDEX clinical.test_plant`, bad: { name: { given: Array.from({ length: 4000 }, (_, i) => String.fromCharCode(0x4e00 + ((i * 7919) % 20000))).join('') } } },
-    { sqlstate: '22P02', plant: `ALTER TABLE clinical.patients ADD CONSTRAINT test_plant CHECK (mrn IS NULL OR mrn::int > 0) NOT VALID`, drop: `ALTER TABLE clinical.patients DROP CONSTRAINT test_plant`, bad: { mrn: 'CANARY-MRN-731' } },
+    {
+      sqlstate: '23514',
+      plant: `ALTER TABLE clinical.patients ADD CONSTRAINT test_plant CHECK (family_name IS DISTINCT FROM 'Poison') NOT VALID`,
+      drop: `ALTER TABLE clinical.patients DROP CONSTRAINT test_plant`,
+      bad: { name: { family: 'Poison' } },
+    },
+    {
+      sqlstate: '54000',
+      plant: `CREATE INDEX test_plant ON clinical.patients (given_name)`,
+      drop: `DROP INDEX clinical.test_plant`,
+      bad: { name: { given: Array.from({ length: 4000 }, (_, i) => String.fromCharCode(0x4e00 + ((i * 7919) % 20000))).join('') } },
+    },
+    {
+      sqlstate: '22P02',
+      plant: `ALTER TABLE clinical.patients ADD CONSTRAINT test_plant CHECK (mrn IS NULL OR mrn::int > 0) NOT VALID`,
+      drop: `ALTER TABLE clinical.patients DROP CONSTRAINT test_plant`,
+      bad: { mrn: 'CANARY-MRN-731' },
+    },
   ];
   for (const p of plants) {
     for (const shards of [{ shards: 1 }, { shards: 3, shardMinDocuments: 1 }]) {
@@ -247,7 +269,12 @@ describe('the last line of defence: a document the server refuses is rejected wi
         await reset();
         await db.query(p.plant);
         try {
-          const docs = Array.from({ length: 30 }, (_, i) => ({ patient_id: `P-${i}`, mrn: String(i + 1), visits: [visit('V1', '2021-03-04')], ...(i === 6 || i === 22 ? p.bad : {}) }));
+          const docs = Array.from({ length: 30 }, (_, i) => ({
+            patient_id: `P-${i}`,
+            mrn: String(i + 1),
+            visits: [visit('V1', '2021-03-04')],
+            ...(i === 6 || i === 22 ? p.bad : {}),
+          }));
           const r = await run(docs, shards);
           const rows = await outcomes(r.batchId);
           const reason = `$: PostgreSQL refused the document while transforming it (SQLSTATE ${p.sqlstate})`;
@@ -260,7 +287,9 @@ describe('the last line of defence: a document the server refuses is rejected wi
           expect(batch).toEqual({ status: 'transformed', balanced: true, error: null });
           expect((await db.query(`SELECT count(*)::int AS n FROM clinical.visits`))[0].n).toBe(28);
           // The reason never carries the server's message, which quotes the value.
-          const [leak] = await db.query(`SELECT count(*)::int AS n FROM etl.rejected_documents WHERE reason LIKE '%CANARY%' OR array_to_string(all_reasons, ' ') LIKE '%CANARY%'`);
+          const [leak] = await db.query(
+            `SELECT count(*)::int AS n FROM etl.rejected_documents WHERE reason LIKE '%CANARY%' OR array_to_string(all_reasons, ' ') LIKE '%CANARY%'`,
+          );
           expect(leak.n).toBe(0);
         } finally {
           await db.query(p.drop);
@@ -277,7 +306,14 @@ describe('landing keeps one payload per content', () => {
     const a = await run(docs);
     const b = await run(docs);
     expect((await outcomes(a.batchId)).map((x) => x.status)).toEqual(['loaded', 'loaded', 'loaded', 'loaded', 'loaded', 'rejected']);
-    expect((await outcomes(b.batchId)).map((x) => x.status)).toEqual(['duplicate', 'duplicate', 'duplicate', 'duplicate', 'duplicate', 'rejected']);
+    expect((await outcomes(b.batchId)).map((x) => x.status)).toEqual([
+      'duplicate',
+      'duplicate',
+      'duplicate',
+      'duplicate',
+      'duplicate',
+      'rejected',
+    ]);
     const rows = await db.query(`SELECT batch_id::int AS batch, count(*)::int AS rows, count(payload)::int AS payloads
                                  FROM landing.raw_documents GROUP BY 1 ORDER BY 1`);
     expect(rows).toEqual([
@@ -311,12 +347,18 @@ describe('functions cannot be hijacked through public', () => {
       expect(await db.query(`SELECT what FROM public.canary`)).toEqual([{ what: 'format(text, integer)' }]);
       await db.query(`TRUNCATE public.canary`);
 
-      const r = await run([
-        { patient_id: 'H-1', visits: [visit('V1', '2022-01-01', { diagnoses: [{ code: 'E11.9' }], treatments: [{ name: 'x', type: 'bogus' }] })] },
-        { patient_id: 'H-2', visits: [visit('V1', '2022-01-01'), visit('V1', '2022-01-02')] },
-        { patient_id: 'H-3', visits: [visit('V1', '2022-01-01', { diagnoses: [{}] })] },
-        '{"patient_id": "H-4", "visits": [',
-      ], { shards: 2, shardMinDocuments: 1 });
+      const r = await run(
+        [
+          {
+            patient_id: 'H-1',
+            visits: [visit('V1', '2022-01-01', { diagnoses: [{ code: 'E11.9' }], treatments: [{ name: 'x', type: 'bogus' }] })],
+          },
+          { patient_id: 'H-2', visits: [visit('V1', '2022-01-01'), visit('V1', '2022-01-02')] },
+          { patient_id: 'H-3', visits: [visit('V1', '2022-01-01', { diagnoses: [{}] })] },
+          '{"patient_id": "H-4", "visits": [',
+        ],
+        { shards: 2, shardMinDocuments: 1 },
+      );
       expect((await outcomes(r.batchId)).map((x) => x.status)).toEqual(['loaded', 'rejected', 'rejected', 'rejected']);
       expect((await outcomes(r.batchId))[1].reason).toBe('visits[1].visit_id: "V1" is a duplicate of visits[0].visit_id');
       expect(await db.query(`SELECT what FROM public.canary`)).toEqual([]);
@@ -334,7 +376,9 @@ describe('only ASCII digits are digits, also on a database with an ICU locale', 
     await admin.connect();
     try {
       try {
-        await admin.query(`CREATE DATABASE ${name} TEMPLATE template0 ENCODING 'UTF8' LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'`);
+        await admin.query(
+          `CREATE DATABASE ${name} TEMPLATE template0 ENCODING 'UTF8' LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'`,
+        );
       } catch (err) {
         // A server built without ICU cannot have such a database; say so rather than pass.
         expect(String((err as Error).message)).toMatch(/ICU is not supported|locale/i);
@@ -357,8 +401,13 @@ describe('only ASCII digits are digits, also on a database with an ICU locale', 
             { patient_id: 'I-4', visits: [visit('V1', '2020-01-01')] },
           ]);
           await transformPending(p);
-          const rows = (await c.query(`SELECT d.line::int AS line, d.status, r.reason FROM landing.raw_documents d
-                                       LEFT JOIN etl.batch_rejects r USING (document_id) WHERE d.batch_id = $1 ORDER BY 1`, [r.batchId])).rows;
+          const rows = (
+            await c.query(
+              `SELECT d.line::int AS line, d.status, r.reason FROM landing.raw_documents d
+                                       LEFT JOIN etl.batch_rejects r USING (document_id) WHERE d.batch_id = $1 ORDER BY 1`,
+              [r.batchId],
+            )
+          ).rows;
           expect(rows).toEqual([
             { line: 1, status: 'loaded', reason: null },
             { line: 2, status: 'rejected', reason: 'visits[0].visit_date: "٢٠٢٠-01-01" is not a valid date' },
@@ -383,21 +432,27 @@ describe('only ASCII digits are digits, also on a database with an ICU locale', 
 });
 
 describe('what a snapshot deletes is counted', () => {
-  test('a newer snapshot without visits deletes the patient\'s visits and children; the batch says how many', async () => {
+  test("a newer snapshot without visits deletes the patient's visits and children; the batch says how many", async () => {
     await reset();
     await run([
-      { patient_id: 'DEL-1', updated_at: '2024-01-01T00:00:00Z', visits: [
-        visit('V1', '2021-01-01', { diagnoses: [{ code: 'E11.9' }, { code: 'I10' }], treatments: [{ name: 'metformin' }] }),
-        visit('V2', '2021-02-01', { provider_notes: [{ text: 'Seen.' }] }),
-        visit('V3', '2021-03-01'),
-      ] },
+      {
+        patient_id: 'DEL-1',
+        updated_at: '2024-01-01T00:00:00Z',
+        visits: [
+          visit('V1', '2021-01-01', { diagnoses: [{ code: 'E11.9' }, { code: 'I10' }], treatments: [{ name: 'metformin' }] }),
+          visit('V2', '2021-02-01', { provider_notes: [{ text: 'Seen.' }] }),
+          visit('V3', '2021-03-01'),
+        ],
+      },
       { patient_id: 'DEL-2', visits: [visit('V1', '2021-01-01')] },
     ]);
     const r = await stage(db.url(), [{ patient_id: 'DEL-1', updated_at: '2024-02-01T00:00:00Z' }]);
     const [counts] = await db.query(`SELECT * FROM etl.transform_batch($1)`, [r.batchId]);
     // 3 visits; 2 diagnoses + 1 treatment + 1 note; DEL-2 is untouched.
     expect(counts).toMatchObject({ loaded: '1', deleted_visits: '3', deleted_children: '4' });
-    const [summary] = await db.query(`SELECT deleted_visits::int, deleted_children::int FROM etl.batch_summary WHERE batch_id = $1`, [r.batchId]);
+    const [summary] = await db.query(`SELECT deleted_visits::int, deleted_children::int FROM etl.batch_summary WHERE batch_id = $1`, [
+      r.batchId,
+    ]);
     expect(summary).toEqual({ deleted_visits: 3, deleted_children: 4 });
     expect((await db.query(`SELECT count(*)::int AS n FROM clinical.visits`))[0].n).toBe(1);
   });

@@ -42,10 +42,9 @@ async function counts(): Promise<Record<string, number>> {
 }
 
 async function outcomes(batchId: number): Promise<Record<string, number>> {
-  const rows = await db.query(
-    `SELECT status, count(*)::int AS n FROM landing.raw_documents WHERE batch_id = $1 GROUP BY status`,
-    [batchId],
-  );
+  const rows = await db.query(`SELECT status, count(*)::int AS n FROM landing.raw_documents WHERE batch_id = $1 GROUP BY status`, [
+    batchId,
+  ]);
   return Object.fromEntries(rows.map((r) => [r.status, r.n]));
 }
 
@@ -81,7 +80,11 @@ describe('fixtures/valid (every file form in one directory load)', () => {
       `SELECT source_file, line, item, byte_offset FROM landing.raw_documents WHERE batch_id = $1 ORDER BY document_id`,
       [first.batchId],
     );
-    const rel = rows.map((r) => [path.relative(FIX, r.source_file), r.line === null ? null : Number(r.line), r.item === null ? null : Number(r.item)]);
+    const rel = rows.map((r) => [
+      path.relative(FIX, r.source_file),
+      r.line === null ? null : Number(r.line),
+      r.item === null ? null : Number(r.item),
+    ]);
     expect(rel.filter((r) => r[0] === 'valid/array.json')).toEqual([
       ['valid/array.json', null, 0],
       ['valid/array.json', null, 1],
@@ -102,7 +105,9 @@ describe('fixtures/valid (every file form in one directory load)', () => {
     expect(by('default', 'P-1005')).toMatchObject({ sex: 'unknown', family_name: '李', given_name: '小龍' });
     expect(by('default', 'P-1004')).toMatchObject({ given_name: 'José', family_name: 'Müller' });
     expect(p.filter((r) => r.source_system === 'default')).toHaveLength(15);
-    const years = await db.query(`SELECT extract(year FROM visit_date)::int AS y, count(*)::int AS n FROM clinical.visits GROUP BY 1 ORDER BY 1`);
+    const years = await db.query(
+      `SELECT extract(year FROM visit_date)::int AS y, count(*)::int AS n FROM clinical.visits GROUP BY 1 ORDER BY 1`,
+    );
     expect(years).toEqual([
       { y: 2019, n: 1 },
       { y: 2020, n: 2 },
@@ -298,7 +303,13 @@ describe('snapshots: newer replaces, a late older one changes nothing', () => {
     const b2 = await run([path.join(FIX, 'snapshots/v2.ndjson')]);
     expect(await outcomes(b2.batchId)).toEqual({ loaded: 1 });
     const p2 = await patient();
-    expect(p2).toMatchObject({ patient_key: p1.patient_key, city: 'Secondville', given_name: 'Sam', family_name: 'Snapshot', visits: ['S1-V3'] });
+    expect(p2).toMatchObject({
+      patient_key: p1.patient_key,
+      city: 'Secondville',
+      given_name: 'Sam',
+      family_name: 'Snapshot',
+      visits: ['S1-V3'],
+    });
     expect(await counts()).toEqual({ patients: 1, visits: 1, diagnoses: 2, treatments: 0, provider_notes: 0 });
 
     const b3 = await run([path.join(FIX, 'snapshots/v0-late.ndjson')]);
@@ -320,7 +331,7 @@ describe('snapshots: newer replaces, a late older one changes nothing', () => {
     ]) {
       await reset();
       const r = await run(order.map((n) => path.join(FIX, `snapshots/${n}.ndjson`)));
-      expect(await outcomes(r.batchId), order.join(", ")).toEqual({ loaded: 1, superseded: 2 });
+      expect(await outcomes(r.batchId), order.join(', ')).toEqual({ loaded: 1, superseded: 2 });
       expect(await patient()).toMatchObject({ city: 'Secondville', visits: ['S1-V3'] });
     }
   });
@@ -340,7 +351,8 @@ describe('input forms and edge cases', () => {
     await reset();
     dir = await mkdtemp(path.join(os.tmpdir(), 'healthetl-forms-'));
   });
-  const doc = (id: string, extra: object = {}) => JSON.stringify({ patient_id: id, visits: [{ visit_id: 'V1', visit_date: '2022-02-02' }], ...extra });
+  const doc = (id: string, extra: object = {}) =>
+    JSON.stringify({ patient_id: id, visits: [{ visit_id: 'V1', visit_date: '2022-02-02' }], ...extra });
 
   test('stdin: NDJSON, a JSON array, and gzip sniffed by its magic bytes', async () => {
     const a = await run(['-'], Readable.from([Buffer.from(`${doc('IN-1')}\n${doc('IN-2')}\n`)]));
@@ -367,7 +379,9 @@ describe('input forms and edge cases', () => {
     await writeFile(path.join(dir, 'bom.ndjson'), text);
     const r = await run([path.join(dir, 'bom.ndjson')]);
     expect(await outcomes(r.batchId)).toEqual({ loaded: 2 });
-    const rows = await db.query(`SELECT source_patient_id, given_name, family_name FROM clinical.patients WHERE source_patient_id LIKE 'BOM-%' ORDER BY 1`);
+    const rows = await db.query(
+      `SELECT source_patient_id, given_name, family_name FROM clinical.patients WHERE source_patient_id LIKE 'BOM-%' ORDER BY 1`,
+    );
     expect(rows).toEqual([
       { source_patient_id: 'BOM-1', given_name: 'Zoë', family_name: 'Ødegård-Ñúñez' },
       { source_patient_id: 'BOM-2', given_name: null, family_name: '山田' },
@@ -390,14 +404,19 @@ describe('input forms and edge cases', () => {
     const [rej] = await db.query(`SELECT line::int AS line, reason FROM etl.rejected_documents WHERE batch_id = $1`, [r.batchId]);
     expect(rej.line).toBe(2);
     expect(rej.reason).toMatch(/^\$: not valid JSON: .*\(at byte \d+\)$/);
-    const [f] = await db.query(`SELECT status, error FROM etl.batch_files WHERE batch_id = $1 AND source_file LIKE '%does-not-exist%'`, [r.batchId]);
+    const [f] = await db.query(`SELECT status, error FROM etl.batch_files WHERE batch_id = $1 AND source_file LIKE '%does-not-exist%'`, [
+      r.batchId,
+    ]);
     expect(f.status).toBe('unreadable');
     expect(f.error).toMatch(/ENOENT/);
   });
 
   test('a corrupt .gz file is unreadable and nothing from it is kept', async () => {
     const gz = gzipSync(Buffer.from(Array.from({ length: 200 }, (_, i) => doc(`GZ-${i}`)).join('\n')));
-    await writeFile(path.join(dir, 'corrupt.ndjson.gz'), Buffer.concat([gz.subarray(0, gz.length - 40), Buffer.from('garbage-garbage-garbage-garbage-garbage!')]));
+    await writeFile(
+      path.join(dir, 'corrupt.ndjson.gz'),
+      Buffer.concat([gz.subarray(0, gz.length - 40), Buffer.from('garbage-garbage-garbage-garbage-garbage!')]),
+    );
     const r = await run([path.join(dir, 'corrupt.ndjson.gz')]);
     expect(r.files[0].status).toBe('unreadable');
     expect(await outcomes(r.batchId)).toEqual({});
@@ -452,7 +471,9 @@ describe('copies of a bad document', () => {
                                            deliveries::int AS deliveries, reason FROM etl.rejected_documents`);
     expect(rejects).toEqual([{ first_batch: a.batchId, line: 1, last_batch: b.batchId, deliveries: 3, reason: 'patient_id: is required' }]);
     // Every delivery is listed by batch, at its own position, with the reason.
-    const deliveries = await db.query(`SELECT batch_id::int AS batch, line::int AS line, reason FROM etl.batch_rejects ORDER BY document_id`);
+    const deliveries = await db.query(
+      `SELECT batch_id::int AS batch, line::int AS line, reason FROM etl.batch_rejects ORDER BY document_id`,
+    );
     expect(deliveries).toEqual([
       { batch: a.batchId, line: 1, reason: 'patient_id: is required' },
       { batch: a.batchId, line: 2, reason: 'patient_id: is required' },

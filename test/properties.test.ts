@@ -40,7 +40,10 @@ const visitArb: fc.Arbitrary<Visit> = fc.record({
   visit_date: fc.constantFrom('2021-01-31', '2022-02-28', '2024-02-29', '2020-12-31T23:30:00-05:00'),
   visit_type: fc.constantFrom('outpatient', 'inpatient', 'walk-in' /* a problem, not a reject */),
   diagnoses: fc.array(fc.record({ code: fc.constantFrom('E11.9', 'I10', 'J45.909'), primary: fc.boolean() }), { maxLength: 2 }),
-  treatments: fc.array(fc.record({ name: fc.constantFrom('metformin', 'x-ray'), type: fc.constantFrom('medication', 'procedure', 'surgery') }), { maxLength: 1 }),
+  treatments: fc.array(
+    fc.record({ name: fc.constantFrom('metformin', 'x-ray'), type: fc.constantFrom('medication', 'procedure', 'surgery') }),
+    { maxLength: 1 },
+  ),
   provider_notes: fc.array(fc.record({ text: fc.constantFrom('Follow up.', 'Stable; "better".') }), { maxLength: 1 }),
 });
 
@@ -63,7 +66,8 @@ const validDoc: fc.Arbitrary<Doc> = fc
 type Mutation = (d: Doc) => { doc?: Doc; text?: string; fault: Fault };
 const T = (what: string): Fault => ({ by: 'transform', what });
 const L = (what: string): Fault => ({ by: 'loader', what });
-const firstVisit = (d: Doc): Visit[] => (d.visits as Visit[]).length > 0 ? (d.visits as Visit[]) : [{ visit_id: 'V1', visit_date: '2022-02-02' }];
+const firstVisit = (d: Doc): Visit[] =>
+  (d.visits as Visit[]).length > 0 ? (d.visits as Visit[]) : [{ visit_id: 'V1', visit_date: '2022-02-02' }];
 
 const mutations: Record<string, Mutation> = {
   'drop patient_id': ({ patient_id: _, ...d }) => ({ doc: d, fault: T('patient_id') }),
@@ -77,16 +81,34 @@ const mutations: Record<string, Mutation> = {
   'visits object': (d) => ({ doc: { ...d, visits: { visit_id: 'V1' } }, fault: T('visits') }),
   'visit not an object': (d) => ({ doc: { ...d, visits: [...firstVisit(d), 'V9'] }, fault: T('visits[') }),
   'visit without visit_id': (d) => ({ doc: { ...d, visits: [...firstVisit(d), { visit_date: '2022-01-01' }] }, fault: T('visits[') }),
-  'visit_date not a date': (d) => ({ doc: { ...d, visits: [...firstVisit(d), { visit_id: 'V8', visit_date: '2023-02-29' }] }, fault: T('visits[') }),
-  'visit_date a number': (d) => ({ doc: { ...d, visits: [...firstVisit(d), { visit_id: 'V8', visit_date: 20230101 }] }, fault: T('visits[') }),
+  'visit_date not a date': (d) => ({
+    doc: { ...d, visits: [...firstVisit(d), { visit_id: 'V8', visit_date: '2023-02-29' }] },
+    fault: T('visits['),
+  }),
+  'visit_date a number': (d) => ({
+    doc: { ...d, visits: [...firstVisit(d), { visit_id: 'V8', visit_date: 20230101 }] },
+    fault: T('visits['),
+  }),
   'duplicate visit ids': (d) => {
     const v = firstVisit(d);
     return { doc: { ...d, visits: [...v, { ...v[0], visit_date: '2019-05-05' }] }, fault: T('visits[') };
   },
-  'diagnosis without code': (d) => ({ doc: { ...d, visits: [{ ...firstVisit(d)[0], diagnoses: [{ description: 'x' }] }] }, fault: T('visits[0].diagnoses[0].code') }),
-  'note without text': (d) => ({ doc: { ...d, visits: [{ ...firstVisit(d)[0], provider_notes: [{ author: 'x' }] }] }, fault: T('visits[0].provider_notes[0].text') }),
-  'diagnosis code an array': (d) => ({ doc: { ...d, visits: [{ ...firstVisit(d)[0], diagnoses: [{ code: ['E11.9'] }] }] }, fault: T('visits[0].diagnoses[0].code') }),
-  'note text an object': (d) => ({ doc: { ...d, visits: [{ ...firstVisit(d)[0], provider_notes: [{ text: { t: 'x' } }] }] }, fault: T('visits[0].provider_notes[0].text') }),
+  'diagnosis without code': (d) => ({
+    doc: { ...d, visits: [{ ...firstVisit(d)[0], diagnoses: [{ description: 'x' }] }] },
+    fault: T('visits[0].diagnoses[0].code'),
+  }),
+  'note without text': (d) => ({
+    doc: { ...d, visits: [{ ...firstVisit(d)[0], provider_notes: [{ author: 'x' }] }] },
+    fault: T('visits[0].provider_notes[0].text'),
+  }),
+  'diagnosis code an array': (d) => ({
+    doc: { ...d, visits: [{ ...firstVisit(d)[0], diagnoses: [{ code: ['E11.9'] }] }] },
+    fault: T('visits[0].diagnoses[0].code'),
+  }),
+  'note text an object': (d) => ({
+    doc: { ...d, visits: [{ ...firstVisit(d)[0], provider_notes: [{ text: { t: 'x' } }] }] },
+    fault: T('visits[0].provider_notes[0].text'),
+  }),
   'not an object': () => ({ text: JSON.stringify(['A', 1]), fault: T('$') }),
   'a bare string': () => ({ text: '"A"', fault: T('$') }),
   'garbage line': (d) => ({ text: JSON.stringify(d).slice(0, 17), fault: L('$') }),
@@ -102,23 +124,37 @@ const inputArb: fc.Arbitrary<Input> = fc
     if (m === null) {
       const ss = typeof d.source_system === 'string' && d.source_system !== '' ? d.source_system : 'default';
       const ts = typeof d.updated_at === 'string' && TIMES.includes(d.updated_at) ? Date.parse(d.updated_at) : -Infinity;
-      return { text: JSON.stringify(d), fault: null, key: `${ss}/${String(d.patient_id).trim()}`, ts, visits: (d.visits as Visit[]).length };
+      return {
+        text: JSON.stringify(d),
+        fault: null,
+        key: `${ss}/${String(d.patient_id).trim()}`,
+        ts,
+        visits: (d.visits as Visit[]).length,
+      };
     }
     const r = mutations[m](d);
     // An invalid updated_at is a document-level reject (0006), reported after $, patient_id,
     // source_system and visits, before any visit's.
     const docLevel = ['$', 'patient_id', 'source_system', 'visits', 'updated_at'];
-    const fault = r.doc?.updated_at === 'yesterday' && r.fault?.by === 'transform' && !docLevel.includes(r.fault.what) ? T('updated_at') : r.fault;
+    const fault =
+      r.doc?.updated_at === 'yesterday' && r.fault?.by === 'transform' && !docLevel.includes(r.fault.what) ? T('updated_at') : r.fault;
     return { text: r.text ?? JSON.stringify(r.doc), fault };
   });
 
 // Batches drawn from a small pool of documents: the same bytes re-delivered within a batch and
 // across batches (good and bad ones) are as common as new documents.
-const batchesArb: fc.Arbitrary<Input[][]> = fc
-  .array(inputArb, { minLength: 1, maxLength: 8 })
-  .chain((docs) =>
-    fc.array(fc.array(fc.oneof(fc.nat(docs.length - 1).map((i) => docs[i]), inputArb), { minLength: 1, maxLength: 12 }), { minLength: 1, maxLength: 3 }),
-  );
+const batchesArb: fc.Arbitrary<Input[][]> = fc.array(inputArb, { minLength: 1, maxLength: 8 }).chain((docs) =>
+  fc.array(
+    fc.array(
+      fc.oneof(
+        fc.nat(docs.length - 1).map((i) => docs[i]),
+        inputArb,
+      ),
+      { minLength: 1, maxLength: 12 },
+    ),
+    { minLength: 1, maxLength: 3 },
+  ),
+);
 
 // ---- the model: what the contract says becomes of each document ---------------------------------
 
@@ -200,7 +236,8 @@ async function check(batches: Input[][], shards: ShardOptions = {}): Promise<voi
       // One etl.batch_rejects row per rejected delivery, none for the others; it names the field.
       expect(r.reject_rows, `batch ${b} line ${r.line}`).toBe(r.status === 'rejected' ? 1 : 0);
       const fault = batches[b][i].fault;
-      if (r.status === 'rejected') expect(r.field.startsWith(fault!.what) || (fault!.what === '$' && r.field === '$'), `${r.field} vs ${fault!.what}`).toBe(true);
+      if (r.status === 'rejected')
+        expect(r.field.startsWith(fault!.what) || (fault!.what === '$' && r.field === '$'), `${r.field} vs ${fault!.what}`).toBe(true);
     }
   }
   // Rejects are stored once per distinct content, and their deliveries add up to the rejected documents.
@@ -249,11 +286,20 @@ describe('every document ends exactly once, as the contract says', () => {
 
   test('the model itself: a later valid snapshot replaces, an older one and a re-delivery do not', () => {
     // Guards the oracle the property relies on, with outcomes worked out by hand.
-    const v = (id: string, ts: string, n = 0): Input => ({ text: JSON.stringify({ patient_id: id, updated_at: ts, n, visits: [] }), fault: null, key: `default/${id}`, ts: Date.parse(ts), visits: n });
+    const v = (id: string, ts: string, n = 0): Input => ({
+      text: JSON.stringify({ patient_id: id, updated_at: ts, n, visits: [] }),
+      fault: null,
+      key: `default/${id}`,
+      ts: Date.parse(ts),
+      visits: n,
+    });
     const older = v('A', '2023-01-01T00:00:00Z');
     const newer = v('A', '2024-01-01T00:00:00Z', 1);
     const bad: Input = { text: '{"visits":[]}', fault: T('patient_id') };
-    const { outcomes, current } = predict([[newer, bad, newer], [older, newer, bad]]);
+    const { outcomes, current } = predict([
+      [newer, bad, newer],
+      [older, newer, bad],
+    ]);
     expect(outcomes).toEqual([
       ['loaded', 'rejected', 'duplicate'],
       ['superseded', 'duplicate', 'rejected'],
@@ -262,13 +308,17 @@ describe('every document ends exactly once, as the contract says', () => {
   });
 });
 
-describe('the loader\'s duplicate-key and double-range screens', () => {
+describe("the loader's duplicate-key and double-range screens", () => {
   // The cheap screen (parsed key count against an upper bound of the keys in the text) must never
   // refuse a sound document, whatever its strings hold (quotes, colons, backslashes) or its spacing,
   // and the exact pass must find a duplicate or an out-of-range number wherever it is.
-  const jsonText = fc.tuple(fc.jsonValue({ maxDepth: 4 }), fc.constantFrom(undefined, 0, 1, '\t', ' : ')).map(([v, indent]) =>
-    indent === ' : ' ? JSON.stringify(v).replace(/":/g, '" :') /* may also touch strings: still valid JSON */ : JSON.stringify(v, null, indent),
-  );
+  const jsonText = fc
+    .tuple(fc.jsonValue({ maxDepth: 4 }), fc.constantFrom(undefined, 0, 1, '\t', ' : '))
+    .map(([v, indent]) =>
+      indent === ' : '
+        ? JSON.stringify(v).replace(/":/g, '" :') /* may also touch strings: still valid JSON */
+        : JSON.stringify(v, null, indent),
+    );
 
   test('no sound document is refused for a duplicate key or a number', () => {
     fc.assert(
@@ -293,7 +343,9 @@ describe('the loader\'s duplicate-key and double-range screens', () => {
         }
         const reason = checkDocument(Buffer.from(text), 0);
         const at = number ? text.lastIndexOf('1e309') : text.lastIndexOf(`"${k}"`);
-        expect(reason).toBe(`${path}: ${number ? 'number too large for a double' : 'duplicate key, the document is ambiguous'} (at byte ${at})`);
+        expect(reason).toBe(
+          `${path}: ${number ? 'number too large for a double' : 'duplicate key, the document is ambiguous'} (at byte ${at})`,
+        );
       }),
       { numRuns: 200 },
     );
@@ -316,8 +368,11 @@ describe('required child fields of the wrong JSON type (transform_batch, migrati
     const ndjson = docs.map((d) => JSON.stringify(d)).join('\n') + '\n';
     const r = await loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], { stdin: Readable.from([ndjson]) });
     await transformPending(pool);
-    const rows = await db.query(`SELECT d.status, r.reason FROM landing.raw_documents d LEFT JOIN etl.rejected_documents r USING (document_id)
-                                 WHERE d.batch_id = $1 ORDER BY d.line`, [r.batchId]);
+    const rows = await db.query(
+      `SELECT d.status, r.reason FROM landing.raw_documents d LEFT JOIN etl.rejected_documents r USING (document_id)
+                                 WHERE d.batch_id = $1 ORDER BY d.line`,
+      [r.batchId],
+    );
     expect(rows).toEqual([
       { status: 'loaded', reason: null },
       { status: 'rejected', reason: 'visits[0].diagnoses[0].code: must be a string or a number (found array)' },
@@ -342,8 +397,10 @@ describe('required child fields of the wrong JSON type (transform_batch, migrati
     const stdin = Readable.from([docs.map((d) => JSON.stringify(d)).join('\n') + '\n']);
     const r = await loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], { stdin });
     await transformPending(pool);
-    expect(await db.query(`SELECT source_patient_id AS id, to_char(source_updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') AS at
-                           FROM clinical.patients ORDER BY 1`)).toEqual([
+    expect(
+      await db.query(`SELECT source_patient_id AS id, to_char(source_updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') AS at
+                           FROM clinical.patients ORDER BY 1`),
+    ).toEqual([
       { id: 'L2', at: '2017-01-01 00:00:00' }, // :60 without a fraction is the next minute, as PostgreSQL reads it
     ]);
     expect(await db.query(`SELECT line::int AS line, reason FROM etl.batch_rejects WHERE batch_id = $1`, [r.batchId])).toEqual([

@@ -41,7 +41,8 @@ async function clinicalRows(): Promise<Record<string, unknown[]>> {
                                d.code_system, d.description, d.is_primary
                         FROM clinical.diagnoses d JOIN clinical.patients p USING (patient_key)
                         JOIN clinical.visits v ON v.patient_key = d.patient_key AND v.visit_key = d.visit_key ORDER BY 1, 2, 3, 4`),
-    treatments: await q(`SELECT p.source_system, p.source_patient_id, v.source_visit_id, t.position, t.source_treatment_id, t.treatment_type,
+    treatments:
+      await q(`SELECT p.source_system, p.source_patient_id, v.source_visit_id, t.position, t.source_treatment_id, t.treatment_type,
                                 t.code, t.code_system, t.name, t.dose, t.route, t.frequency, t.start_date::text, t.end_date::text
                          FROM clinical.treatments t JOIN clinical.patients p USING (patient_key)
                          JOIN clinical.visits v ON v.patient_key = t.patient_key AND v.visit_key = t.visit_key ORDER BY 1, 2, 3, 4`),
@@ -70,8 +71,12 @@ describe('replay', () => {
   });
 
   test('after rows are deleted by hand, re-sending changes nothing; replay restores exactly what the load gave', async () => {
-    await db.query(`DELETE FROM clinical.diagnoses WHERE patient_key = (SELECT patient_key FROM clinical.patients WHERE source_patient_id = 'P-1007')`);
-    await db.query(`DELETE FROM clinical.visits WHERE patient_key = (SELECT patient_key FROM clinical.patients WHERE source_patient_id = 'W-3')`);
+    await db.query(
+      `DELETE FROM clinical.diagnoses WHERE patient_key = (SELECT patient_key FROM clinical.patients WHERE source_patient_id = 'P-1007')`,
+    );
+    await db.query(
+      `DELETE FROM clinical.visits WHERE patient_key = (SELECT patient_key FROM clinical.patients WHERE source_patient_id = 'W-3')`,
+    );
     await db.query(`DELETE FROM etl.document_problems WHERE field = 'sex'`);
     await run('valid');
     expect(await clinicalRows()).not.toEqual(loaded);
@@ -85,7 +90,7 @@ describe('replay', () => {
     expect((await db.query(`SELECT bool_and(balanced) AS ok FROM etl.batch_summary`))[0].ok).toBe(true);
   });
 
-  test('a patient whose current snapshot today\'s rules reject keeps its rows and is reported with the field', async () => {
+  test("a patient whose current snapshot today's rules reject keeps its rows and is reported with the field", async () => {
     // As if the rules had changed since the load: the current snapshot now breaks one.
     await db.query(`UPDATE landing.raw_documents d SET payload = jsonb_set(d.payload, '{visits,0,visit_date}', '"2024-02-30"')
                     FROM clinical.patients p WHERE p.document_id = d.document_id AND p.source_patient_id = 'P-1005'`);
@@ -104,7 +109,7 @@ describe('replay', () => {
 });
 
 describe('purge', () => {
-  test('drops every payload but the current snapshots\', old rejects and old problems; replay still works after it', async () => {
+  test("drops every payload but the current snapshots', old rejects and old problems; replay still works after it", async () => {
     await db.query(`TRUNCATE clinical.patients, clinical.visits, clinical.diagnoses, clinical.treatments, clinical.provider_notes,
       etl.document_problems, etl.rejected_documents, landing.raw_documents, etl.batch_files, etl.batches, etl.patient_keys, etl.batch_deletes`);
     await run('snapshots/v1.ndjson');

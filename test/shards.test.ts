@@ -91,9 +91,17 @@ async function outcomes(db: Db) {
 }
 
 const total = (rs: BatchTransform[]) =>
-  rs.reduce((a, r) => ({ documents: a.documents + r.documents, loaded: a.loaded + r.loaded, rejected: a.rejected + r.rejected,
-    duplicate: a.duplicate + r.duplicate, superseded: a.superseded + r.superseded, problems: a.problems + r.problems }),
-  { documents: 0, loaded: 0, rejected: 0, duplicate: 0, superseded: 0, problems: 0 });
+  rs.reduce(
+    (a, r) => ({
+      documents: a.documents + r.documents,
+      loaded: a.loaded + r.loaded,
+      rejected: a.rejected + r.rejected,
+      duplicate: a.duplicate + r.duplicate,
+      superseded: a.superseded + r.superseded,
+      problems: a.problems + r.problems,
+    }),
+    { documents: 0, loaded: 0, rejected: 0, duplicate: 0, superseded: 0, problems: 0 },
+  );
 
 describe('a batch in shards gives what one transaction gives', () => {
   test('batch 1: fixtures, copies, older and newer snapshots, in 3 shards', async () => {
@@ -105,7 +113,8 @@ describe('a batch in shards gives what one transaction gives', () => {
     // Every kind of outcome occurs, so the comparison below covers each path of the transform.
     expect(Math.min(...Object.values(total(one)))).toBeGreaterThan(0);
     // Every shard had documents (the split is by patient, so it is not even, but none is empty).
-    const perShard = await sharded.query(`SELECT etl.shard_of(payload -> 'source_system', payload -> 'patient_id', 3) AS shard, count(*)::int AS n
+    const perShard =
+      await sharded.query(`SELECT etl.shard_of(payload -> 'source_system', payload -> 'patient_id', 3) AS shard, count(*)::int AS n
                                           FROM landing.raw_documents WHERE payload IS NOT NULL GROUP BY 1 ORDER BY 1`);
     expect(perShard.map((r) => r.shard)).toEqual([0, 1, 2]);
     expect(Math.min(...perShard.map((r) => r.n))).toBeGreaterThan(50);
@@ -137,7 +146,7 @@ describe('a batch in shards gives what one transaction gives', () => {
 });
 
 describe('shards and the pool', () => {
-  test('shards are capped at the pool size - 1 (one connection is the coordinator\'s), not left waiting forever', async () => {
+  test("shards are capped at the pool size - 1 (one connection is the coordinator's), not left waiting forever", async () => {
     await writeNdjson(path.join(dir, 'capped.ndjson'), patients(3000, 3010, 7).lines);
     await loadBatch(sharded.url(), expandInputs([path.join(dir, 'capped.ndjson')]));
     const pool = await createDbPool(sharded.url(), 3);
@@ -150,7 +159,7 @@ describe('shards and the pool', () => {
 });
 
 describe('a batch whose loader died', () => {
-  test('is transformed in shards: the coordinator holds the dead loader\'s lock, and its shards accept that', async () => {
+  test("is transformed in shards: the coordinator holds the dead loader's lock, and its shards accept that", async () => {
     await writeNdjson(path.join(dir, 'dead-loader.ndjson'), patients(4000, 4012, 7).lines);
     const { batchId } = await loadBatch(sharded.url(), expandInputs([path.join(dir, 'dead-loader.ndjson')]));
     // As a loader killed before it marked its batch staged leaves it (its advisory lock is free).
@@ -174,15 +183,27 @@ describe('a shard is only transformed under its coordinator', () => {
     const c = await connect(sharded.url());
     try {
       const attempt = async (sql: string) => {
-        const e = await c.client.query(sql, [batchId]).then(() => null, (err: { code: string; message: string; hint?: string }) => err);
+        const e = await c.client.query(sql, [batchId]).then(
+          () => null,
+          (err: { code: string; message: string; hint?: string }) => err,
+        );
         return e && { code: e.code, message: e.message, hint: e.hint };
       };
       // No coordinator, and a session that does not hold the transform lock (itself).
-      expect(await attempt(`SELECT * FROM etl.transform_batch($1, 0, 2)`)).toMatchObject({ code: 'HE004', hint: expect.stringContaining('healthetl transform') });
+      expect(await attempt(`SELECT * FROM etl.transform_batch($1, 0, 2)`)).toMatchObject({
+        code: 'HE004',
+        hint: expect.stringContaining('healthetl transform'),
+      });
       expect(await attempt(`SELECT * FROM etl.transform_batch($1, 1, 2, pg_backend_pid())`)).toMatchObject({ code: 'HE004' });
-      expect(await attempt(`SELECT * FROM etl.transform_batch($1, 2, 2)`)).toMatchObject({ code: 'HE003', message: expect.stringContaining('shard 2 of 2') });
+      expect(await attempt(`SELECT * FROM etl.transform_batch($1, 2, 2)`)).toMatchObject({
+        code: 'HE003',
+        message: expect.stringContaining('shard 2 of 2'),
+      });
       expect(await attempt(`SELECT * FROM etl.transform_batch($1, 0, 0)`)).toMatchObject({ code: 'HE003' });
-      const [b] = await c.query(`SELECT b.status, s.staged::int FROM etl.batches b JOIN etl.batch_summary s USING (batch_id) WHERE batch_id = $1`, [batchId]);
+      const [b] = await c.query(
+        `SELECT b.status, s.staged::int FROM etl.batches b JOIN etl.batch_summary s USING (batch_id) WHERE batch_id = $1`,
+        [batchId],
+      );
       expect(b).toEqual({ status: 'staged', staged: 5 });
       // Once this session holds the transform lock, shards in another session go ahead.
       const pid = (await c.query(`SELECT pg_backend_pid() AS pid`))[0].pid as number;
@@ -190,13 +211,18 @@ describe('a shard is only transformed under its coordinator', () => {
       const other = await connect(sharded.url());
       try {
         // Both shards have documents (else the first would already be the last).
-        const split = await other.query(`SELECT etl.shard_of(payload -> 'source_system', payload -> 'patient_id', 2) AS shard, count(*)::int AS n
-                                         FROM landing.raw_documents WHERE batch_id = $1 GROUP BY 1 ORDER BY 1`, [batchId]);
+        const split = await other.query(
+          `SELECT etl.shard_of(payload -> 'source_system', payload -> 'patient_id', 2) AS shard, count(*)::int AS n
+                                         FROM landing.raw_documents WHERE batch_id = $1 GROUP BY 1 ORDER BY 1`,
+          [batchId],
+        );
         expect(split.map((r) => r.shard)).toEqual([0, 1]);
         const done = [];
         for (const shard of [0, 1]) {
           await other.query(`SELECT etl.ensure_batch_partitions($1, $2, 2)`, [batchId, shard]);
-          done.push(...(await other.query(`SELECT documents::int, loaded::int FROM etl.transform_batch($1, $2, 2, $3)`, [batchId, shard, pid])));
+          done.push(
+            ...(await other.query(`SELECT documents::int, loaded::int FROM etl.transform_batch($1, $2, 2, $3)`, [batchId, shard, pid])),
+          );
           // The last shard to commit finishes the batch; the one before leaves it staged.
           const [{ status }] = await other.query(`SELECT status FROM etl.batches WHERE batch_id = $1`, [batchId]);
           expect({ shard, status }).toEqual({ shard, status: shard === 0 ? 'staged' : 'transformed' });
@@ -216,7 +242,17 @@ describe('a shard is only transformed under its coordinator', () => {
 
 describe('a shard that fails', () => {
   test('leaves the other shards committed and the batch unfinished; the next run finishes it with the same result', async () => {
-    const on = (...args: string[]) => [...args, '--database-url', failing.url(), '--log-format', 'json', '--shards', '2', '--shard-min-documents', '1'];
+    const on = (...args: string[]) => [
+      ...args,
+      '--database-url',
+      failing.url(),
+      '--log-format',
+      'json',
+      '--shards',
+      '2',
+      '--shard-min-documents',
+      '1',
+    ];
     const first = await runCli(on('run', ...batch1));
     expect(first.code, first.stderr).toBe(4); // the fixtures hold rejects
 
@@ -226,8 +262,11 @@ describe('a shard that fails', () => {
     let lockedShard: number;
     try {
       await blocker.query('BEGIN');
-      const [p] = await blocker.query(`SELECT patient_key, etl.shard_of(to_jsonb(source_system), to_jsonb(source_patient_id), 2) AS shard
-                                       FROM clinical.patients WHERE source_patient_id = $1 FOR UPDATE`, [patients(5, 6, 7).docs[0].patient_id]);
+      const [p] = await blocker.query(
+        `SELECT patient_key, etl.shard_of(to_jsonb(source_system), to_jsonb(source_patient_id), 2) AS shard
+                                       FROM clinical.patients WHERE source_patient_id = $1 FOR UPDATE`,
+        [patients(5, 6, 7).docs[0].patient_id],
+      );
       lockedShard = p.shard;
       const blocked = await runCli(on('run', ...batch2), { env: childEnv({ HEALTHETL_LOCK_TIMEOUT_MS: '300' }) });
       expect(blocked.code).toBe(1);
@@ -266,7 +305,17 @@ describe('a sharded run killed with SIGKILL during the transform', () => {
     const p7 = docs[7];
     await writeNdjson(pre, [JSON.stringify({ ...p7, updated_at: '2000-01-01T00:00:00Z', visits: [] })]);
     await writeNdjson(file, lines);
-    const on = (d: Db, ...args: string[]) => [...args, '--database-url', d.url(), '--log-format', 'json', '--shards', '3', '--shard-min-documents', '1'];
+    const on = (d: Db, ...args: string[]) => [
+      ...args,
+      '--database-url',
+      d.url(),
+      '--log-format',
+      'json',
+      '--shards',
+      '3',
+      '--shard-min-documents',
+      '1',
+    ];
     for (const d of [killed, clean]) expect((await runCli(on(d, 'run', pre))).code).toBe(0);
 
     const blocker = await connect(killed.url());
@@ -274,8 +323,9 @@ describe('a sharded run killed with SIGKILL during the transform', () => {
       await blocker.query('BEGIN');
       await blocker.query(`SELECT 1 FROM clinical.patients WHERE source_patient_id = $1 FOR UPDATE`, [p7.patient_id]);
       const running = startCli(on(killed, 'run', file));
-      await pollUntil('the other shards to commit while patient 7\'s shard waits on its row', async () => {
-        const [r] = await killed.query(`SELECT (SELECT count(*) FROM landing.raw_documents WHERE batch_id = 2 AND status = 'loaded')::int AS loaded,
+      await pollUntil("the other shards to commit while patient 7's shard waits on its row", async () => {
+        const [r] =
+          await killed.query(`SELECT (SELECT count(*) FROM landing.raw_documents WHERE batch_id = 2 AND status = 'loaded')::int AS loaded,
                                                (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
                                                   AND query ILIKE '%transform_batch%' AND wait_event_type = 'Lock')::int AS waiting`);
         return r.loaded > 0 && r.waiting > 0;
@@ -299,7 +349,10 @@ describe('a sharded run killed with SIGKILL during the transform', () => {
                                               count(*) FILTER (WHERE status = 'staged')::int AS staged, count(*)::int AS n
                                        FROM landing.raw_documents WHERE batch_id = 2 GROUP BY 1 ORDER BY 1`);
     for (const sh of shards) expect([0, sh.n]).toContain(sh.staged);
-    const [mine] = await killed.query(`SELECT etl.shard_of($1::jsonb, $2::jsonb, 3) AS shard`, [JSON.stringify(p7.source_system), JSON.stringify(p7.patient_id)]);
+    const [mine] = await killed.query(`SELECT etl.shard_of($1::jsonb, $2::jsonb, 3) AS shard`, [
+      JSON.stringify(p7.source_system),
+      JSON.stringify(p7.patient_id),
+    ]);
     expect(shards.find((sh) => sh.shard === mine.shard)!.staged).toBeGreaterThan(0);
     const visitsOf = new Map(docs.map((d) => [d.patient_id, d.visits.length]));
     const loaded = await killed.query(`SELECT p.source_patient_id AS id, count(v.*)::int AS visits
@@ -317,7 +370,8 @@ describe('a sharded run killed with SIGKILL during the transform', () => {
     expect(fp).toEqual(await fingerprint(clean.query));
     expect(fp.patients.rows).toBe(5000);
     // Every document of the file was loaded exactly once over the two batches that read it.
-    const [once] = await killed.query(`SELECT count(*) FILTER (WHERE status = 'loaded')::int AS loaded, count(*) FILTER (WHERE status = 'duplicate')::int AS duplicate,
+    const [once] =
+      await killed.query(`SELECT count(*) FILTER (WHERE status = 'loaded')::int AS loaded, count(*) FILTER (WHERE status = 'duplicate')::int AS duplicate,
                                               count(*) FILTER (WHERE status = 'staged')::int AS staged FROM landing.raw_documents WHERE batch_id > 1`);
     expect(once).toEqual({ loaded: 5000, duplicate: 5000, staged: 0 });
   });
@@ -329,10 +383,26 @@ describe('a coordinator lost while its shards run', () => {
     const p7 = docs[7];
     const files = { pre: 'lost-pre.ndjson', a: 'lost-a.ndjson', b: 'lost-b.ndjson' };
     const visit = (id: string) => ({ visit_id: id, visit_date: '2024-03-03' });
-    await writeNdjson(path.join(dir, files.pre), [JSON.stringify({ ...p7, updated_at: '2000-01-01T00:00:00Z', visits: [] }), ...docs.slice(0, 4).map((d) => JSON.stringify(d))]);
-    await writeNdjson(path.join(dir, files.a), [JSON.stringify({ ...p7, updated_at: '2026-01-01T00:00:00Z', visits: [visit('VA')] }), ...docs.slice(10, 30).map((d) => JSON.stringify(d))]);
+    await writeNdjson(path.join(dir, files.pre), [
+      JSON.stringify({ ...p7, updated_at: '2000-01-01T00:00:00Z', visits: [] }),
+      ...docs.slice(0, 4).map((d) => JSON.stringify(d)),
+    ]);
+    await writeNdjson(path.join(dir, files.a), [
+      JSON.stringify({ ...p7, updated_at: '2026-01-01T00:00:00Z', visits: [visit('VA')] }),
+      ...docs.slice(10, 30).map((d) => JSON.stringify(d)),
+    ]);
     await writeNdjson(path.join(dir, files.b), [JSON.stringify({ ...p7, updated_at: '2026-02-01T00:00:00Z', visits: [visit('VB')] })]);
-    const on = (...args: string[]) => [...args, '--database-url', lost.url(), '--log-format', 'json', '--shards', '2', '--shard-min-documents', '1'];
+    const on = (...args: string[]) => [
+      ...args,
+      '--database-url',
+      lost.url(),
+      '--log-format',
+      'json',
+      '--shards',
+      '2',
+      '--shard-min-documents',
+      '1',
+    ];
     expect((await runCli(on('run', path.join(dir, files.pre)))).code).toBe(0);
 
     const blocker = await connect(lost.url());
@@ -342,7 +412,7 @@ describe('a coordinator lost while its shards run', () => {
       await blocker.query('BEGIN');
       await blocker.query(`SELECT 1 FROM clinical.patients WHERE source_patient_id = $1 FOR UPDATE`, [p7.patient_id]);
       first = startCli(on('run', path.join(dir, files.a))).done;
-      await pollUntil('patient 7\'s shard to wait on its row', async () => {
+      await pollUntil("patient 7's shard to wait on its row", async () => {
         const [r] = await lost.query(`SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database()
                                       AND query ILIKE '%transform_batch%' AND wait_event_type = 'Lock' AND wait_event = 'transactionid'`);
         return r.n > 0;
@@ -375,9 +445,14 @@ describe('a coordinator lost while its shards run', () => {
       { batch_id: 2, status: 'transformed' },
       { batch_id: 3, status: 'transformed' },
     ]);
-    expect(await lost.query(`SELECT p.batch_id::int, array_agg(v.source_visit_id ORDER BY v.source_visit_id) AS visits
+    expect(
+      await lost.query(
+        `SELECT p.batch_id::int, array_agg(v.source_visit_id ORDER BY v.source_visit_id) AS visits
                              FROM clinical.patients p JOIN clinical.visits v USING (patient_key)
-                             WHERE p.source_patient_id = $1 GROUP BY 1`, [p7.patient_id])).toEqual([{ batch_id: 3, visits: ['VB'] }]);
+                             WHERE p.source_patient_id = $1 GROUP BY 1`,
+        [p7.patient_id],
+      ),
+    ).toEqual([{ batch_id: 3, visits: ['VB'] }]);
     expectNoOrphansOrDuplicates(await fingerprint(lost.query));
     const status = await runCli(['status', '--database-url', lost.url(), '--log-format', 'json']);
     expect(status.code, status.stderr).toBe(0);
