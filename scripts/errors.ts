@@ -26,14 +26,14 @@ export class UserError extends Error {
 type PgLikeError = Error & { code?: string; hint?: string; cause?: unknown; errno?: number };
 
 /** The first error down the `cause` chain that carries a code (pg's own), else the last one. */
-export function innermost(err: unknown): PgLikeError {
+function innermost(err: unknown): PgLikeError {
   let e = err as PgLikeError;
   for (let i = 0; i < 5 && e && typeof e === 'object' && e.cause && !e.code; i++) e = e.cause as PgLikeError;
   return e;
 }
 
 /** The error's code, from pg's error under slonik's wrappers (a SQLSTATE, or a Node code such as ECONNREFUSED). */
-export function sqlState(err: unknown): string | undefined {
+function sqlState(err: unknown): string | undefined {
   return innermost(err)?.code || undefined;
 }
 
