@@ -24,13 +24,15 @@ $$;
 
 -- Reads the batch's staged documents (of this shard; only p_only's when given) from landing, or,
 -- with p_batch_id NULL, the documents p_only names whatever their batch and status (a replay);
--- writes t_docs (the top-level fields, extracted once, and when the document was received) and
--- an empty t_outcome (document_id, status). Restated from 0006: the replay's documents.
+-- writes t_docs (the top-level fields, extracted once; updated_at parsed once, as updated_ts; when
+-- the document was received) and an empty t_outcome (document_id, status).
+-- Restated from 0006: the replay's documents.
 CREATE OR REPLACE FUNCTION etl.step_documents(p_batch_id bigint, p_shard int, p_shards int, p_only bigint[]) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   CREATE TEMP TABLE t_docs ON COMMIT DROP AS
-  SELECT d.document_id, d.content_sha256, d.received_at, d.doc_type, d.visits_type, x.*
+  SELECT d.document_id, d.content_sha256, d.received_at, d.doc_type, d.visits_type, x.*,
+         etl.to_timestamptz(x.updated_at #>> '{}') AS updated_ts
   FROM (SELECT r.document_id, r.content_sha256, r.received_at, r.payload, jsonb_typeof(r.payload) AS doc_type,
                jsonb_typeof(r.payload -> 'visits') AS visits_type
         FROM landing.raw_documents r
@@ -217,7 +219,8 @@ CREATE OR REPLACE FUNCTION etl.step_documents(p_batch_id bigint, p_shard int, p_
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   CREATE TEMP TABLE t_docs ON COMMIT DROP AS
-  SELECT d.document_id, d.content_sha256, d.received_at, d.doc_type, d.visits_type, x.*
+  SELECT d.document_id, d.content_sha256, d.received_at, d.doc_type, d.visits_type, x.*,
+         etl.to_timestamptz(x.updated_at #>> '{}') AS updated_ts
   FROM (SELECT r.document_id, r.content_sha256, r.received_at, r.payload, jsonb_typeof(r.payload) AS doc_type,
                jsonb_typeof(r.payload -> 'visits') AS visits_type
         FROM landing.raw_documents r

@@ -6,7 +6,7 @@ import { Readable } from 'node:stream';
 import pg from 'pg';
 import type { DatabasePool } from 'slonik';
 import { afterAll, beforeAll, describe, expect, inject, test } from 'vitest';
-import { createDbPool } from '../scripts/db.ts';
+import { createDbPool, sql } from '../scripts/db.ts';
 import { migrate, migrationFiles } from '../scripts/migrate.ts';
 import { loadBatch, type LoadResult } from '../scripts/stage.ts';
 import { transformPending } from '../scripts/transform.ts';
@@ -187,9 +187,10 @@ describe('patient identity: one canonical form', () => {
       await migrate(url, 'up', { count: at0006 });
       const p = await createDbPool(url);
       try {
+        // The transform of 0005 itself (today's TypeScript expects the counts of later migrations).
         const load = async (docs: string[]) => {
-          await stage(url, docs);
-          await transformPending(p);
+          const r = await stage(url, docs);
+          await p.query(sql.unsafe`SELECT * FROM etl.transform_batch(${r.batchId})`);
         };
         // Under 0005 these are six patients: 12.0 and "12", NFD and NFC, " 7" and "7".
         await load([

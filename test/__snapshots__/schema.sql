@@ -561,7 +561,7 @@ RETURN CASE jsonb_typeof(j) WHEN 'number'::text THEN CASE WHEN ((j)::numeric = t
 CREATE OR REPLACE FUNCTION etl.patient_id_problem(j jsonb)
  RETURNS text
  LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
+ STABLE PARALLEL SAFE
 RETURN CASE WHEN etl.is_blank(j) THEN 'is required'::text WHEN (jsonb_typeof(j) <> ALL (ARRAY['string'::text, 'number'::text])) THEN format('must be a string or a number (found %s)'::text, jsonb_typeof(j)) WHEN (etl.patient_id_of(j) IS NULL) THEN format('must be an integer when it is a number (found %s)'::text, (j)::text) WHEN (etl.patient_id_of(j) = ''::text) THEN 'is required'::text WHEN (octet_length(etl.patient_id_of(j)) > etl.max_key_bytes()) THEN format('is longer than %s bytes'::text, etl.max_key_bytes()) ELSE NULL::text END;
 
 CREATE OR REPLACE FUNCTION etl.pending_batches()
@@ -752,7 +752,7 @@ RETURN COALESCE(NULLIF(etl.jtext(j), ''::text), 'default'::text);
 CREATE OR REPLACE FUNCTION etl.source_system_problem(j jsonb)
  RETURNS text
  LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
+ STABLE PARALLEL SAFE
 RETURN CASE WHEN (jsonb_typeof(j) <> ALL (ARRAY['string'::text, 'null'::text])) THEN format('must be a string (found %s)'::text, jsonb_typeof(j)) WHEN (octet_length((j #>> '{}'::text[])) > etl.max_key_bytes()) THEN format('is longer than %s bytes'::text, etl.max_key_bytes()) ELSE NULL::text END;
 
 CREATE OR REPLACE FUNCTION etl.stage_known_file(p_batch_id bigint, p_source_file text, p_size bigint, p_sha256 bytea)
@@ -949,12 +949,12 @@ BEGIN
     (3, 'source_system', CASE WHEN d.doc_type = 'object' THEN etl.source_system_problem(d.source_system) END),
     (4, 'visits', CASE WHEN d.doc_type = 'object' AND d.visits_type NOT IN ('array', 'null')
         THEN format('must be an array (found %s)', d.visits_type) END),
-    (5, 'updated_at', CASE WHEN d.doc_type = 'object' THEN etl.updated_at_problem(d.updated_at, d.received_at) END)
+    (5, 'updated_at', CASE WHEN d.doc_type = 'object' THEN etl.updated_at_problem(d.updated_at, d.updated_ts, d.received_at) END)
   ) AS c(n, field, msg)
   WHERE c.msg IS NOT NULL
     AND (d.doc_type <> 'object' OR etl.patient_id_problem(d.patient_id) IS NOT NULL
          OR etl.source_system_problem(d.source_system) IS NOT NULL OR d.visits_type NOT IN ('array', 'null')
-         OR etl.updated_at_problem(d.updated_at, d.received_at) IS NOT NULL)
+         OR etl.updated_at_problem(d.updated_at, d.updated_ts, d.received_at) IS NOT NULL)
     AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id);
 END
 $function$;
@@ -966,7 +966,8 @@ CREATE OR REPLACE FUNCTION etl.step_documents(p_batch_id bigint, p_shard integer
 AS $function$
 BEGIN
   CREATE TEMP TABLE t_docs ON COMMIT DROP AS
-  SELECT d.document_id, d.content_sha256, d.received_at, d.doc_type, d.visits_type, x.*
+  SELECT d.document_id, d.content_sha256, d.received_at, d.doc_type, d.visits_type, x.*,
+         etl.to_timestamptz(x.updated_at #>> '{}') AS updated_ts
   FROM (SELECT r.document_id, r.content_sha256, r.received_at, r.payload, jsonb_typeof(r.payload) AS doc_type,
                jsonb_typeof(r.payload -> 'visits') AS visits_type
         FROM landing.raw_documents r
@@ -1286,7 +1287,7 @@ BEGIN
     SELECT d.document_id, d.content_sha256,
            etl.source_system_of(d.source_system)      AS source_system,
            etl.patient_id_of(d.patient_id)            AS source_patient_id,
-           etl.to_timestamptz(d.updated_at #>> '{}')  AS updated_at
+           d.updated_ts                               AS updated_at
     FROM t_docs d
     WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id)
   ), ranked AS (
@@ -1425,8 +1426,8 @@ BEGIN
           -- children without their required field, or not objects (jsonpath: one C-level pass)
           -- (type() does not unwrap arrays, so an array or object code/text is caught too)
           OR v.v @? '$.diagnoses[*] ? (@.type() != "object" || !exists(@.code) || @.code == ""
-                                       || (@.code.type() != "string" && @.code.type() != "number")
-                                       || @.code like_regex "^.{251}" flag "s")'
+                                       || (@.code.type() != "string" && @.code.type() != "number"))'
+          OR coalesce(pg_column_size(v.v -> 'diagnoses') > etl.max_key_bytes(), false)
           OR v.v @? '$.treatments[*] ? (@.type() != "object")'
           OR v.v @? '$.provider_notes[*] ? (@.type() != "object" || !exists(@.text) || @.text == ""
                                             || (@.text.type() != "string" && @.text.type() != "number"))'
@@ -1571,11 +1572,11 @@ EXCEPTION
 END
 $function$;
 
-CREATE OR REPLACE FUNCTION etl.updated_at_problem(j jsonb, received_at timestamp with time zone)
+CREATE OR REPLACE FUNCTION etl.updated_at_problem(j jsonb, ts timestamp with time zone, received_at timestamp with time zone)
  RETURNS text
  LANGUAGE sql
  STABLE PARALLEL SAFE
-RETURN CASE WHEN etl.is_absent(j) THEN NULL::text WHEN (NOT etl.is_rfc3339((j #>> '{}'::text[]))) THEN format('%s is not an RFC 3339 timestamp with an offset'::text, (j)::text) WHEN (etl.to_timestamptz((j #>> '{}'::text[])) > (received_at + '24:00:00'::interval)) THEN format('%s is more than 24 hours after the document was received'::text, (j)::text) ELSE NULL::text END;
+RETURN CASE WHEN etl.is_absent(j) THEN NULL::text WHEN (ts IS NULL) THEN format('%s is not an RFC 3339 timestamp with an offset'::text, (j)::text) WHEN (ts > (received_at + '24:00:00'::interval)) THEN format('%s is more than 24 hours after the document was received'::text, (j)::text) ELSE NULL::text END;
 
 CREATE OR REPLACE FUNCTION etl.visit_partition_name(y integer)
  RETURNS text
@@ -1599,7 +1600,7 @@ CREATE OR REPLACE FUNCTION etl.visit_year_ok(d date, received_at timestamp with 
  RETURNS boolean
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-RETURN ((EXTRACT(year FROM d) >= (1900)::numeric) AND (EXTRACT(year FROM d) <= (EXTRACT(year FROM (received_at AT TIME ZONE 'UTC'::text)) + (1)::numeric)));
+RETURN ((d >= '1900-01-01'::date) AND (d < ((date_trunc('year'::text, (received_at AT TIME ZONE 'UTC'::text)) + '2 years'::interval))::date));
 
 -- ==== schema landing ============================================================================
 
