@@ -81,7 +81,8 @@ RETURN CASE WHEN p_sha256 = '\x0000000000000000000000000000000000000000000000000
 
 -- One row per distinct rejected content. The position columns (document_id, batch_id,
 -- source_file, line, item, byte_offset, rejected_at) are the first delivery's; field, reason and
--- all_reasons as last judged. Every delivery is a landing row (status 'rejected') with the same
+-- all_reasons as last judged (existing copies fold into the first's, whose reasons they share
+-- unless a rule changed in between). Every delivery is a landing row (status 'rejected') with the same
 -- content_sha256: etl.batch_rejects lists them by batch.
 ALTER TABLE etl.rejected_documents
   ADD COLUMN content_sha256   bytea,
@@ -137,29 +138,47 @@ WHERE d.status = 'rejected';
 COMMENT ON VIEW etl.batch_rejects IS
   'Every rejected delivery of every batch (one row per landing row rejected), with the reason; reasons may quote values.';
 
--- Record rejects (one row per delivery in p_rejects, grouped by reject key): a new content gets
--- a row, a content rejected before counts one more delivery and moves its last batch.
-CREATE FUNCTION etl.record_rejects(p_rejects jsonb) RETURNS bigint
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+-- An empty pg_temp.t_new_rejects, the rejects a caller hands to etl.record_rejects: one row per
+-- delivery. Created once per session (emptied at each commit), so a loader flushing rejects
+-- thousands of times in one file's transaction does not create thousands of tables.
+CREATE FUNCTION etl.clear_new_rejects() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  CREATE TEMP TABLE IF NOT EXISTS t_new_rejects (
+    content_sha256 bytea NOT NULL, document_id bigint NOT NULL, batch_id bigint NOT NULL, source_file text NOT NULL,
+    line bigint, item bigint, byte_offset bigint NOT NULL, field text NOT NULL, reason text NOT NULL, all_reasons text[] NOT NULL
+  ) ON COMMIT DELETE ROWS;
+  TRUNCATE t_new_rejects;
+END
+$$;
+
+-- Record the rejects in t_new_rejects (etl.clear_new_rejects), grouped by content: a new content
+-- gets a row, a content rejected before counts more deliveries and moves its last batch; field
+-- and reasons as last judged. Returns how many deliveries it recorded. (A table, not a JSON
+-- argument: a document with half a million reasons took minutes as JSON, whose cap is 256 MB.)
+CREATE FUNCTION etl.record_rejects() RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  n bigint;
+BEGIN
   WITH r AS (
-    SELECT x.*, count(*) OVER w AS n, max(x.document_id) OVER w AS last_document_id,
+    SELECT x.*, count(*) OVER w AS deliveries, max(x.document_id) OVER w AS last_document_id,
            row_number() OVER (w ORDER BY x.document_id) AS rn
-    FROM jsonb_to_recordset(p_rejects) AS x(content_sha256 text, document_id bigint, batch_id bigint, source_file text,
-                                            line bigint, item bigint, byte_offset bigint, field text, reason text, all_reasons text[])
+    FROM t_new_rejects x
     WINDOW w AS (PARTITION BY x.content_sha256)
-  ), ins AS (
-    INSERT INTO etl.rejected_documents AS rd (document_id, batch_id, source_file, line, item, byte_offset, field, reason,
-                                              all_reasons, content_sha256, deliveries, last_batch_id, last_document_id)
-    SELECT r.document_id, r.batch_id, r.source_file, r.line, r.item, r.byte_offset, r.field, r.reason,
-           r.all_reasons, decode(r.content_sha256, 'hex'), r.n, r.batch_id, r.last_document_id
-    FROM r WHERE r.rn = 1
-    ON CONFLICT (content_sha256) DO UPDATE SET
-      deliveries = rd.deliveries + excluded.deliveries, last_batch_id = excluded.last_batch_id,
-      last_document_id = excluded.last_document_id, last_rejected_at = clock_timestamp(),
-      field = excluded.field, reason = excluded.reason, all_reasons = excluded.all_reasons
-    RETURNING 1
   )
-  SELECT coalesce(sum(r.n), 0)::bigint FROM r WHERE r.rn = 1
+  INSERT INTO etl.rejected_documents AS rd (document_id, batch_id, source_file, line, item, byte_offset, field, reason,
+                                            all_reasons, content_sha256, deliveries, last_batch_id, last_document_id)
+  SELECT r.document_id, r.batch_id, r.source_file, r.line, r.item, r.byte_offset, r.field, r.reason,
+         r.all_reasons, r.content_sha256, r.deliveries, r.batch_id, r.last_document_id
+  FROM r WHERE r.rn = 1
+  ON CONFLICT (content_sha256) DO UPDATE SET
+    deliveries = rd.deliveries + excluded.deliveries, last_batch_id = excluded.last_batch_id,
+    last_document_id = excluded.last_document_id, last_rejected_at = clock_timestamp(),
+    field = excluded.field, reason = excluded.reason, all_reasons = excluded.all_reasons;
+  SELECT count(*) INTO n FROM t_new_rejects;
+  RETURN n;
+END
 $$;
 
 -- ---- the loader's API -----------------------------------------------------------------------
@@ -170,9 +189,8 @@ $$;
 -- Restated from 0003: rejects are stored once per content.
 CREATE OR REPLACE FUNCTION etl.stage_rejects(p_batch_id bigint, p_rejects jsonb) RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-  v_rejects jsonb;
 BEGIN
+  PERFORM etl.clear_new_rejects();
   WITH r AS (
     SELECT x.*, substring(x.reason FROM '^[^:]*') AS field,
            etl.reject_key(decode(x.sha256, 'hex'), x.source_file, x.line, x.item, x.byte_offset, x.reason) AS reject_key
@@ -184,13 +202,10 @@ BEGIN
     FROM r
     RETURNING document_id, source_file, byte_offset
   )
-  SELECT jsonb_agg(jsonb_build_object(
-           'content_sha256', encode(r.reject_key, 'hex'), 'document_id', ins.document_id, 'batch_id', p_batch_id,
-           'source_file', r.source_file, 'line', r.line, 'item', r.item, 'byte_offset', r.byte_offset,
-           'field', r.field, 'reason', r.reason, 'all_reasons', jsonb_build_array(r.reason)))
-  INTO v_rejects
+  INSERT INTO t_new_rejects
+  SELECT r.reject_key, ins.document_id, p_batch_id, r.source_file, r.line, r.item, r.byte_offset, r.field, r.reason, ARRAY[r.reason]
   FROM ins JOIN r ON r.source_file = ins.source_file AND r.byte_offset = ins.byte_offset;
-  RETURN etl.record_rejects(v_rejects);
+  RETURN etl.record_rejects();
 END
 $$;
 
@@ -563,18 +578,18 @@ END
 $$;
 
 -- Reads t_errors and landing; writes etl.rejected_documents (once per content, with the first
--- reason and all of them: etl.record_rejects) and t_outcome 'rejected'.
+-- reason and up to 100 of them: etl.record_rejects) and t_outcome 'rejected'.
 CREATE FUNCTION etl.step_rejects() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-  PERFORM etl.record_rejects((
-    SELECT jsonb_agg(jsonb_build_object(
-             'content_sha256', encode(r.content_sha256, 'hex'), 'document_id', r.document_id, 'batch_id', r.batch_id,
-             'source_file', r.source_file, 'line', r.line, 'item', r.item, 'byte_offset', r.byte_offset,
-             'field', e.fields[1], 'reason', e.reasons[1], 'all_reasons', to_jsonb(e.reasons)))
-    FROM (SELECT document_id, array_agg(field ORDER BY sort_key) AS fields, array_agg(reason ORDER BY sort_key) AS reasons
-          FROM t_errors GROUP BY document_id) e
-    JOIN landing.raw_documents r ON r.document_id = e.document_id));
+  PERFORM etl.clear_new_rejects();
+  INSERT INTO t_new_rejects
+  SELECT r.content_sha256, r.document_id, r.batch_id, r.source_file, r.line, r.item, r.byte_offset,
+         e.fields[1], e.reasons[1], e.reasons[1:100]
+  FROM (SELECT document_id, array_agg(field ORDER BY sort_key) AS fields, array_agg(reason ORDER BY sort_key) AS reasons
+        FROM t_errors GROUP BY document_id) e
+  JOIN landing.raw_documents r ON r.document_id = e.document_id;
+  PERFORM etl.record_rejects();
   INSERT INTO t_outcome SELECT DISTINCT document_id, 'rejected' FROM t_errors;
 END
 $$;
@@ -1486,7 +1501,8 @@ FROM etl.rejected_documents r
 WHERE r.document_id = d.document_id AND d.payload IS NULL
   AND d.content_sha256 = etl.reject_key('\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
                                         r.source_file, r.line, r.item, r.byte_offset, r.reason);
-DROP FUNCTION etl.record_rejects(jsonb);
+DROP FUNCTION etl.record_rejects();
+DROP FUNCTION etl.clear_new_rejects();
 DROP FUNCTION etl.reject_key(bytea, text, bigint, bigint, bigint, text);
 
 -- 0004's shard_of, whole.

@@ -249,16 +249,15 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM t_poison) THEN
     RETURN;
   END IF;
-  PERFORM etl.record_rejects((
-    SELECT jsonb_agg(jsonb_build_object(
-             'content_sha256', encode(r.content_sha256, 'hex'), 'document_id', r.document_id, 'batch_id', r.batch_id,
-             'source_file', r.source_file, 'line', r.line, 'item', r.item, 'byte_offset', r.byte_offset,
-             'field', '$', 'reason', x.reason, 'all_reasons', jsonb_build_array(x.reason)))
-    FROM t_poison p
-    JOIN t_docs d ON d.document_id = p.document_id
-    JOIN landing.raw_documents r ON r.document_id = p.document_id
-    CROSS JOIN LATERAL (SELECT format('$: PostgreSQL refused the document while transforming it (SQLSTATE %s)', p.sqlstate) AS reason) x
-    WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id)));
+  PERFORM etl.clear_new_rejects();
+  INSERT INTO t_new_rejects
+  SELECT r.content_sha256, r.document_id, r.batch_id, r.source_file, r.line, r.item, r.byte_offset, '$', x.reason, ARRAY[x.reason]
+  FROM t_poison p
+  JOIN t_docs d ON d.document_id = p.document_id
+  JOIN landing.raw_documents r ON r.document_id = p.document_id
+  CROSS JOIN LATERAL (SELECT format('$: PostgreSQL refused the document while transforming it (SQLSTATE %s)', p.sqlstate) AS reason) x
+  WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id);
+  PERFORM etl.record_rejects();
   INSERT INTO t_outcome
   SELECT p.document_id, 'rejected' FROM t_poison p JOIN t_docs d ON d.document_id = p.document_id
   WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id);
@@ -696,20 +695,25 @@ END
 $$;
 
 -- Find the documents of a batch (or shard) that make its transform fail on a data error, by
--- halving: each half that still fails is halved again, each trial rolled back inside the caller's
--- transaction, until single documents remain; they go into t_poison with their SQLSTATE. At most
--- 64 trials (one bad document among a million takes about 40). Returns how many it found.
+-- halving, each trial rolled back inside the caller's transaction: of a range known to fail, the
+-- first half is tried; if it fails it is halved in turn and the second half is tried later; if it
+-- passes, the second half is the one (inferred, confirmed by a trial once it is one document,
+-- in case the failure came from two documents together). Found documents go into t_poison with
+-- their SQLSTATE. At most 128 trials (one bad document among 50,000 takes about 17, three about
+-- 60). Returns how many it found.
 CREATE FUNCTION etl.find_poison(p_batch_id bigint, p_shard int, p_shards int, p_sqlstate text) RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_ids bigint[];
-  v_lo int[];     -- a stack of ranges [lo, hi) of v_ids known to fail, with their SQLSTATE
-  v_hi int[];
+  v_lo int[];     -- a stack of ranges [lo, hi) of v_ids, each with its SQLSTATE and what is known:
+  v_hi int[];     -- 'failed' (tried), 'inferred' (its sibling passed) or 'unknown'
   v_state text[];
+  v_known text[];
   lo int;
   hi int;
+  mid int;
   st text;
-  half int[];
+  known text;
   v_trials int := 0;
   v_found int := 0;
 BEGIN
@@ -726,30 +730,47 @@ BEGIN
   v_lo := ARRAY[1];
   v_hi := ARRAY[cardinality(v_ids) + 1];
   v_state := ARRAY[p_sqlstate];
+  v_known := ARRAY['failed'];
   WHILE cardinality(v_lo) > 0 LOOP
     lo := v_lo[cardinality(v_lo)];
     hi := v_hi[cardinality(v_hi)];
     st := v_state[cardinality(v_state)];
+    known := v_known[cardinality(v_known)];
     v_lo := trim_array(v_lo, 1);
     v_hi := trim_array(v_hi, 1);
     v_state := trim_array(v_state, 1);
+    v_known := trim_array(v_known, 1);
+    IF known = 'unknown' OR (known = 'inferred' AND hi - lo = 1) THEN
+      IF v_trials >= 128 THEN
+        RETURN v_found;
+      END IF;
+      v_trials := v_trials + 1;
+      st := etl.try_transform(p_batch_id, p_shard, p_shards, v_ids[lo:hi - 1]);
+      CONTINUE WHEN st IS NULL;
+    END IF;
     IF hi - lo = 1 THEN
       INSERT INTO t_poison (document_id, sqlstate) VALUES (v_ids[lo], st);
       v_found := v_found + 1;
       CONTINUE;
     END IF;
-    FOREACH half SLICE 1 IN ARRAY ARRAY[[lo, (lo + hi) / 2], [(lo + hi) / 2, hi]] LOOP
-      IF v_trials >= 64 THEN
-        RETURN v_found;
-      END IF;
-      v_trials := v_trials + 1;
-      st := etl.try_transform(p_batch_id, p_shard, p_shards, v_ids[half[1]:half[2] - 1]);
-      IF st IS NOT NULL THEN
-        v_lo := v_lo || half[1];
-        v_hi := v_hi || half[2];
-        v_state := v_state || st;
-      END IF;
-    END LOOP;
+    IF v_trials >= 128 THEN
+      RETURN v_found;
+    END IF;
+    v_trials := v_trials + 1;
+    mid := (lo + hi) / 2;
+    v_lo := v_lo || mid;
+    v_hi := v_hi || hi;
+    v_state := v_state || st;
+    st := etl.try_transform(p_batch_id, p_shard, p_shards, v_ids[lo:mid - 1]);
+    IF st IS NOT NULL THEN
+      v_known := v_known || 'unknown'::text;
+      v_lo := v_lo || lo;
+      v_hi := v_hi || mid;
+      v_state := v_state || st;
+      v_known := v_known || 'failed'::text;
+    ELSE
+      v_known := v_known || 'inferred'::text;
+    END IF;
   END LOOP;
   RETURN v_found;
 END
@@ -846,8 +867,9 @@ COMMENT ON VIEW etl.batch_summary IS
 -- the others' clinical rows go and their current documents count as superseded.
 CREATE TEMP TABLE t_canon ON COMMIT DROP AS
 SELECT k.patient_key, k.source_system, k.source_patient_id AS old_id,
-       coalesce(CASE WHEN r.payload IS NOT NULL THEN etl.patient_id_of(r.payload -> 'patient_id')
-                     ELSE etl.patient_id_of(to_jsonb(k.source_patient_id)) END, k.source_patient_id) AS new_id,
+       -- an id without a canonical form (12.5, or blank) keeps its text: it is not merged with others
+       coalesce(nullif(CASE WHEN r.payload IS NOT NULL THEN etl.patient_id_of(r.payload -> 'patient_id')
+                            ELSE etl.patient_id_of(to_jsonb(k.source_patient_id)) END, ''), k.source_patient_id) AS new_id,
        p.document_id, coalesce(p.source_updated_at, '-infinity') AS updated_at
 FROM etl.patient_keys k
 LEFT JOIN clinical.patients p ON p.patient_key = k.patient_key
@@ -872,6 +894,14 @@ FROM t_canon c WHERE c.patient_key = k.patient_key AND c.new_id <> c.old_id;
 UPDATE clinical.patients p SET source_patient_id = c.new_id
 FROM t_canon c WHERE c.patient_key = p.patient_key AND c.new_id <> c.old_id;
 
+-- Current snapshots dated more than 24 hours after they were received froze their patients: every
+-- genuine later update was superseded. Their order date is cleared (the oldest), so the next
+-- snapshot wins; the Down restores it from the payload.
+CREATE TEMP TABLE t_unfrozen ON COMMIT DROP AS
+SELECT p.patient_key FROM clinical.patients p JOIN landing.raw_documents d ON d.document_id = p.document_id
+WHERE p.source_updated_at > d.received_at + interval '24 hours';
+UPDATE clinical.patients p SET source_updated_at = NULL FROM t_unfrozen u WHERE u.patient_key = p.patient_key;
+
 DO $$
 DECLARE
   v_rewritten bigint;
@@ -880,8 +910,8 @@ BEGIN
   SELECT count(*) INTO v_rewritten FROM t_canon c WHERE c.new_id <> c.old_id
     AND NOT EXISTS (SELECT 1 FROM t_merged m WHERE m.patient_key = c.patient_key);
   SELECT count(*) INTO v_merged FROM t_merged;
-  RAISE NOTICE 'patient ids in canonical form: % rewritten; % patients merged into the patient with the newest snapshot of the same id',
-    v_rewritten, v_merged;
+  RAISE NOTICE 'patient ids in canonical form: % rewritten; % patients merged into the patient with the newest snapshot of the same id; % patients whose updated_at was more than 24 hours after it was received no longer block later snapshots',
+    v_rewritten, v_merged, (SELECT count(*) FROM t_unfrozen);
 END
 $$;
 
@@ -889,6 +919,12 @@ $$;
 -- Merged patients stay merged and ids stay in their canonical form (valid under 0005's rules too);
 -- everything else is restored as 0005 left it.
 SET LOCAL search_path = pg_catalog, pg_temp;
+
+-- Snapshots dated far ahead get their order date back (the Up cleared it).
+UPDATE clinical.patients p SET source_updated_at = etl.to_timestamptz(d.payload ->> 'updated_at')
+FROM landing.raw_documents d
+WHERE d.document_id = p.document_id AND p.source_updated_at IS NULL
+  AND etl.to_timestamptz(d.payload ->> 'updated_at') > d.received_at + interval '24 hours';
 
 DROP VIEW etl.batch_summary;
 CREATE VIEW etl.batch_summary AS

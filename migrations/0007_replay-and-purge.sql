@@ -87,8 +87,10 @@ $$;
 -- Transform again, under today's rules, the given documents of one batch that are their patients'
 -- current snapshots (a replay): the validation steps, then the patients' rows replaced as a
 -- newer snapshot would replace them. Nothing of the batch's bookkeeping changes (outcomes,
--- rejects, deletes): the documents were accepted when they arrived. Writes t_outcome: 'loaded'
--- (replayed) or 'rejected' (today's rules refuse it: its patient keeps its rows), and t_errors.
+-- rejects, deletes): the documents were accepted when they arrived. Reads t_replay (the patients
+-- replayed); writes t_outcome: 'loaded' (replayed), 'rejected' (today's rules refuse it) or
+-- 'identity' (today's identity rules name another patient); in both latter cases the patient keeps
+-- its rows. And t_errors.
 CREATE FUNCTION etl.replay_documents(p_batch_id bigint, p_documents bigint[]) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -99,6 +101,15 @@ BEGIN
   PERFORM etl.step_child_rules();
   INSERT INTO t_outcome SELECT DISTINCT document_id, 'rejected' FROM t_errors;
   PERFORM etl.step_snapshots();
+  -- A replay never moves a document to another patient: if today's identity rules name another
+  -- patient than the one replayed (t_replay), it is kept as it is ('identity').
+  INSERT INTO t_outcome
+  SELECT a.document_id, 'identity'
+  FROM t_apply a
+  JOIN t_replay r ON r.document_id = a.document_id
+  JOIN etl.patient_keys k ON k.patient_key = r.patient_key
+  WHERE (k.source_system, k.source_patient_id) IS DISTINCT FROM (a.source_system, a.source_patient_id);
+  DELETE FROM t_apply a USING t_outcome o WHERE o.document_id = a.document_id;
   PERFORM etl.step_patient_keys();
   DELETE FROM etl.document_problems p USING t_apply a WHERE p.document_id = a.document_id;
   PERFORM etl.step_delete_replaced(NULL);
@@ -117,7 +128,9 @@ $$;
 -- in the landing table, under today's rules, in the caller's transaction (one per chunk of
 -- patients), under the transform lock. Returns one row per patient: 'replayed', or 'kept' with
 -- the field of the first reason today's rules give (the patient keeps its rows), or 'kept' with
--- field '$payload' when the current snapshot's payload is gone. Patients without a row are skipped.
+-- field '$payload' when the current snapshot's payload is gone, or '$identity' when today's
+-- identity rules would make it another patient. Patients without a row are skipped. The patients
+-- given may come from at most 50 batches (HE007).
 CREATE FUNCTION etl.replay_patients(p_patient_keys bigint[])
 RETURNS TABLE (patient_key bigint, outcome text, field text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -133,6 +146,12 @@ BEGIN
   JOIN landing.raw_documents d ON d.document_id = p.document_id
   WHERE p.patient_key = ANY (p_patient_keys);
   UPDATE t_replay r SET outcome = 'kept', field = '$payload' WHERE r.no_payload;
+  -- Each source batch is a pass of the steps, whose temporary tables hold locks to the commit: a
+  -- few hundred passes ran out of lock memory (max_locks_per_transaction). The caller chunks.
+  IF (SELECT count(DISTINCT r.batch_id) FROM t_replay r WHERE r.outcome IS NULL) > 50 THEN
+    RAISE EXCEPTION 'the patients given come from more than 50 batches: replay them in smaller groups'
+      USING ERRCODE = 'HE007', HINT = 'healthetl replay groups patients by batch; from SQL, pass the patients of at most 50 batches per call.';
+  END IF;
   FOR v_batch, v_documents IN
     SELECT r.batch_id, array_agg(r.document_id) FROM t_replay r WHERE r.outcome IS NULL GROUP BY r.batch_id ORDER BY r.batch_id
   LOOP
@@ -140,7 +159,8 @@ BEGIN
     PERFORM etl.replay_documents(v_batch, v_documents);
     UPDATE t_replay r
     SET outcome = CASE WHEN o.status = 'loaded' THEN 'replayed' ELSE 'kept' END,
-        field = (SELECT e.field FROM t_errors e WHERE e.document_id = r.document_id ORDER BY e.sort_key LIMIT 1)
+        field = CASE WHEN o.status = 'identity' THEN '$identity'
+                     ELSE (SELECT e.field FROM t_errors e WHERE e.document_id = r.document_id ORDER BY e.sort_key LIMIT 1) END
     FROM t_outcome o WHERE o.document_id = r.document_id;
   END LOOP;
   RETURN QUERY SELECT r.patient_key, r.outcome, r.field FROM t_replay r ORDER BY r.patient_key;

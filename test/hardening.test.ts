@@ -197,18 +197,22 @@ describe('patient identity: one canonical form', () => {
           '{"patient_id": 12.0, "updated_at": "2024-01-01T00:00:00Z", "visits": [{"visit_id": "OLD", "visit_date": "2020-01-01"}]}',
           '{"patient_id": "Jose\u0301", "updated_at": "2024-05-01T00:00:00Z", "visits": [{"visit_id": "NFD", "visit_date": "2020-01-01"}]}',
           '{"patient_id": " 7", "updated_at": "2024-01-01T00:00:00Z", "visits": []}',
+          // Blank ids (accepted by 0005) have no canonical form: they are not merged.
+          '{"patient_id": "   ", "visits": []}',
+          '{"patient_id": " ", "visits": []}',
         ]);
         await load([
           '{"patient_id": "12", "updated_at": "2024-03-01T00:00:00Z", "visits": [{"visit_id": "NEW", "visit_date": "2020-01-01"}]}',
           '{"patient_id": "Jos\u00e9", "updated_at": "2024-04-01T00:00:00Z", "visits": [{"visit_id": "NFC", "visit_date": "2020-01-01"}]}',
           '{"patient_id": "7", "updated_at": "2024-02-01T00:00:00Z", "visits": []}',
-          '{"patient_id": "99", "visits": []}',
+          // Dated far ahead (accepted by 0005): it froze the patient against every real update.
+          '{"patient_id": "99", "updated_at": "2099-01-01T00:00:00Z", "visits": []}',
         ]);
       } finally {
         await p.end();
       }
       await client.connect();
-      expect((await client.query(`SELECT count(*)::int AS n FROM clinical.patients`)).rows[0].n).toBe(7);
+      expect((await client.query(`SELECT count(*)::int AS n FROM clinical.patients`)).rows[0].n).toBe(9);
 
       await migrate(url, 'up');
       const patients = (
@@ -217,12 +221,16 @@ describe('patient identity: one canonical form', () => {
                                             GROUP BY 1 ORDER BY 1`)
       ).rows;
       expect(patients).toEqual([
+        { id: ' ', visits: [null] },
+        { id: '   ', visits: [null] },
         { id: '12', visits: ['NEW'] },
         { id: '7', visits: [null] },
         { id: '99', visits: [null] },
         { id: 'Jos\u00e9', visits: ['NFD'] },
       ]);
       expect((await client.query(`SELECT source_patient_id AS id FROM etl.patient_keys ORDER BY 1`)).rows.map((r) => r.id)).toEqual([
+        ' ',
+        '   ',
         '12',
         '7',
         '99',
@@ -231,8 +239,34 @@ describe('patient identity: one canonical form', () => {
       // The losers' current documents count as superseded now; every batch still balances.
       const statuses = (await client.query(`SELECT payload->>'patient_id' AS id, status FROM landing.raw_documents ORDER BY document_id`))
         .rows;
-      expect(statuses.map((s) => s.status)).toEqual(['superseded', 'loaded', 'superseded', 'loaded', 'superseded', 'loaded', 'loaded']);
+      expect(statuses.map((s) => s.status)).toEqual([
+        'superseded',
+        'loaded',
+        'superseded',
+        'loaded',
+        'loaded',
+        'loaded',
+        'superseded',
+        'loaded',
+        'loaded',
+      ]);
       expect((await client.query(`SELECT bool_and(balanced) AS ok FROM etl.batch_summary`)).rows[0].ok).toBe(true);
+      // The far-future snapshot no longer blocks: a real update dated in the past now wins.
+      expect((await client.query(`SELECT source_updated_at FROM clinical.patients WHERE source_patient_id = '99'`)).rows).toEqual([
+        { source_updated_at: null },
+      ]);
+      const p2 = await createDbPool(url);
+      try {
+        await stage(url, [
+          '{"patient_id": "99", "updated_at": "2025-01-01T00:00:00Z", "visits": [{"visit_id": "LATER", "visit_date": "2024-12-01"}]}',
+        ]);
+        await transformPending(p2);
+      } finally {
+        await p2.end();
+      }
+      const later = await client.query(`SELECT v.source_visit_id FROM clinical.visits v JOIN clinical.patients p USING (patient_key)
+                                        WHERE p.source_patient_id = '99'`);
+      expect(later.rows).toEqual([{ source_visit_id: 'LATER' }]);
     } finally {
       await client.end().catch(() => undefined);
       await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
@@ -456,5 +490,36 @@ describe('what a snapshot deletes is counted', () => {
     ]);
     expect(summary).toEqual({ deleted_visits: 3, deleted_children: 4 });
     expect((await db.query(`SELECT count(*)::int AS n FROM clinical.visits`))[0].n).toBe(1);
+  });
+});
+
+describe('review findings', () => {
+  test('a document with thousands of reasons is one reject with the first 100, quickly; three bad documents among thousands are all found', async () => {
+    await reset();
+    const many = {
+      patient_id: 'MANY',
+      visits: [visit('V1', '2020-01-01', { diagnoses: Array.from({ length: 5000 }, () => 1).map(() => ({})) })],
+    };
+    const r = await run([many, { patient_id: 'FINE', visits: [] }]);
+    const rows = await outcomes(r.batchId);
+    expect(rows.map((x) => x.status)).toEqual(['rejected', 'loaded']);
+    const [rej] = await db.query(`SELECT cardinality(all_reasons) AS n, reason FROM etl.rejected_documents`);
+    expect(rej).toEqual({ n: 100, reason: 'visits[0].diagnoses[0].code: is required' });
+
+    await reset();
+    await db.query(`ALTER TABLE clinical.patients ADD CONSTRAINT test_plant CHECK (length(mrn) < 20) NOT VALID`);
+    try {
+      const docs = Array.from({ length: 3000 }, (_, i) => ({
+        patient_id: `T-${i}`,
+        mrn: [17, 1500, 2999].includes(i) ? 'M'.repeat(25) : `M-${i}`,
+        visits: [],
+      }));
+      const b = await run(docs, { shards: 1 });
+      const out = await outcomes(b.batchId);
+      expect(out.filter((x) => x.status === 'rejected').map((x) => x.line)).toEqual([18, 1501, 3000]);
+      expect(out.filter((x) => x.status === 'loaded')).toHaveLength(2997);
+    } finally {
+      await db.query(`ALTER TABLE clinical.patients DROP CONSTRAINT test_plant`);
+    }
   });
 });

@@ -150,3 +150,37 @@ describe('purge', () => {
     await expect(db.query(`SELECT * FROM etl.purge(interval '-1 day')`)).rejects.toMatchObject({ code: 'HE006' });
   });
 });
+
+describe('replay, as a reviewer tried it', () => {
+  test('a changed identity rule never moves a patient: the patient is kept and reported', async () => {
+    await run('valid/one-patient.json');
+    const [{ key }] = await db.query(`SELECT patient_key::int AS key FROM clinical.patients ORDER BY patient_key DESC LIMIT 1`);
+    const keys = (await db.query(`SELECT count(*)::int AS n FROM etl.patient_keys`))[0].n;
+    await db.query('BEGIN');
+    try {
+      // As if a later migration had changed the identity rule: ids lower-cased.
+      await db.query(`CREATE OR REPLACE FUNCTION etl.patient_id_of(j jsonb) RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE
+                      RETURN lower(CASE jsonb_typeof(j) WHEN 'string' THEN btrim(normalize(j #>> '{}', NFC), E' \\t\\r\\n') END)`);
+      const out = await db.query(`SELECT patient_key::int, outcome, field FROM etl.replay_patients(ARRAY[${key}]::bigint[])`);
+      expect(out).toEqual([{ patient_key: key, outcome: 'kept', field: '$identity' }]);
+      expect((await db.query(`SELECT count(*)::int AS n FROM etl.patient_keys`))[0].n).toBe(keys);
+    } finally {
+      await db.query('ROLLBACK');
+    }
+  });
+
+  test('patients from more than 50 batches are refused with a hint (each batch is a pass whose locks last to the commit)', async () => {
+    for (let i = 0; i < 51; i++) {
+      const r = await loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], {
+        stdin: (await import('node:stream')).Readable.from([JSON.stringify({ patient_id: `MANY-B-${i}`, visits: [] }) + '\n']),
+      });
+      expect(r.documents).toBe(1);
+    }
+    await transformPending(pool);
+    await expect(
+      db.query(
+        `SELECT * FROM etl.replay_patients(ARRAY(SELECT patient_key FROM clinical.patients WHERE source_patient_id LIKE 'MANY-B-%'))`,
+      ),
+    ).rejects.toMatchObject({ code: 'HE007' });
+  });
+});

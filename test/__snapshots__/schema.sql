@@ -354,6 +354,20 @@ BEGIN
 END
 $function$;
 
+CREATE OR REPLACE FUNCTION etl.clear_new_rejects()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  CREATE TEMP TABLE IF NOT EXISTS t_new_rejects (
+    content_sha256 bytea NOT NULL, document_id bigint NOT NULL, batch_id bigint NOT NULL, source_file text NOT NULL,
+    line bigint, item bigint, byte_offset bigint NOT NULL, field text NOT NULL, reason text NOT NULL, all_reasons text[] NOT NULL
+  ) ON COMMIT DELETE ROWS;
+  TRUNCATE t_new_rejects;
+END
+$function$;
+
 CREATE OR REPLACE FUNCTION etl.ensure_batch_partitions(p_batch_id bigint, p_shard integer DEFAULT 0, p_shards integer DEFAULT 1)
  RETURNS integer
  LANGUAGE sql
@@ -407,13 +421,15 @@ CREATE OR REPLACE FUNCTION etl.find_poison(p_batch_id bigint, p_shard integer, p
 AS $function$
 DECLARE
   v_ids bigint[];
-  v_lo int[];     -- a stack of ranges [lo, hi) of v_ids known to fail, with their SQLSTATE
-  v_hi int[];
+  v_lo int[];     -- a stack of ranges [lo, hi) of v_ids, each with its SQLSTATE and what is known:
+  v_hi int[];     -- 'failed' (tried), 'inferred' (its sibling passed) or 'unknown'
   v_state text[];
+  v_known text[];
   lo int;
   hi int;
+  mid int;
   st text;
-  half int[];
+  known text;
   v_trials int := 0;
   v_found int := 0;
 BEGIN
@@ -430,30 +446,47 @@ BEGIN
   v_lo := ARRAY[1];
   v_hi := ARRAY[cardinality(v_ids) + 1];
   v_state := ARRAY[p_sqlstate];
+  v_known := ARRAY['failed'];
   WHILE cardinality(v_lo) > 0 LOOP
     lo := v_lo[cardinality(v_lo)];
     hi := v_hi[cardinality(v_hi)];
     st := v_state[cardinality(v_state)];
+    known := v_known[cardinality(v_known)];
     v_lo := trim_array(v_lo, 1);
     v_hi := trim_array(v_hi, 1);
     v_state := trim_array(v_state, 1);
+    v_known := trim_array(v_known, 1);
+    IF known = 'unknown' OR (known = 'inferred' AND hi - lo = 1) THEN
+      IF v_trials >= 128 THEN
+        RETURN v_found;
+      END IF;
+      v_trials := v_trials + 1;
+      st := etl.try_transform(p_batch_id, p_shard, p_shards, v_ids[lo:hi - 1]);
+      CONTINUE WHEN st IS NULL;
+    END IF;
     IF hi - lo = 1 THEN
       INSERT INTO t_poison (document_id, sqlstate) VALUES (v_ids[lo], st);
       v_found := v_found + 1;
       CONTINUE;
     END IF;
-    FOREACH half SLICE 1 IN ARRAY ARRAY[[lo, (lo + hi) / 2], [(lo + hi) / 2, hi]] LOOP
-      IF v_trials >= 64 THEN
-        RETURN v_found;
-      END IF;
-      v_trials := v_trials + 1;
-      st := etl.try_transform(p_batch_id, p_shard, p_shards, v_ids[half[1]:half[2] - 1]);
-      IF st IS NOT NULL THEN
-        v_lo := v_lo || half[1];
-        v_hi := v_hi || half[2];
-        v_state := v_state || st;
-      END IF;
-    END LOOP;
+    IF v_trials >= 128 THEN
+      RETURN v_found;
+    END IF;
+    v_trials := v_trials + 1;
+    mid := (lo + hi) / 2;
+    v_lo := v_lo || mid;
+    v_hi := v_hi || hi;
+    v_state := v_state || st;
+    st := etl.try_transform(p_batch_id, p_shard, p_shards, v_ids[lo:mid - 1]);
+    IF st IS NOT NULL THEN
+      v_known := v_known || 'unknown'::text;
+      v_lo := v_lo || lo;
+      v_hi := v_hi || mid;
+      v_state := v_state || st;
+      v_known := v_known || 'failed'::text;
+    ELSE
+      v_known := v_known || 'inferred'::text;
+    END IF;
   END LOOP;
   RETURN v_found;
 END
@@ -627,30 +660,32 @@ AS $function$
   WHERE excluded.status IN ('staged', 'rejected')
 $function$;
 
-CREATE OR REPLACE FUNCTION etl.record_rejects(p_rejects jsonb)
+CREATE OR REPLACE FUNCTION etl.record_rejects()
  RETURNS bigint
- LANGUAGE sql
+ LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
+DECLARE
+  n bigint;
+BEGIN
   WITH r AS (
-    SELECT x.*, count(*) OVER w AS n, max(x.document_id) OVER w AS last_document_id,
+    SELECT x.*, count(*) OVER w AS deliveries, max(x.document_id) OVER w AS last_document_id,
            row_number() OVER (w ORDER BY x.document_id) AS rn
-    FROM jsonb_to_recordset(p_rejects) AS x(content_sha256 text, document_id bigint, batch_id bigint, source_file text,
-                                            line bigint, item bigint, byte_offset bigint, field text, reason text, all_reasons text[])
+    FROM t_new_rejects x
     WINDOW w AS (PARTITION BY x.content_sha256)
-  ), ins AS (
-    INSERT INTO etl.rejected_documents AS rd (document_id, batch_id, source_file, line, item, byte_offset, field, reason,
-                                              all_reasons, content_sha256, deliveries, last_batch_id, last_document_id)
-    SELECT r.document_id, r.batch_id, r.source_file, r.line, r.item, r.byte_offset, r.field, r.reason,
-           r.all_reasons, decode(r.content_sha256, 'hex'), r.n, r.batch_id, r.last_document_id
-    FROM r WHERE r.rn = 1
-    ON CONFLICT (content_sha256) DO UPDATE SET
-      deliveries = rd.deliveries + excluded.deliveries, last_batch_id = excluded.last_batch_id,
-      last_document_id = excluded.last_document_id, last_rejected_at = clock_timestamp(),
-      field = excluded.field, reason = excluded.reason, all_reasons = excluded.all_reasons
-    RETURNING 1
   )
-  SELECT coalesce(sum(r.n), 0)::bigint FROM r WHERE r.rn = 1
+  INSERT INTO etl.rejected_documents AS rd (document_id, batch_id, source_file, line, item, byte_offset, field, reason,
+                                            all_reasons, content_sha256, deliveries, last_batch_id, last_document_id)
+  SELECT r.document_id, r.batch_id, r.source_file, r.line, r.item, r.byte_offset, r.field, r.reason,
+         r.all_reasons, r.content_sha256, r.deliveries, r.batch_id, r.last_document_id
+  FROM r WHERE r.rn = 1
+  ON CONFLICT (content_sha256) DO UPDATE SET
+    deliveries = rd.deliveries + excluded.deliveries, last_batch_id = excluded.last_batch_id,
+    last_document_id = excluded.last_document_id, last_rejected_at = clock_timestamp(),
+    field = excluded.field, reason = excluded.reason, all_reasons = excluded.all_reasons;
+  SELECT count(*) INTO n FROM t_new_rejects;
+  RETURN n;
+END
 $function$;
 
 CREATE OR REPLACE FUNCTION etl.reject_key(p_sha256 bytea, p_source_file text, p_line bigint, p_item bigint, p_byte_offset bigint, p_reason text)
@@ -673,6 +708,15 @@ BEGIN
   PERFORM etl.step_child_rules();
   INSERT INTO t_outcome SELECT DISTINCT document_id, 'rejected' FROM t_errors;
   PERFORM etl.step_snapshots();
+  -- A replay never moves a document to another patient: if today's identity rules name another
+  -- patient than the one replayed (t_replay), it is kept as it is ('identity').
+  INSERT INTO t_outcome
+  SELECT a.document_id, 'identity'
+  FROM t_apply a
+  JOIN t_replay r ON r.document_id = a.document_id
+  JOIN etl.patient_keys k ON k.patient_key = r.patient_key
+  WHERE (k.source_system, k.source_patient_id) IS DISTINCT FROM (a.source_system, a.source_patient_id);
+  DELETE FROM t_apply a USING t_outcome o WHERE o.document_id = a.document_id;
   PERFORM etl.step_patient_keys();
   DELETE FROM etl.document_problems p USING t_apply a WHERE p.document_id = a.document_id;
   PERFORM etl.step_delete_replaced(NULL);
@@ -704,6 +748,12 @@ BEGIN
   JOIN landing.raw_documents d ON d.document_id = p.document_id
   WHERE p.patient_key = ANY (p_patient_keys);
   UPDATE t_replay r SET outcome = 'kept', field = '$payload' WHERE r.no_payload;
+  -- Each source batch is a pass of the steps, whose temporary tables hold locks to the commit: a
+  -- few hundred passes ran out of lock memory (max_locks_per_transaction). The caller chunks.
+  IF (SELECT count(DISTINCT r.batch_id) FROM t_replay r WHERE r.outcome IS NULL) > 50 THEN
+    RAISE EXCEPTION 'the patients given come from more than 50 batches: replay them in smaller groups'
+      USING ERRCODE = 'HE007', HINT = 'healthetl replay groups patients by batch; from SQL, pass the patients of at most 50 batches per call.';
+  END IF;
   FOR v_batch, v_documents IN
     SELECT r.batch_id, array_agg(r.document_id) FROM t_replay r WHERE r.outcome IS NULL GROUP BY r.batch_id ORDER BY r.batch_id
   LOOP
@@ -711,7 +761,8 @@ BEGIN
     PERFORM etl.replay_documents(v_batch, v_documents);
     UPDATE t_replay r
     SET outcome = CASE WHEN o.status = 'loaded' THEN 'replayed' ELSE 'kept' END,
-        field = (SELECT e.field FROM t_errors e WHERE e.document_id = r.document_id ORDER BY e.sort_key LIMIT 1)
+        field = CASE WHEN o.status = 'identity' THEN '$identity'
+                     ELSE (SELECT e.field FROM t_errors e WHERE e.document_id = r.document_id ORDER BY e.sort_key LIMIT 1) END
     FROM t_outcome o WHERE o.document_id = r.document_id;
   END LOOP;
   RETURN QUERY SELECT r.patient_key, r.outcome, r.field FROM t_replay r ORDER BY r.patient_key;
@@ -792,9 +843,8 @@ CREATE OR REPLACE FUNCTION etl.stage_rejects(p_batch_id bigint, p_rejects jsonb)
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-DECLARE
-  v_rejects jsonb;
 BEGIN
+  PERFORM etl.clear_new_rejects();
   WITH r AS (
     SELECT x.*, substring(x.reason FROM '^[^:]*') AS field,
            etl.reject_key(decode(x.sha256, 'hex'), x.source_file, x.line, x.item, x.byte_offset, x.reason) AS reject_key
@@ -806,13 +856,10 @@ BEGIN
     FROM r
     RETURNING document_id, source_file, byte_offset
   )
-  SELECT jsonb_agg(jsonb_build_object(
-           'content_sha256', encode(r.reject_key, 'hex'), 'document_id', ins.document_id, 'batch_id', p_batch_id,
-           'source_file', r.source_file, 'line', r.line, 'item', r.item, 'byte_offset', r.byte_offset,
-           'field', r.field, 'reason', r.reason, 'all_reasons', jsonb_build_array(r.reason)))
-  INTO v_rejects
+  INSERT INTO t_new_rejects
+  SELECT r.reject_key, ins.document_id, p_batch_id, r.source_file, r.line, r.item, r.byte_offset, r.field, r.reason, ARRAY[r.reason]
   FROM ins JOIN r ON r.source_file = ins.source_file AND r.byte_offset = ins.byte_offset;
-  RETURN etl.record_rejects(v_rejects);
+  RETURN etl.record_rejects();
 END
 $function$;
 
@@ -1155,16 +1202,15 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM t_poison) THEN
     RETURN;
   END IF;
-  PERFORM etl.record_rejects((
-    SELECT jsonb_agg(jsonb_build_object(
-             'content_sha256', encode(r.content_sha256, 'hex'), 'document_id', r.document_id, 'batch_id', r.batch_id,
-             'source_file', r.source_file, 'line', r.line, 'item', r.item, 'byte_offset', r.byte_offset,
-             'field', '$', 'reason', x.reason, 'all_reasons', jsonb_build_array(x.reason)))
-    FROM t_poison p
-    JOIN t_docs d ON d.document_id = p.document_id
-    JOIN landing.raw_documents r ON r.document_id = p.document_id
-    CROSS JOIN LATERAL (SELECT format('$: PostgreSQL refused the document while transforming it (SQLSTATE %s)', p.sqlstate) AS reason) x
-    WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id)));
+  PERFORM etl.clear_new_rejects();
+  INSERT INTO t_new_rejects
+  SELECT r.content_sha256, r.document_id, r.batch_id, r.source_file, r.line, r.item, r.byte_offset, '$', x.reason, ARRAY[x.reason]
+  FROM t_poison p
+  JOIN t_docs d ON d.document_id = p.document_id
+  JOIN landing.raw_documents r ON r.document_id = p.document_id
+  CROSS JOIN LATERAL (SELECT format('$: PostgreSQL refused the document while transforming it (SQLSTATE %s)', p.sqlstate) AS reason) x
+  WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id);
+  PERFORM etl.record_rejects();
   INSERT INTO t_outcome
   SELECT p.document_id, 'rejected' FROM t_poison p JOIN t_docs d ON d.document_id = p.document_id
   WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id);
@@ -1238,14 +1284,14 @@ CREATE OR REPLACE FUNCTION etl.step_rejects()
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
-  PERFORM etl.record_rejects((
-    SELECT jsonb_agg(jsonb_build_object(
-             'content_sha256', encode(r.content_sha256, 'hex'), 'document_id', r.document_id, 'batch_id', r.batch_id,
-             'source_file', r.source_file, 'line', r.line, 'item', r.item, 'byte_offset', r.byte_offset,
-             'field', e.fields[1], 'reason', e.reasons[1], 'all_reasons', to_jsonb(e.reasons)))
-    FROM (SELECT document_id, array_agg(field ORDER BY sort_key) AS fields, array_agg(reason ORDER BY sort_key) AS reasons
-          FROM t_errors GROUP BY document_id) e
-    JOIN landing.raw_documents r ON r.document_id = e.document_id));
+  PERFORM etl.clear_new_rejects();
+  INSERT INTO t_new_rejects
+  SELECT r.content_sha256, r.document_id, r.batch_id, r.source_file, r.line, r.item, r.byte_offset,
+         e.fields[1], e.reasons[1], e.reasons[1:100]
+  FROM (SELECT document_id, array_agg(field ORDER BY sort_key) AS fields, array_agg(reason ORDER BY sort_key) AS reasons
+        FROM t_errors GROUP BY document_id) e
+  JOIN landing.raw_documents r ON r.document_id = e.document_id;
+  PERFORM etl.record_rejects();
   INSERT INTO t_outcome SELECT DISTINCT document_id, 'rejected' FROM t_errors;
 END
 $function$;
