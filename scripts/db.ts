@@ -1,6 +1,8 @@
 // Database connections: where to connect, the two clients we use (slonik for typed queries,
 // pg for COPY and session locks), session settings. Errors: errors.ts.
+import { readFileSync, statSync } from 'node:fs';
 import os from 'node:os';
+import path from 'node:path';
 import pg from 'pg';
 import { createPool, SchemaValidationError, sql, type DatabasePool, type Interceptor, type QuerySqlToken } from 'slonik';
 import { z, type ZodTypeAny } from 'zod';
@@ -9,9 +11,34 @@ export { sql };
 
 export type Timeouts = { statementTimeoutMs: number; lockTimeoutMs: number };
 
+/** The timeout settings from the environment, and their defaults. */
+export const TIMEOUT_SETTINGS = {
+  HEALTHETL_STATEMENT_TIMEOUT_MS: 0, // 0: none (a transform may be long)
+  HEALTHETL_LOCK_TIMEOUT_MS: 60_000,
+} as const;
+
+/** What PostgreSQL takes for a timeout in milliseconds: a whole number from 0 to 2^31 - 1. */
+const MAX_TIMEOUT_MS = 2_147_483_647;
+
+/** A setting's milliseconds, or NaN when it is not a whole number from 0 to 2147483647 (settingsProblem says so). */
+function millisecondsOf(name: keyof typeof TIMEOUT_SETTINGS): number {
+  const raw = process.env[name];
+  if (raw === undefined) return TIMEOUT_SETTINGS[name];
+  return /^[0-9]+$/.test(raw) && Number(raw) <= MAX_TIMEOUT_MS ? Number(raw) : NaN;
+}
+
+/** One line naming the first bad timeout setting and what it takes; null when they are fine. The CLI checks this at start. */
+export function settingsProblem(): string | null {
+  for (const name of Object.keys(TIMEOUT_SETTINGS) as (keyof typeof TIMEOUT_SETTINGS)[]) {
+    if (Number.isNaN(millisecondsOf(name)))
+      return `${name} must be a whole number of milliseconds from 0 to ${MAX_TIMEOUT_MS} (0: no timeout); fix or unset it`;
+  }
+  return null;
+}
+
 export const DEFAULT_TIMEOUTS: Timeouts = {
-  statementTimeoutMs: Number(process.env.HEALTHETL_STATEMENT_TIMEOUT_MS ?? 0), // 0: none (a transform may be long)
-  lockTimeoutMs: Number(process.env.HEALTHETL_LOCK_TIMEOUT_MS ?? 60_000),
+  statementTimeoutMs: millisecondsOf('HEALTHETL_STATEMENT_TIMEOUT_MS'),
+  lockTimeoutMs: millisecondsOf('HEALTHETL_LOCK_TIMEOUT_MS'),
 };
 
 /** --database-url, else DATABASE_URL, else libpq's PG* variables (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE). */
@@ -21,26 +48,65 @@ export function resolveDatabaseUrl(cliUrl?: string): string {
   const env = process.env;
   const user = env.PGUSER ?? os.userInfo().username;
   const url = new URL('postgresql://');
+  // A Unix socket directory goes in the host, percent-encoded: slonik reads a ?host= parameter
+  // only when the URL has no host, and connected to localhost over TCP instead. (The host first:
+  // a URL without one takes no user name.)
   const host = env.PGHOST ?? 'localhost';
+  url.hostname = host.startsWith('/') ? encodeURIComponent(host) : host;
   url.username = encodeURIComponent(user);
   if (env.PGPASSWORD) url.password = encodeURIComponent(env.PGPASSWORD);
   url.pathname = '/' + encodeURIComponent(env.PGDATABASE ?? user);
-  if (host.startsWith('/')) {
-    url.hostname = 'localhost';
-    url.searchParams.set('host', host); // a Unix socket directory
-  } else {
-    url.hostname = host;
-  }
   if (env.PGPORT) url.port = env.PGPORT;
   if (env.PGSSLMODE) url.searchParams.set('sslmode', env.PGSSLMODE);
   return url.toString();
+}
+
+/**
+ * The URL with the password from ~/.pgpass (or PGPASSFILE) when it names none and PGPASSWORD is
+ * unset, found as libpq finds it: the first line whose host, port, database and user match (`*`
+ * matches any; backslash escapes `:` and itself), in a file no one else may read. Left to pg, the
+ * file is read all the same, with a DeprecationWarning on every run (pg 8; pg 9 drops it).
+ */
+function withPgPass(databaseUrl: string): string {
+  let u: URL;
+  try {
+    u = new URL(databaseUrl);
+  } catch {
+    return databaseUrl; // pg says what is wrong with it
+  }
+  if (u.password || process.env.PGPASSWORD) return databaseUrl;
+  const file = process.env.PGPASSFILE ?? path.join(os.homedir(), '.pgpass');
+  let text: string;
+  try {
+    if (statSync(file).mode & 0o077) return databaseUrl; // libpq ignores a file others may read
+    text = readFileSync(file, 'utf8');
+  } catch {
+    return databaseUrl;
+  }
+  const user = decodeURIComponent(u.username) || process.env.PGUSER || os.userInfo().username;
+  const want = [
+    (u.searchParams.get('host') ?? decodeURIComponent(u.hostname)).startsWith('/') ? 'localhost' : u.hostname || 'localhost',
+    u.port || '5432',
+    decodeURIComponent(u.pathname.slice(1)) || user,
+    user,
+  ];
+  for (const line of text.split(/\r?\n/)) {
+    if (!line || line.startsWith('#')) continue;
+    const fields = line.split(/(?<!\\):/).map((f) => f.replace(/\\([:\\])/g, '$1'));
+    if (fields.length < 5) continue;
+    if (want.every((w, i) => fields[i] === '*' || fields[i] === w)) {
+      u.password = encodeURIComponent(fields.slice(4).join(':'));
+      return u.toString();
+    }
+  }
+  return databaseUrl;
 }
 
 /** host:port/database, for messages: never the password. */
 export function describeTarget(databaseUrl: string): string {
   try {
     const u = new URL(databaseUrl);
-    const host = u.searchParams.get('host') ?? u.hostname ?? 'localhost';
+    const host = u.searchParams.get('host') ?? (decodeURIComponent(u.hostname) || 'localhost');
     return `${host}:${u.port || 5432}${u.pathname || '/'}`;
   } catch {
     return '(unparseable database URL)';
@@ -60,7 +126,7 @@ const resultParser: Interceptor = {
 
 /** A slonik pool for typed queries. */
 export async function createDbPool(databaseUrl: string, maximumPoolSize = 4): Promise<DatabasePool> {
-  return createPool(databaseUrl, {
+  return createPool(withPgPass(databaseUrl), {
     interceptors: [resultParser],
     maximumPoolSize,
     connectionRetryLimit: 0,
@@ -76,13 +142,23 @@ export async function createDbPool(databaseUrl: string, maximumPoolSize = 4): Pr
 
 /** A plain pg client, for COPY and for holding session-level advisory locks. */
 export async function connectPg(databaseUrl: string, timeouts: Timeouts = DEFAULT_TIMEOUTS): Promise<pg.Client> {
-  const client = new pg.Client({ connectionString: databaseUrl, application_name: 'healthetl', connectionTimeoutMillis: 10_000 });
-  await client.connect();
-  // A stuck lock must become a clear error, not a hang.
-  await queryOn(
-    client,
-    sql.unsafe`SELECT set_config('statement_timeout', ${String(timeouts.statementTimeoutMs)}, false), set_config('lock_timeout', ${String(timeouts.lockTimeoutMs)}, false)`,
-  );
+  const client = new pg.Client({
+    connectionString: withPgPass(databaseUrl),
+    application_name: 'healthetl',
+    connectionTimeoutMillis: 10_000,
+  });
+  try {
+    await client.connect();
+    // A stuck lock must become a clear error, not a hang.
+    await queryOn(
+      client,
+      sql.unsafe`SELECT set_config('statement_timeout', ${String(timeouts.statementTimeoutMs)}, false), set_config('lock_timeout', ${String(timeouts.lockTimeoutMs)}, false)`,
+    );
+  } catch (err) {
+    // An open connection would keep the process alive after the error is reported.
+    await client.end().catch(() => undefined);
+    throw err;
+  }
   return client;
 }
 

@@ -1,6 +1,8 @@
 // Errors: exit codes, the SQLSTATE dug out of wrapped errors (slonik wraps pg's in its own),
 // what each class means for the run, and one line saying what to do. Every SQLSTATE and
 // driver-message pattern lives here.
+import pg from 'pg';
+import { InvalidInputError } from 'slonik';
 import { describeTarget } from './db.ts';
 
 /** Exit codes: documented in the README; a scheduler acts on them. */
@@ -12,6 +14,7 @@ export const EXIT = {
   REJECTED: 4, // ran to the end, but some documents or files were rejected
   NOT_MIGRATED: 5, // the schema is missing or behind: run `healthetl migrate up`
   UNBALANCED: 6, // a batch's counts do not reconcile
+  BATCH_FAILED: 7, // a batch failed to transform (status): its error says why; the next run retries it
 } as const;
 
 export class UserError extends Error {
@@ -23,33 +26,49 @@ export class UserError extends Error {
   }
 }
 
-type PgLikeError = Error & { code?: string; hint?: string; cause?: unknown; errno?: number };
+type PgLikeError = Error & { code?: string; hint?: string; cause?: unknown; errno?: number; syscall?: string };
 
-/** The first error down the `cause` chain that carries a code (pg's own), else the last one. */
+/**
+ * The server's own error (pg's DatabaseError: it has a severity and a SQLSTATE) under slonik's
+ * wrappers, which keep it in `cause` (slonik 47: BackendTerminated*, IntegrityConstraintViolation
+ * and its subclasses, IdleTransactionTimeout, StatementCancelled, StatementTimeout, InputSyntax),
+ * except InvalidInputError, which slonik makes of a 22P02 with the server's message only: that one
+ * is given back as a 22P02 without its message (it quotes the value). Undefined for anything else
+ * (a file error such as EPIPE, a socket error), whatever its code looks like.
+ */
+function serverErrorOf(err: unknown): { code: string; message: string; hint?: string } | undefined {
+  let e = err as PgLikeError | undefined;
+  for (let i = 0; i < 6 && e && typeof e === 'object'; i++) {
+    if (e instanceof pg.DatabaseError && typeof e.code === 'string') return e as pg.DatabaseError & { code: string };
+    // slonik's own InvalidInputErrors say what our code did wrong, capitalised and with a full stop;
+    // the server's messages start in lower case.
+    if (e instanceof InvalidInputError && !/^[A-Z]/.test(e.message)) return { code: '22P02', message: 'invalid input value' };
+    e = e.cause as PgLikeError | undefined;
+  }
+  return undefined;
+}
+
+/** The first error down the `cause` chain that carries a code (pg's own, or Node's), else the last one. */
 function innermost(err: unknown): PgLikeError {
   let e = err as PgLikeError;
   for (let i = 0; i < 5 && e && typeof e === 'object' && e.cause && !e.code; i++) e = e.cause as PgLikeError;
   return e;
 }
 
-/** The error's code, from pg's error under slonik's wrappers (a SQLSTATE, or a Node code such as ECONNREFUSED). */
+/** The SQLSTATE of the server's error under slonik's wrappers; undefined when the server did not answer with one. */
 function sqlState(err: unknown): string | undefined {
-  return innermost(err)?.code || undefined;
+  return serverErrorOf(err)?.code;
 }
 
-// Five characters, digits and capitals: a SQLSTATE (a few errno names, EPIPE or EBUSY, match too).
-const SQLSTATE = /^[0-9A-Z]{5}$/;
-
-/** The server answered with an error (pg's error itself carries the SQLSTATE, unwrapped). */
+/** The server answered with an error (told by its type, pg's DatabaseError, not by the shape of its code). */
 export function isServerError(err: unknown): boolean {
-  const code = (err as { code?: unknown } | undefined)?.code;
-  return typeof code === 'string' && SQLSTATE.test(code);
+  return serverErrorOf(err) !== undefined;
 }
 
 /** Class 22 (data exception) or 54001 (too deep): a bad document; anything else (connection, lock) is not ours to swallow. */
 export function isDataError(err: unknown): boolean {
-  const code = (err as { code?: string }).code;
-  return typeof code === 'string' && (code.startsWith('22') || code === '54001');
+  const code = sqlState(err);
+  return !!code && (code.startsWith('22') || code === '54001');
 }
 
 /** pg's messages for a session that is gone (no SQLSTATE: the socket closed). */
@@ -64,7 +83,12 @@ export function isConnectionError(err: unknown): boolean {
  */
 export function failsOnlyTheBatch(err: unknown): boolean {
   const code = sqlState(err);
-  return !!code && SQLSTATE.test(code) && !code.startsWith('08') && !code.startsWith('57');
+  return !!code && !code.startsWith('08') && !code.startsWith('57');
+}
+
+/** The server refused a connection: too many for the role or the server (53300). */
+export function isTooManyConnections(err: unknown): boolean {
+  return sqlState(err) === '53300';
 }
 
 /** The SQLSTATE etl.begin_transform and etl.transform_batch raise for a batch whose loader is alive. */
@@ -84,16 +108,38 @@ export function serverRefusedReason(err: unknown): string {
   return `$: PostgreSQL refused the document: ${e.message ?? 'error'}${e.code ? ` (SQLSTATE ${e.code})` : ''}`;
 }
 
+/** What etl.record_batch_failure keeps of a batch's error: its SQLSTATE and explainError's line (never a data error's server message). */
+export function batchFailure(err: unknown): { sqlstate: string; message: string } {
+  return { sqlstate: sqlState(err) ?? 'XX000', message: explainError(err).message };
+}
+
+/** One line: a server message may span several (a hint, a context). */
+const oneLine = (text: string) => text.replace(/\s*\n\s*/g, ' ');
+
 /** Turns a driver or server error into one line saying what to do, and an exit code. */
 export function explainError(err: unknown, databaseUrl?: string): { message: string; exitCode: number } {
   if (err instanceof UserError) return { message: err.message, exitCode: err.exitCode };
+  const server = serverErrorOf(err);
   const e = innermost(err);
   const where = databaseUrl ? describeTarget(databaseUrl) : 'the database';
-  const code = e?.code ?? '';
+  // A SQLSTATE only when the server said it; else Node's code (ECONNREFUSED, ENOENT: a socket or a file).
+  const code = server?.code ?? e?.code ?? '';
   const unreachable = ['ECONNREFUSED', 'ENOTFOUND', 'EHOSTUNREACH', 'ETIMEDOUT', 'ECONNRESET', 'EAI_AGAIN'];
-  if (unreachable.includes(code) || (/connect|Connection terminated|timeout expired/i.test(e?.message ?? '') && !code)) {
+  // A Unix-socket directory that does not exist, or that we may not enter (PGHOST=/nonexistent).
+  const noSocket = !server && e?.syscall === 'connect' && (code === 'ENOENT' || code === 'EACCES');
+  if (
+    !server &&
+    (unreachable.includes(code) || noSocket || (/connect|Connection terminated|timeout expired/i.test(e?.message ?? '') && !code))
+  ) {
     return {
-      message: `cannot reach PostgreSQL at ${where} (${code || e?.message}): start the server or set --database-url / DATABASE_URL`,
+      message: `cannot reach PostgreSQL at ${where} (${code || oneLine(e?.message ?? '')}${noSocket ? ': no server socket there' : ''}): start the server or set --database-url / DATABASE_URL`,
+      exitCode: EXIT.DB_UNREACHABLE,
+    };
+  }
+  // pg's own errors when the server asks for a password and none was given (SCRAM, then cleartext and md5).
+  if (!server && /client password must be a|password must be a string|The "password" argument must be/i.test(e?.message ?? '')) {
+    return {
+      message: `PostgreSQL at ${where} asks for a password and none was given: set PGPASSWORD or put it in ~/.pgpass (never on the command line)`,
       exitCode: EXIT.DB_UNREACHABLE,
     };
   }
@@ -115,7 +161,8 @@ export function explainError(err: unknown, databaseUrl?: string): { message: str
       exitCode: EXIT.DB_UNREACHABLE,
     };
   }
-  if (code === '42P01' || code === '3F000' || code === '42883') {
+  // A table, schema, function or column missing: the schema is older than this code.
+  if (code === '42P01' || code === '3F000' || code === '42883' || code === '42703') {
     return {
       message: `the healthetl schema is missing or out of date in ${where} (${code}): run "healthetl migrate up" first`,
       exitCode: EXIT.NOT_MIGRATED,
@@ -133,7 +180,7 @@ export function explainError(err: unknown, databaseUrl?: string): { message: str
       exitCode: EXIT.FAILURE,
     };
   }
-  if (code.startsWith('22')) {
+  if (server && code.startsWith('22')) {
     // A data exception's message quotes the value (e.g. 'invalid input syntax for type date: "..."'),
     // which may be patient data: say what happened without it.
     return {
@@ -141,8 +188,14 @@ export function explainError(err: unknown, databaseUrl?: string): { message: str
       exitCode: EXIT.FAILURE,
     };
   }
-  if (code.startsWith('HE')) {
-    return { message: `${e.message}${e.hint ? `: ${e.hint}` : ''}`, exitCode: EXIT.FAILURE };
+  if (server && code.startsWith('HE')) {
+    return { message: oneLine(`${server.message}${server.hint ? `: ${server.hint}` : ''}`), exitCode: EXIT.FAILURE };
   }
-  return { message: `${e?.message ?? String(err)}${code ? ` (SQLSTATE ${code})` : ''}`, exitCode: EXIT.FAILURE };
+  if (server) return { message: oneLine(`${server.message} (SQLSTATE ${code})`), exitCode: EXIT.FAILURE };
+  // A library that put a stack into its message (node-pg-migrate does): the stack is --verbose's.
+  const text = (e?.message ?? String(err))
+    .split('\n')
+    .filter((l) => !/^\s+at /.test(l))
+    .join('\n');
+  return { message: oneLine(`${text}${code ? ` (${code})` : ''}`), exitCode: EXIT.FAILURE };
 }

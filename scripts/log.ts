@@ -26,6 +26,17 @@ export function chooseFormat(requested: string | undefined): LogFormat {
   return process.stdout.isTTY && !process.env.CI ? 'pretty' : 'json';
 }
 
+/**
+ * Control characters made visible (C0, DEL and C1, so ESC sequences too): a file name or a server
+ * message shown at a terminal cannot move the cursor, recolour it or fake a second line.
+ */
+export function visible(text: string): string {
+  // eslint-disable-next-line no-control-regex -- matching control characters is the point
+  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) =>
+    c === '\n' ? '\\n' : c === '\r' ? '\\r' : c === '\t' ? '\\t' : `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`,
+  );
+}
+
 const LEVEL_NAMES: Record<number, string> = { 10: 'trace', 20: 'debug', 30: 'info', 40: 'warn', 50: 'error', 60: 'fatal' };
 
 /** pino destination that writes `level message key=value` lines to stderr. */
@@ -39,7 +50,7 @@ function prettyStream(): Writable {
           .map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`)
           .join(' ');
         const tag = level >= 40 ? `${LEVEL_NAMES[level]}: ` : '';
-        process.stderr.write(`${tag}${msg}${extras ? `  ${extras}` : ''}\n`);
+        process.stderr.write(`${tag}${visible(`${msg}${extras ? `  ${extras}` : ''}`)}\n`);
       }
       cb();
     },
@@ -53,6 +64,12 @@ export function createOutput(format: LogFormat, verbose: boolean, logStream: Log
   );
   let bar: cliProgress.SingleBar | null = null;
   let started = 0;
+  // cli-progress hides the cursor while its bar runs; Ctrl-C (or a kill) must not leave it hidden.
+  const interrupted = (signal: NodeJS.Signals) => {
+    bar?.stop();
+    process.stderr.write('\u001b[?25h\n');
+    process.exit(signal === 'SIGINT' ? 130 : 143);
+  };
   return {
     log,
     format,
@@ -65,17 +82,20 @@ export function createOutput(format: LogFormat, verbose: boolean, logStream: Log
           cliProgress.Presets.shades_classic,
         );
         bar.start(Math.max(p.totalBytes, 1), 0, { files: 0, documents: 0, mbps: '0.0' });
+        process.once('SIGINT', interrupted).once('SIGTERM', interrupted);
       }
       const secs = Math.max((Date.now() - started) / 1000, 0.001);
       bar.setTotal(Math.max(p.totalBytes, p.bytes, 1));
       bar.update(p.bytes, { files: p.files, documents: p.documents, mbps: (p.bytes / 1e6 / secs).toFixed(1) });
     },
     stopProgress() {
-      bar?.stop();
+      if (!bar) return;
+      bar.stop();
       bar = null;
+      process.off('SIGINT', interrupted).off('SIGTERM', interrupted);
     },
     print(text) {
-      if (format === 'pretty') process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+      if (format === 'pretty') process.stdout.write(`${visible(text.replace(/\n$/, ''))}\n`);
     },
     text(text) {
       process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);

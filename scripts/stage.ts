@@ -33,6 +33,8 @@ export type LoadOptions = {
   onProgress?: (p: LoadProgress) => void;
   onFile?: (f: FileOutcome) => void;
   onWait?: (message: string) => void;
+  /** The demo's batches say so in etl.batches.loader: it writes only where every batch is its own. */
+  demo?: boolean;
 };
 
 export type LoadResult = { batchId: number; files: FileOutcome[]; documents: number; rejected: number };
@@ -177,7 +179,7 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
     const [{ batch_id: batchId }] = await queryOn(
       client,
       sql.type(z.object({ batch_id: z.coerce.number() }))`
-        SELECT etl.start_batch(${`healthetl on ${os.hostname()} (pid ${process.pid})`}) AS batch_id`,
+        SELECT etl.start_batch(${`healthetl${opts.demo ? ' demo' : ''} on ${os.hostname()} (pid ${process.pid})`}) AS batch_id`,
     );
 
     const record = async (f: FileOutcome, fingerprint?: Fingerprint) => {

@@ -17,6 +17,10 @@ const BatchSummary = z.object({
   files: z.coerce.number(),
   failed_files: z.coerce.number(),
   balanced: z.boolean(),
+  // Why the last attempt to transform the batch failed (etl.record_batch_failure); null once transformed.
+  error: z.string().nullable(),
+  deleted_visits: z.coerce.number(),
+  deleted_children: z.coerce.number(),
 });
 export type BatchSummary = z.infer<typeof BatchSummary>;
 
@@ -30,10 +34,16 @@ export async function batchSummaries(pool: DatabasePool, opts: { batchId?: numbe
   return [
     ...(await pool.any(sql.type(BatchSummary)`
       SELECT s.batch_id, s.status, s.started_at, s.loader_count AS received, s.received AS landed,
-             s.staged, s.loaded, s.rejected, s.duplicate, s.superseded, s.files, s.failed_files, s.balanced
+             s.staged, s.loaded, s.rejected, s.duplicate, s.superseded, s.files, s.failed_files, s.balanced,
+             s.error, s.deleted_visits, s.deleted_children
       FROM etl.batch_summary s WHERE ${where}
       ORDER BY batch_id DESC LIMIT ${opts.limit ?? 20}`)),
   ];
+}
+
+/** A batch whose last transform failed and that is not transformed yet: `status` exits 7 for it. */
+export function failedToTransform(b: BatchSummary): boolean {
+  return b.error !== null && b.status !== 'transformed';
 }
 
 export type BatchOutcome = BatchSummary & { problems: number };

@@ -3,8 +3,8 @@
 // one coordinator transaction that holds the transform lock (migrations/0004).
 import { z } from 'zod';
 import type { DatabasePool } from 'slonik';
-import { DEFAULT_TIMEOUTS, sql } from './db.ts';
-import { failsOnlyTheBatch, isBatchStillLoading } from './errors.ts';
+import { DEFAULT_TIMEOUTS, NoResult, sql } from './db.ts';
+import { batchFailure, failsOnlyTheBatch, isBatchStillLoading, isTooManyConnections } from './errors.ts';
 
 const TransformCounts = z.object({
   documents: z.coerce.number(),
@@ -13,6 +13,9 @@ const TransformCounts = z.object({
   duplicate: z.coerce.number(),
   superseded: z.coerce.number(),
   problems: z.coerce.number(),
+  // Rows the batch's snapshots deleted from replaced patients: a snapshot without visits deletes them all.
+  deleted_visits: z.coerce.number(),
+  deleted_children: z.coerce.number(),
 });
 export type TransformCounts = z.infer<typeof TransformCounts>;
 export type BatchTransform = TransformCounts & { batchId: number; shards: number };
@@ -100,40 +103,68 @@ async function coordinate(
       return { batchId, shards: 1, ...counts };
     }
     const coordinator = await tx.oneFirst(sql.type(z.object({ pid: z.number() }))`SELECT pg_backend_pid() AS pid`);
-    const running = Promise.allSettled(
-      Array.from({ length: shards }, (_, shard) =>
-        pool.connect(async (c) => {
-          // Partitions first, committed on their own: tables are never created inside the
-          // shards' concurrent transactions.
-          await c.transaction(async (t) => {
-            await t.query(lockTimeout);
-            await t.query(
-              sql.type(z.object({ created: z.number() }))`SELECT etl.ensure_batch_partitions(${batchId}, ${shard}, ${shards}) AS created`,
-            );
-          });
-          return c.transaction(async (t) => {
-            await t.query(lockTimeout);
-            return t.one(sql.type(TransformCounts)`SELECT * FROM etl.transform_batch(${batchId}, ${shard}, ${shards}, ${coordinator})`);
-          });
-        }),
-      ),
-    );
-    started(running);
-    const results = await running;
-    // A shard that failed rolled back alone: its documents stay staged, the batch stays
-    // unfinished, and the next run transforms what is left. (The last shard to commit marked
-    // the batch transformed: etl.finish_batch, in etl.transform_batch.)
-    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (failed) throw failed.reason;
     const sum = { batchId, shards, ...NO_DOCUMENTS };
-    for (const r of results as PromiseFulfilledResult<TransformCounts>[]) {
-      for (const k of Object.keys(r.value) as (keyof TransformCounts)[]) sum[k] += r.value[k];
+    const add = (c: TransformCounts) => {
+      for (const k of Object.keys(c) as (keyof TransformCounts)[]) sum[k] += c[k];
+    };
+    // A server (or a role's connection limit) that refuses some shards' connections (53300): the
+    // shards that connected did their part; the rest of the batch goes on with fewer shards, and
+    // with none left, in this transaction. Patients stay whole: a shard is all or nothing.
+    for (let n = shards; ;) {
+      const running = Promise.allSettled(Array.from({ length: n }, (_, shard) => transformShard(pool, batchId, shard, n, coordinator)));
+      started(running);
+      const results = await running;
+      for (const r of results) if (r.status === 'fulfilled') add(r.value);
+      // A shard that failed rolled back alone: its documents stay staged, the batch stays
+      // unfinished, and the next run transforms what is left. (The last shard to commit marked
+      // the batch transformed: etl.finish_batch, in etl.transform_batch.)
+      const failed = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected');
+      const other = failed.find((r) => !isTooManyConnections(r.reason));
+      if (other) throw other.reason;
+      if (failed.length === 0) return sum;
+      const left = n - failed.length;
+      onWait?.(
+        left > 1
+          ? `the server refused ${failed.length} of ${n} shard connections (SQLSTATE 53300: connection limit); going on with ${left} shards`
+          : `the server refused ${failed.length} of ${n} shard connections (SQLSTATE 53300: connection limit); transforming the rest of batch ${batchId} in one transaction`,
+      );
+      if (left <= 1) {
+        add(await tx.one(sql.type(TransformCounts)`SELECT * FROM etl.transform_batch(${batchId})`));
+        return sum;
+      }
+      n = left;
     }
-    return sum;
   });
 }
 
-const NO_DOCUMENTS: TransformCounts = { documents: 0, loaded: 0, rejected: 0, duplicate: 0, superseded: 0, problems: 0 };
+/** One shard on its own connection: its partitions in a short transaction, then its transform in another. */
+function transformShard(pool: DatabasePool, batchId: number, shard: number, shards: number, coordinator: number): Promise<TransformCounts> {
+  return pool.connect(async (c) => {
+    // Partitions first, committed on their own: tables are never created inside the shards'
+    // concurrent transactions.
+    await c.transaction(async (t) => {
+      await t.query(lockTimeout);
+      await t.query(
+        sql.type(z.object({ created: z.number() }))`SELECT etl.ensure_batch_partitions(${batchId}, ${shard}, ${shards}) AS created`,
+      );
+    });
+    return c.transaction(async (t) => {
+      await t.query(lockTimeout);
+      return t.one(sql.type(TransformCounts)`SELECT * FROM etl.transform_batch(${batchId}, ${shard}, ${shards}, ${coordinator})`);
+    });
+  });
+}
+
+const NO_DOCUMENTS: TransformCounts = {
+  documents: 0,
+  loaded: 0,
+  rejected: 0,
+  duplicate: 0,
+  superseded: 0,
+  problems: 0,
+  deleted_visits: 0,
+  deleted_children: 0,
+};
 
 const lockTimeout = sql.unsafe`SELECT set_config('lock_timeout', ${String(DEFAULT_TIMEOUTS.lockTimeoutMs)}, true)`;
 
@@ -176,10 +207,26 @@ export async function transformPending(
         continue;
       }
       if (!failsOnlyTheBatch(err)) throw err;
+      await recordFailure(pool, id, err);
       opts.onFailed?.(id, err);
       failure ??= { err };
     }
   }
   if (failure) throw failure.err;
   return out;
+}
+
+/**
+ * Keeps why a batch failed (etl.record_batch_failure, in its own short transaction), so that
+ * `status` never shows it as fine; cleared when a transform finishes the batch. Best effort: if
+ * even this fails, the run's own error line and exit code still say the batch failed.
+ */
+async function recordFailure(pool: DatabasePool, batchId: number, err: unknown): Promise<void> {
+  const { sqlstate, message } = batchFailure(err);
+  await pool
+    .transaction(async (tx) => {
+      await tx.query(lockTimeout);
+      await tx.query(sql.type(NoResult)`SELECT etl.record_batch_failure(${batchId}, ${sqlstate}, ${message})`);
+    })
+    .catch(() => undefined);
 }

@@ -284,9 +284,14 @@ describe('a shard that fails', () => {
     const left = await failing.query(`SELECT DISTINCT etl.shard_of(payload -> 'source_system', payload -> 'patient_id', 2) AS shard
                                       FROM landing.raw_documents WHERE batch_id = 2 AND status = 'staged'`);
     expect(left).toEqual([{ shard: lockedShard! }]);
-    // The batch still adds up while half done: status exits 0.
+    // The batch still adds up while half done, and says why it is not finished: status exits 7
+    // (a batch failed to transform; the next run retries it).
     const status = await runCli(['status', '--batch', '2', '--database-url', failing.url(), '--log-format', 'json']);
-    expect(status.code, status.stderr).toBe(0);
+    expect(status.code, status.stderr).toBe(7);
+    expect(jsonLines(status.stdout).find((l) => l.msg === 'batch')).toMatchObject({
+      balanced: true,
+      error: expect.stringMatching(/^SQLSTATE 55P03 /),
+    });
 
     const again = await runCli(on('transform'));
     expect(again.code, again.stderr).toBe(0);
