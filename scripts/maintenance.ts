@@ -11,11 +11,13 @@ export type ReplayResult = { selected: number; replayed: number; kept: { patient
 
 /** Patient keys per transaction: each chunk holds the transform lock only that long. */
 export const REPLAY_CHUNK = 5_000;
+/** Source batches per transaction: etl.replay_patients runs the steps once per batch (HE007 above 50). */
+export const REPLAY_BATCHES = 50;
 
-const Key = z.object({ patient_key: z.coerce.number() });
+const Key = z.object({ patient_key: z.coerce.number(), batch_id: z.coerce.number() });
 const Replayed = z.object({ patient_key: z.coerce.number(), outcome: z.enum(['replayed', 'kept']), field: z.string().nullable() });
 
-async function patientKeys(pool: DatabasePool, which: ReplaySelector): Promise<number[]> {
+async function patientKeys(pool: DatabasePool, which: ReplaySelector): Promise<{ patient_key: number; batch_id: number }[]> {
   const where =
     'all' in which
       ? sql.fragment`TRUE`
@@ -23,13 +25,34 @@ async function patientKeys(pool: DatabasePool, which: ReplaySelector): Promise<n
         ? sql.fragment`p.document_id IN (SELECT d.document_id FROM landing.raw_documents d WHERE d.batch_id = ${which.batch})`
         : sql.fragment`p.source_system = ${which.sourceSystem}
             AND p.source_patient_id IN (SELECT etl.patient_id_of(to_jsonb(i)) FROM unnest(${sql.array(which.patientIds, 'text')}) AS i)`;
-  const keys = await pool.anyFirst(sql.type(Key)`SELECT p.patient_key FROM clinical.patients p WHERE ${where} ORDER BY p.patient_key`);
-  return [...keys];
+  return [
+    ...(await pool.any(sql.type(Key)`
+      SELECT p.patient_key, d.batch_id FROM clinical.patients p JOIN landing.raw_documents d ON d.document_id = p.document_id
+      WHERE ${where} ORDER BY d.batch_id, p.patient_key`)),
+  ];
+}
+
+/** Chunks of at most REPLAY_CHUNK patients whose current documents come from at most REPLAY_BATCHES batches. */
+function chunks(keys: { patient_key: number; batch_id: number }[]): number[][] {
+  const out: number[][] = [];
+  let chunk: number[] = [];
+  let batches = new Set<number>();
+  for (const k of keys) {
+    if (chunk.length >= REPLAY_CHUNK || (!batches.has(k.batch_id) && batches.size >= REPLAY_BATCHES)) {
+      out.push(chunk);
+      chunk = [];
+      batches = new Set();
+    }
+    chunk.push(k.patient_key);
+    batches.add(k.batch_id);
+  }
+  if (chunk.length > 0) out.push(chunk);
+  return out;
 }
 
 /**
  * Re-derives the selected patients' clinical rows from their current snapshots under today's
- * rules (etl.replay_patients), REPLAY_CHUNK patients per transaction. A patient whose snapshot
+ * rules (etl.replay_patients), in chunks (see chunks) of one transaction each. A patient whose snapshot
  * today's rules reject (or whose payload is gone) keeps its rows and is returned with the field.
  */
 export async function replay(
@@ -39,14 +62,15 @@ export async function replay(
 ): Promise<ReplayResult> {
   const keys = await patientKeys(pool, which);
   const result: ReplayResult = { selected: keys.length, replayed: 0, kept: [] };
-  for (let i = 0; i < keys.length; i += REPLAY_CHUNK) {
-    const chunk = keys.slice(i, i + REPLAY_CHUNK);
+  let done = 0;
+  for (const chunk of chunks(keys)) {
     const rows = await pool.transaction((tx) => tx.any(sql.type(Replayed)`SELECT * FROM etl.replay_patients(${sql.array(chunk, 'int8')})`));
     for (const r of rows) {
       if (r.outcome === 'replayed') result.replayed++;
       else result.kept.push({ patient_key: r.patient_key, field: r.field });
     }
-    onChunk?.(i + chunk.length, keys.length);
+    done += chunk.length;
+    onChunk?.(done, keys.length);
   }
   return result;
 }

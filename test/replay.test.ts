@@ -5,6 +5,7 @@ import type { DatabasePool } from 'slonik';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createDbPool } from '../scripts/db.ts';
 import { expandInputs } from '../scripts/inputs.ts';
+import { replay as replayAll } from '../scripts/maintenance.ts';
 import { loadBatch } from '../scripts/stage.ts';
 import { transformPending } from '../scripts/transform.ts';
 import { useTestDatabase } from './db.ts';
@@ -182,5 +183,11 @@ describe('replay, as a reviewer tried it', () => {
         `SELECT * FROM etl.replay_patients(ARRAY(SELECT patient_key FROM clinical.patients WHERE source_patient_id LIKE 'MANY-B-%'))`,
       ),
     ).rejects.toMatchObject({ code: 'HE007' });
+    // healthetl replay groups its chunks by batch, so the same patients replay in two transactions.
+    const chunks: number[] = [];
+    const r = await replayAll(pool, { all: true }, (done) => chunks.push(done));
+    expect(r.kept).toEqual([]);
+    expect(r.replayed).toBe(r.selected);
+    expect(chunks.length).toBeGreaterThanOrEqual(2);
   });
 });
