@@ -616,4 +616,17 @@ describe('demo', () => {
     const logs = stderrLines(r).map((l) => JSON.parse(l) as Line);
     expect(logs.map((l) => l.msg)).toContain('batch staged');
   });
+
+  test("a re-run rejects the fixtures' bad documents again (exit 0: they are demo data) but stores no reject twice", async () => {
+    const rejects = () =>
+      d.query(`SELECT encode(content_sha256, 'hex') AS sha, document_id::int, field, reason FROM etl.rejected_documents ORDER BY 1`);
+    const before = await rejects();
+    expect(before).toHaveLength(30); // invalid/: 29 in rejects.ndjson and malformed.json (fixtures/EXPECTED.md)
+    const again = await healthetl(db(d, 'demo'), { timeoutMs: 55_000 });
+    expect(again.code, again.stderr).toBe(0);
+    expect(again.stdout).toMatch(/^This run \(batch \d+\): received \d+ = loaded 0 \+ rejected 30 \+ duplicate \d+ \+ superseded 0/m);
+    expect(await rejects()).toEqual(before);
+    const [deliveries] = await d.query(`SELECT min(deliveries)::int AS min, max(deliveries)::int AS max FROM etl.rejected_documents`);
+    expect(deliveries).toEqual({ min: 2, max: 2 });
+  });
 });
