@@ -289,6 +289,20 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   ORDER BY b.batch_id
 $$;
 
+-- Wait for and hold, to the end of the transaction, the transform lock, after any shards of a lost
+-- coordinator have finished (each holds etl.shard_lock_key() shared). The shard lock is a session
+-- lock taken and released at once: held to the commit, the next transform could find it still
+-- held for an instant after the transform lock was already free. What etl.begin_transform does
+-- when it may wait, and what replay and purge take so that they never run beside a transform.
+CREATE FUNCTION etl.lock_out_transforms() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
+  PERFORM pg_advisory_lock(etl.shard_lock_key());
+  PERFORM pg_advisory_unlock(etl.shard_lock_key());
+END
+$$;
+
 -- Start transforming a batch, in the caller's transaction: take the transform lock, then wait for
 -- the shards of a lost coordinator (each holds etl.shard_lock_key() shared). With p_wait false it
 -- only tries, and returns waiting = 'transform' or 'shards' instead of waiting (the caller says
@@ -302,23 +316,17 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_status text;
 BEGIN
-  IF NOT pg_try_advisory_xact_lock(etl.transform_lock_key()) THEN
-    IF NOT p_wait THEN
-      RETURN QUERY SELECT 'transform'::text, NULL::text, NULL::bigint;
-      RETURN;
-    END IF;
-    PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
+  IF p_wait THEN
+    PERFORM etl.lock_out_transforms();
+  ELSIF NOT pg_try_advisory_xact_lock(etl.transform_lock_key()) THEN
+    RETURN QUERY SELECT 'transform'::text, NULL::text, NULL::bigint;
+    RETURN;
+  ELSIF NOT pg_try_advisory_lock(etl.shard_lock_key()) THEN
+    RETURN QUERY SELECT 'shards'::text, NULL::text, NULL::bigint;
+    RETURN;
+  ELSE
+    PERFORM pg_advisory_unlock(etl.shard_lock_key());
   END IF;
-  -- A session lock taken and released at once: held to the commit, the next transform could find
-  -- it still held for an instant after the transform lock was already free.
-  IF NOT pg_try_advisory_lock(etl.shard_lock_key()) THEN
-    IF NOT p_wait THEN
-      RETURN QUERY SELECT 'shards'::text, NULL::text, NULL::bigint;
-      RETURN;
-    END IF;
-    PERFORM pg_advisory_lock(etl.shard_lock_key());
-  END IF;
-  PERFORM pg_advisory_unlock(etl.shard_lock_key());
 
   SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id;
   IF NOT FOUND THEN
@@ -1430,6 +1438,7 @@ DROP FUNCTION etl.step_documents(bigint, int, int);
 DROP FUNCTION etl.step_settings();
 DROP FUNCTION etl.step_lock_batch(bigint, int, int, int);
 DROP FUNCTION etl.begin_transform(bigint, boolean);
+DROP FUNCTION etl.lock_out_transforms();
 DROP FUNCTION etl.pending_batches();
 DROP FUNCTION etl.stage_known_file(bigint, text, bigint, bytea);
 DROP FUNCTION etl.record_file(bigint, text, bigint, bytea, bigint, text, text);

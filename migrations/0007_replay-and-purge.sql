@@ -10,18 +10,6 @@
 -- and etl.step_delete_replaced (a replay's deletes are not a batch's).
 SET LOCAL search_path = pg_catalog, pg_temp;
 
--- Wait for and hold, to the end of the transaction, the transform lock, after any shards of a lost
--- coordinator have finished (each holds etl.shard_lock_key() shared): what replay and purge take so
--- that they never run beside a transform.
-CREATE FUNCTION etl.lock_out_transforms() RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-  PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
-  PERFORM pg_advisory_lock(etl.shard_lock_key());
-  PERFORM pg_advisory_unlock(etl.shard_lock_key());
-END
-$$;
-
 -- Reads the batch's staged documents (of this shard; only p_only's when given) from landing, or,
 -- with p_batch_id NULL, the documents p_only names whatever their batch and status (a replay);
 -- writes t_docs (the top-level fields, extracted once; updated_at parsed once, as updated_ts; when
@@ -256,4 +244,3 @@ BEGIN
 END
 $$;
 
-DROP FUNCTION etl.lock_out_transforms();

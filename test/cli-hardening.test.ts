@@ -2,6 +2,7 @@
 // anything connects, exit codes for what goes wrong around the database, and output that never
 // carries what the data (or a file name) could smuggle into a log or a terminal.
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -147,7 +148,10 @@ describe('exit codes around the database', () => {
     const home = mkdtempSync(path.join(os.tmpdir(), 'healthetl-home-'));
     const server = await passwordAskingServer();
     try {
-      writeFileSync(path.join(home, '.pgpass'), `127.0.0.1:${server.port}:db:someone:not-a-real-secret\n`, { mode: 0o600 });
+      // A password made up for this run: none is kept in the repository.
+      writeFileSync(path.join(home, '.pgpass'), `127.0.0.1:${server.port}:db:someone:${randomBytes(12).toString('hex')}\n`, {
+        mode: 0o600,
+      });
       const r = await runCli(['status', '--database-url', `postgresql://someone@127.0.0.1:${server.port}/db`], {
         env: childEnv({ HOME: home }),
         guardMs: 20_000,
@@ -175,11 +179,12 @@ describe('exit codes around the database', () => {
   test('migrate up as a role without CREATE on public exits 1 with one line, no stack trace unless --verbose', async () => {
     const role = `he_nc_${process.pid}_${Math.random().toString(36).slice(2, 8)}`;
     const empty = await freshDatabase(d, false);
-    await withClient(inject('adminUrl'), (c) => c.query(`CREATE ROLE ${role} LOGIN PASSWORD 'nocreate'`));
+    const password = randomBytes(12).toString('hex'); // made up for this run
+    await withClient(inject('adminUrl'), (c) => c.query(`CREATE ROLE ${role} LOGIN PASSWORD '${password}'`));
     try {
       const u = new URL(empty);
       u.username = role;
-      u.password = 'nocreate';
+      u.password = password;
       const r = await runCli(['migrate', 'up', '--database-url', u.toString()]);
       expect(r.code, r.stderr).toBe(1);
       expect(stderrLines(r)).toHaveLength(1);
@@ -216,7 +221,7 @@ describe('errors are told apart by their type, and a data error never shows its 
     const pool = await createDbPool(d.url(), 1);
     let err: unknown;
     try {
-      await pool.query(sql.unsafe`SELECT ${'SECRET-VALUE-1'}::int`);
+      await pool.query(sql.unsafe`SELECT ${'CANARY-VALUE-1'}::int`);
     } catch (e) {
       err = e;
     } finally {
@@ -225,7 +230,7 @@ describe('errors are told apart by their type, and a data error never shows its 
     expect(err).toBeInstanceOf(InvalidInputError);
     const { message } = explainError(err);
     expect(message).toMatch(/SQLSTATE 22P02/);
-    expect(message).not.toContain('SECRET-VALUE-1');
+    expect(message).not.toContain('CANARY-VALUE-1');
     expect(isDataError(err)).toBe(true);
     expect(batchFailure(err)).toMatchObject({ sqlstate: '22P02' });
   });

@@ -1,6 +1,8 @@
 // One database per test file, cloned from the migrated template that global-setup built.
 import pg from 'pg';
+import type { DatabasePool } from 'slonik';
 import { afterAll, beforeAll, inject } from 'vitest';
+import { createDbPool } from '../scripts/db.ts';
 
 export function urlFor(db: string): string {
   const u = new URL(inject('adminUrl'));
@@ -37,5 +39,20 @@ export function useTestDatabase(): {
   return {
     url: () => urlFor(name),
     query: async (text, values) => (await client.query(text, values as unknown[])).rows,
+  };
+}
+
+/** A slonik pool on a test file's database, opened before its tests and closed after them; call it inside a test. */
+export function usePool(db: { url: () => string }): () => DatabasePool {
+  let pool: DatabasePool | undefined;
+  beforeAll(async () => {
+    pool = await createDbPool(db.url());
+  });
+  afterAll(async () => {
+    await pool?.end();
+  });
+  return () => {
+    if (!pool) throw new Error('the pool is opened in beforeAll: use it inside a test or hook');
+    return pool;
   };
 }

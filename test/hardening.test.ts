@@ -4,22 +4,15 @@
 // reasons are written from docs/patient-document-v1.md, not copied from output.
 import { Readable } from 'node:stream';
 import pg from 'pg';
-import type { DatabasePool } from 'slonik';
-import { afterAll, beforeAll, describe, expect, inject, test } from 'vitest';
+import { describe, expect, inject, test } from 'vitest';
 import { createDbPool, sql } from '../scripts/db.ts';
 import { migrate, migrationFiles } from '../scripts/migrate.ts';
 import { loadBatch, type LoadResult } from '../scripts/stage.ts';
 import { transformPending } from '../scripts/transform.ts';
-import { urlFor, useTestDatabase } from './db.ts';
+import { urlFor, usePool, useTestDatabase } from './db.ts';
 
 const db = useTestDatabase();
-let pool: DatabasePool;
-beforeAll(async () => {
-  pool = await createDbPool(db.url());
-});
-afterAll(async () => {
-  await pool?.end();
-});
+const pool = usePool(db);
 
 type Shards = { shards?: number; shardMinDocuments?: number };
 
@@ -30,7 +23,7 @@ async function stage(url: string, docs: unknown[]): Promise<LoadResult> {
 
 async function run(docs: unknown[], shards: Shards = {}): Promise<LoadResult> {
   const r = await stage(db.url(), docs);
-  await transformPending(pool, shards);
+  await transformPending(pool(), shards);
   return r;
 }
 
@@ -136,7 +129,7 @@ describe('updated_at: RFC 3339 with an offset, at most 24 hours after the batch 
     const r = await stage(db.url(), [{ patient_id: 'R-1', updated_at: anHourAgo, visits: [] }]);
     // Received long ago: an updated_at an hour before now is years after it.
     await db.query(`UPDATE landing.raw_documents SET received_at = '2020-01-01T00:00:00Z' WHERE batch_id = $1`, [r.batchId]);
-    await transformPending(pool);
+    await transformPending(pool());
     expect((await outcomes(r.batchId)).map((x) => x.status)).toEqual(['rejected']);
   });
 });

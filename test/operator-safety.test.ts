@@ -1,6 +1,7 @@
 // What an operator must be able to trust: a batch that failed to transform is never shown as
 // fine, what the snapshots deleted is counted where it is seen, and `migrate down` never drops
 // data or other people's objects by mistake. Through the CLI, as an operator runs it.
+import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -329,11 +330,12 @@ describe('the demo never writes into a database that holds anything but its own 
 describe('a role whose connection limit is below --shards + 1', () => {
   const d = useTestDatabase();
   const role = `he_lim_${process.pid}_${Math.random().toString(36).slice(2, 8)}`;
+  const password = randomBytes(12).toString('hex'); // made up for this run: none is kept in the repository
   const tmp = mkdtempSync(path.join(os.tmpdir(), 'healthetl-lim-'));
   let url: string;
 
   beforeAll(async () => {
-    await d.query(`CREATE ROLE ${role} LOGIN PASSWORD 'limited' CONNECTION LIMIT 2`);
+    await d.query(`CREATE ROLE ${role} LOGIN PASSWORD '${password}' CONNECTION LIMIT 2`);
     for (const s of ['landing', 'etl', 'clinical']) {
       await d.query(`GRANT USAGE ON SCHEMA ${s} TO ${role}`);
       await d.query(`GRANT ALL ON ALL TABLES IN SCHEMA ${s} TO ${role}`);
@@ -344,7 +346,7 @@ describe('a role whose connection limit is below --shards + 1', () => {
     await d.query(`SELECT etl.ensure_visit_partitions(ARRAY[2020, 2021])`);
     const u = new URL(d.url());
     u.username = role;
-    u.password = 'limited';
+    u.password = password;
     url = u.toString();
   });
   afterAll(async () => {

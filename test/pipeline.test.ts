@@ -6,28 +6,20 @@ import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { gzipSync } from 'node:zlib';
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { createDbPool } from '../scripts/db.ts';
+import { beforeAll, describe, expect, test } from 'vitest';
 import { expandInputs } from '../scripts/inputs.ts';
 import { loadBatch, type LoadResult } from '../scripts/stage.ts';
 import { transformPending } from '../scripts/transform.ts';
-import type { DatabasePool } from 'slonik';
-import { useTestDatabase } from './db.ts';
+import { usePool, useTestDatabase } from './db.ts';
 
 const db = useTestDatabase();
-let pool: DatabasePool;
-beforeAll(async () => {
-  pool = await createDbPool(db.url());
-});
-afterAll(async () => {
-  await pool?.end();
-});
+const pool = usePool(db);
 
 const FIX = path.resolve('fixtures');
 
 async function run(paths: string[], stdin?: Readable, stdinFormat: 'ndjson' | 'json' = 'ndjson'): Promise<LoadResult> {
   const r = await loadBatch(db.url(), expandInputs(paths, stdinFormat), { stdin, stdinFormat });
-  await transformPending(pool);
+  await transformPending(pool());
   return r;
 }
 

@@ -7,23 +7,15 @@
 import { createHash } from 'node:crypto';
 import { Readable } from 'node:stream';
 import fc from 'fast-check';
-import type { DatabasePool } from 'slonik';
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { createDbPool } from '../scripts/db.ts';
+import { describe, expect, test } from 'vitest';
 import { loadBatch } from '../scripts/stage.ts';
 import { checkDocument } from '../scripts/check-document.ts';
 import { batchSummaries } from '../scripts/status.ts';
 import { transformPending, type ShardOptions } from '../scripts/transform.ts';
-import { useTestDatabase } from './db.ts';
+import { usePool, useTestDatabase } from './db.ts';
 
 const db = useTestDatabase();
-let pool: DatabasePool;
-beforeAll(async () => {
-  pool = await createDbPool(db.url());
-});
-afterAll(async () => {
-  await pool?.end();
-});
+const pool = usePool(db);
 
 // ---- the documents -----------------------------------------------------------------------------
 
@@ -216,7 +208,7 @@ async function check(batches: Input[][], shards: ShardOptions = {}): Promise<voi
     const r = await loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], { stdin });
     expect(r.documents).toBe(docs.length);
     ids.push(r.batchId);
-    const done = await transformPending(pool, shards);
+    const done = await transformPending(pool(), shards);
     // Sharded when asked (a batch the loader refused whole has nothing to transform).
     if (shards.shards) for (const t of done) expect(t.shards).toBe(shards.shards);
   }
@@ -260,7 +252,7 @@ async function check(batches: Input[][], shards: ShardOptions = {}): Promise<voi
   expect(orphans.n).toBe(0);
   // Counts reconcile for every batch. A batch whose documents the loader refused all has nothing
   // to transform: it stays 'staged'.
-  const summaries = (await batchSummaries(pool, { limit: 10 })).reverse();
+  const summaries = (await batchSummaries(pool(), { limit: 10 })).reverse();
   expect(summaries.map((s) => s.batch_id)).toEqual(ids);
   for (const [b, s] of summaries.entries()) {
     const status = batches[b].some((d) => d.fault?.by !== 'loader') ? 'transformed' : 'staged';
@@ -367,7 +359,7 @@ describe('required child fields of the wrong JSON type (transform_batch, migrati
     ];
     const ndjson = docs.map((d) => JSON.stringify(d)).join('\n') + '\n';
     const r = await loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], { stdin: Readable.from([ndjson]) });
-    await transformPending(pool);
+    await transformPending(pool());
     const rows = await db.query(
       `SELECT d.status, r.reason FROM landing.raw_documents d LEFT JOIN etl.rejected_documents r USING (document_id)
                                  WHERE d.batch_id = $1 ORDER BY d.line`,
@@ -396,7 +388,7 @@ describe('required child fields of the wrong JSON type (transform_batch, migrati
     ];
     const stdin = Readable.from([docs.map((d) => JSON.stringify(d)).join('\n') + '\n']);
     const r = await loadBatch(db.url(), [{ kind: 'stdin', path: '-', format: 'ndjson', gzip: false }], { stdin });
-    await transformPending(pool);
+    await transformPending(pool());
     expect(
       await db.query(`SELECT source_patient_id AS id, to_char(source_updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') AS at
                            FROM clinical.patients ORDER BY 1`),

@@ -1,29 +1,21 @@
 // Replay and retention in the database (migration 0007): etl.replay_patients re-derives clinical
 // rows from the current snapshots under today's rules; etl.purge drops what nothing needs.
 import path from 'node:path';
-import type { DatabasePool } from 'slonik';
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { createDbPool } from '../scripts/db.ts';
+import { beforeAll, describe, expect, test } from 'vitest';
 import { expandInputs } from '../scripts/inputs.ts';
 import { replay as replayAll } from '../scripts/maintenance.ts';
 import { loadBatch } from '../scripts/stage.ts';
 import { transformPending } from '../scripts/transform.ts';
-import { useTestDatabase } from './db.ts';
+import { usePool, useTestDatabase } from './db.ts';
 
 const db = useTestDatabase();
-let pool: DatabasePool;
-beforeAll(async () => {
-  pool = await createDbPool(db.url());
-});
-afterAll(async () => {
-  await pool?.end();
-});
+const pool = usePool(db);
 
 const FIX = path.resolve('fixtures');
 
 async function run(...files: string[]): Promise<number> {
   const r = await loadBatch(db.url(), expandInputs(files.map((f) => path.join(FIX, f))));
-  await transformPending(pool);
+  await transformPending(pool());
   return r.batchId;
 }
 
@@ -177,7 +169,7 @@ describe('replay, as a reviewer tried it', () => {
       });
       expect(r.documents).toBe(1);
     }
-    await transformPending(pool);
+    await transformPending(pool());
     await expect(
       db.query(
         `SELECT * FROM etl.replay_patients(ARRAY(SELECT patient_key FROM clinical.patients WHERE source_patient_id LIKE 'MANY-B-%'))`,
@@ -185,7 +177,7 @@ describe('replay, as a reviewer tried it', () => {
     ).rejects.toMatchObject({ code: 'HE007' });
     // healthetl replay groups its chunks by batch, so the same patients replay in two transactions.
     const chunks: number[] = [];
-    const r = await replayAll(pool, { all: true }, (done) => chunks.push(done));
+    const r = await replayAll(pool(), { all: true }, (done) => chunks.push(done));
     expect(r.kept).toEqual([]);
     expect(r.replayed).toBe(r.selected);
     expect(chunks.length).toBeGreaterThanOrEqual(2);

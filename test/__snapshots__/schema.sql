@@ -320,23 +320,17 @@ AS $function$
 DECLARE
   v_status text;
 BEGIN
-  IF NOT pg_try_advisory_xact_lock(etl.transform_lock_key()) THEN
-    IF NOT p_wait THEN
-      RETURN QUERY SELECT 'transform'::text, NULL::text, NULL::bigint;
-      RETURN;
-    END IF;
-    PERFORM pg_advisory_xact_lock(etl.transform_lock_key());
+  IF p_wait THEN
+    PERFORM etl.lock_out_transforms();
+  ELSIF NOT pg_try_advisory_xact_lock(etl.transform_lock_key()) THEN
+    RETURN QUERY SELECT 'transform'::text, NULL::text, NULL::bigint;
+    RETURN;
+  ELSIF NOT pg_try_advisory_lock(etl.shard_lock_key()) THEN
+    RETURN QUERY SELECT 'shards'::text, NULL::text, NULL::bigint;
+    RETURN;
+  ELSE
+    PERFORM pg_advisory_unlock(etl.shard_lock_key());
   END IF;
-  -- A session lock taken and released at once: held to the commit, the next transform could find
-  -- it still held for an instant after the transform lock was already free.
-  IF NOT pg_try_advisory_lock(etl.shard_lock_key()) THEN
-    IF NOT p_wait THEN
-      RETURN QUERY SELECT 'shards'::text, NULL::text, NULL::bigint;
-      RETURN;
-    END IF;
-    PERFORM pg_advisory_lock(etl.shard_lock_key());
-  END IF;
-  PERFORM pg_advisory_unlock(etl.shard_lock_key());
 
   SELECT b.status INTO v_status FROM etl.batches b WHERE b.batch_id = p_batch_id;
   IF NOT FOUND THEN
