@@ -28,6 +28,8 @@ export function useTestDatabase(): {
     await admin.end();
     client = new pg.Client({ connectionString: urlFor(name) });
     await client.connect();
+    // Database rights are not copied from a template: take PUBLIC's away again (migrations/0008).
+    await client.query('SELECT etl.restrict_database()');
   });
   afterAll(async () => {
     await client?.end();

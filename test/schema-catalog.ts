@@ -3,30 +3,31 @@
 // test/migrations.test.ts (up/down/up gives the same catalog) and test/schema-snapshot.test.ts.
 import pg from 'pg';
 
-export const SCHEMAS = ['landing', 'etl', 'clinical', 'analytics', 'dq'];
+export const SCHEMAS = ['landing', 'etl', 'clinical', 'analytics', 'dq', 'deid'];
 
 export type Catalog = Record<string, any[]>;
 
 /**
- * The explicit grants in an ACL column, without the owner's own entries or the grantor (both are
- * role names of the environment): NULL when the ACL is the default, '' when only the owner has any.
+ * The privileges in effect (the ACL, or the default one when it is NULL), without the owner's own
+ * entries or the grantor (both are role names of the environment); '' when only the owner has any.
+ * An explicit ACL equal to the default reads the same as NULL: they mean the same.
  */
-function grants(acl: string, owner: string): string {
-  return `CASE WHEN ${acl} IS NOT NULL THEN coalesce((
+function grants(acl: string, owner: string, kind: string): string {
+  return `coalesce((
             SELECT string_agg(g, ', ' ORDER BY g) FROM (
               SELECT CASE e.grantee WHEN 0 THEN 'PUBLIC' ELSE pg_get_userbyid(e.grantee) END || ' ' || e.privilege_type
                      || CASE WHEN e.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END AS g
-              FROM aclexplode(${acl}) e WHERE e.grantee <> ${owner}) x), '') END`;
+              FROM aclexplode(coalesce(${acl}, acldefault(${kind}, ${owner}))) e WHERE e.grantee <> ${owner}) x), '')`;
 }
 
 const QUERIES: Record<string, string> = {
   schemas: `
-    SELECT n.nspname, obj_description(n.oid, 'pg_namespace') AS comment, ${grants('n.nspacl', 'n.nspowner')} AS grants
+    SELECT n.nspname, obj_description(n.oid, 'pg_namespace') AS comment, ${grants('n.nspacl', 'n.nspowner', `'n'`)} AS grants
     FROM pg_namespace n WHERE n.nspname = ANY($1) ORDER BY 1`,
   relations: `
     SELECT n.nspname, c.relname, c.relkind, c.relpersistence, c.relispartition,
            pg_get_partkeydef(c.oid) AS partition_key, pg_get_expr(c.relpartbound, c.oid) AS partition_bound,
-           c.reloptions, ${grants('c.relacl', 'c.relowner')} AS grants, obj_description(c.oid, 'pg_class') AS comment
+           c.reloptions, ${grants('c.relacl', 'c.relowner', `CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END::"char"`)} AS grants, obj_description(c.oid, 'pg_class') AS comment
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = ANY($1) ORDER BY 1, 2`,
   columns: `
@@ -54,9 +55,12 @@ const QUERIES: Record<string, string> = {
   functions: `
     SELECT n.nspname, p.proname, pg_get_function_identity_arguments(p.oid) AS args, p.prokind,
            pg_get_functiondef(p.oid) AS definition, obj_description(p.oid, 'pg_proc') AS comment,
-           ${grants('p.proacl', 'p.proowner')} AS grants
+           ${grants('p.proacl', 'p.proowner', `'f'`)} AS grants
     FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-    WHERE n.nspname = ANY($1) AND p.prokind <> 'a' ORDER BY 1, 2, 3`,
+    WHERE n.nspname = ANY($1) AND p.prokind <> 'a'
+      -- an extension's functions (pgcrypto's, in etl) are its own; its presence is in pg_extension
+      AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+    ORDER BY 1, 2, 3`,
   views: `
     SELECT schemaname, viewname, definition FROM pg_views
     WHERE schemaname = ANY($1) ORDER BY 1, 2`,

@@ -7,11 +7,209 @@
 
 CREATE SCHEMA analytics;
 COMMENT ON SCHEMA analytics IS 'Masked views for analysts.';
+-- grants on schema analytics (besides its owner): healthetl_analyst USAGE
+
+-- view analytics.diagnoses columns:
+--   patient_pseudonym text
+--   visit_key bigint
+--   visit_date date
+--   position integer
+--   code text
+--   code_system text
+--   description text
+--   is_primary boolean
+CREATE VIEW analytics.diagnoses AS
+ SELECT p.pseudonym AS patient_pseudonym,
+    d.visit_key,
+    d.visit_date,
+    d."position",
+    d.code,
+    d.code_system,
+    d.description,
+    d.is_primary
+   FROM (clinical.diagnoses d
+     LEFT JOIN clinical.patients p ON ((p.patient_key = d.patient_key)));
+COMMENT ON VIEW analytics.diagnoses IS 'One row per diagnosis of a visit (limited data set).';
+COMMENT ON COLUMN analytics.diagnoses.patient_pseudonym IS 'The patient''s keyed pseudonym.';
+COMMENT ON COLUMN analytics.diagnoses.visit_key IS 'The visit (analytics.visits.visit_key).';
+COMMENT ON COLUMN analytics.diagnoses.visit_date IS 'Date of the visit.';
+COMMENT ON COLUMN analytics.diagnoses.position IS 'Order of the diagnosis in the visit (0-based).';
+COMMENT ON COLUMN analytics.diagnoses.code IS 'Diagnosis code.';
+COMMENT ON COLUMN analytics.diagnoses.code_system IS 'Code system of code (for example ICD-10-CM, SNOMED CT).';
+COMMENT ON COLUMN analytics.diagnoses.description IS 'Description of the code as sent.';
+COMMENT ON COLUMN analytics.diagnoses.is_primary IS 'Whether this is the visit''s primary diagnosis.';
+-- grants on view analytics.diagnoses (besides its owner): healthetl_analyst SELECT
+
+-- view analytics.patients columns:
+--   patient_pseudonym text
+--   source_system text
+--   birth_date date
+--   age_years integer
+--   sex text
+--   city text
+--   state text
+--   zip5 text
+--   country text
+--   record_updated_at timestamp with time zone
+--   loaded_at timestamp with time zone
+CREATE VIEW analytics.patients AS
+ SELECT p.pseudonym AS patient_pseudonym,
+    p.source_system,
+    p.birth_date,
+    (date_part('year'::text, age((CURRENT_DATE)::timestamp with time zone, (p.birth_date)::timestamp with time zone)))::integer AS age_years,
+    p.sex,
+    p.city,
+    p.state,
+        CASE
+            WHEN ((p.postal_code ~ '^[0-9]{5}(-?[0-9]{4})?$'::text) AND (COALESCE(upper(p.country), 'US'::text) = ANY (ARRAY['US'::text, 'USA'::text, 'UNITED STATES'::text, 'UNITED STATES OF AMERICA'::text]))) THEN "left"(p.postal_code, 5)
+            ELSE NULL::text
+        END AS zip5,
+    p.country,
+    p.source_updated_at AS record_updated_at,
+    p.loaded_at
+   FROM clinical.patients p;
+COMMENT ON VIEW analytics.patients IS 'One row per patient (HIPAA limited data set): no names, SSN, MRN, phone, email, street lines or source ids.';
+COMMENT ON COLUMN analytics.patients.patient_pseudonym IS 'Keyed pseudonym: HMAC-SHA256 of source system and patient id under a secret key; stable across loads, changes only when the key is rotated.';
+COMMENT ON COLUMN analytics.patients.source_system IS 'The system the record came from (an organisation, not a person).';
+COMMENT ON COLUMN analytics.patients.birth_date IS 'Date of birth (kept in a limited data set).';
+COMMENT ON COLUMN analytics.patients.age_years IS 'Age in whole years today.';
+COMMENT ON COLUMN analytics.patients.sex IS 'female, male, other or unknown.';
+COMMENT ON COLUMN analytics.patients.city IS 'City of residence (kept in a limited data set).';
+COMMENT ON COLUMN analytics.patients.state IS 'State of residence.';
+COMMENT ON COLUMN analytics.patients.zip5 IS 'US 5-digit ZIP code (ZIP+4 cut to 5 digits); NULL for other postal codes.';
+COMMENT ON COLUMN analytics.patients.country IS 'Country of residence as sent.';
+COMMENT ON COLUMN analytics.patients.record_updated_at IS 'When the source last updated the record (its updated_at).';
+COMMENT ON COLUMN analytics.patients.loaded_at IS 'When healthetl loaded the current record.';
+-- grants on view analytics.patients (besides its owner): healthetl_analyst SELECT
+
+-- view analytics.provider_notes columns:
+--   patient_pseudonym text
+--   visit_key bigint
+--   visit_date date
+--   position integer
+--   author text
+--   written_at timestamp with time zone
+--   note_text text
+CREATE VIEW analytics.provider_notes AS
+ SELECT p.pseudonym AS patient_pseudonym,
+    n.visit_key,
+    n.visit_date,
+    n."position",
+    n.author,
+    n.written_at,
+    n.note_text_redacted AS note_text
+   FROM (clinical.provider_notes n
+     LEFT JOIN clinical.patients p ON ((p.patient_key = n.patient_key)));
+COMMENT ON VIEW analytics.provider_notes IS 'One row per provider note, its text redacted at load time (limited data set).';
+COMMENT ON COLUMN analytics.provider_notes.patient_pseudonym IS 'The patient''s keyed pseudonym.';
+COMMENT ON COLUMN analytics.provider_notes.visit_key IS 'The visit (analytics.visits.visit_key).';
+COMMENT ON COLUMN analytics.provider_notes.visit_date IS 'Date of the visit.';
+COMMENT ON COLUMN analytics.provider_notes.position IS 'Order of the note in the visit (0-based).';
+COMMENT ON COLUMN analytics.provider_notes.author IS 'Who wrote the note (a provider).';
+COMMENT ON COLUMN analytics.provider_notes.written_at IS 'When the note was written.';
+COMMENT ON COLUMN analytics.provider_notes.note_text IS 'Note text with SSNs, phone numbers, email addresses and the patient''s MRN, birth date and names replaced by [SSN], [PHONE], [EMAIL], [MRN], [DOB], [NAME]; dates of service kept.';
+-- grants on view analytics.provider_notes (besides its owner): healthetl_analyst SELECT
+
+-- view analytics.treatments columns:
+--   patient_pseudonym text
+--   visit_key bigint
+--   visit_date date
+--   position integer
+--   treatment_type text
+--   code text
+--   code_system text
+--   name text
+--   dose text
+--   route text
+--   frequency text
+--   start_date date
+--   end_date date
+--   duration_days integer
+CREATE VIEW analytics.treatments AS
+ SELECT p.pseudonym AS patient_pseudonym,
+    t.visit_key,
+    t.visit_date,
+    t."position",
+    t.treatment_type,
+    t.code,
+    t.code_system,
+    t.name,
+    t.dose,
+    t.route,
+    t.frequency,
+    t.start_date,
+    t.end_date,
+    (t.end_date - t.start_date) AS duration_days
+   FROM (clinical.treatments t
+     LEFT JOIN clinical.patients p ON ((p.patient_key = t.patient_key)));
+COMMENT ON VIEW analytics.treatments IS 'One row per medication or procedure of a visit (limited data set).';
+COMMENT ON COLUMN analytics.treatments.patient_pseudonym IS 'The patient''s keyed pseudonym.';
+COMMENT ON COLUMN analytics.treatments.visit_key IS 'The visit (analytics.visits.visit_key).';
+COMMENT ON COLUMN analytics.treatments.visit_date IS 'Date of the visit.';
+COMMENT ON COLUMN analytics.treatments.position IS 'Order of the treatment in the visit (0-based).';
+COMMENT ON COLUMN analytics.treatments.treatment_type IS 'medication or procedure.';
+COMMENT ON COLUMN analytics.treatments.code IS 'Treatment code.';
+COMMENT ON COLUMN analytics.treatments.code_system IS 'Code system of code (for example RxNorm, CPT, SNOMED CT).';
+COMMENT ON COLUMN analytics.treatments.name IS 'Name of the drug or procedure as sent.';
+COMMENT ON COLUMN analytics.treatments.dose IS 'Dose as sent.';
+COMMENT ON COLUMN analytics.treatments.route IS 'Route of administration.';
+COMMENT ON COLUMN analytics.treatments.frequency IS 'Frequency as sent.';
+COMMENT ON COLUMN analytics.treatments.start_date IS 'Start date.';
+COMMENT ON COLUMN analytics.treatments.end_date IS 'End date.';
+COMMENT ON COLUMN analytics.treatments.duration_days IS 'end_date - start_date, in days.';
+-- grants on view analytics.treatments (besides its owner): healthetl_analyst SELECT
+
+-- view analytics.visits columns:
+--   patient_pseudonym text
+--   visit_key bigint
+--   visit_date date
+--   visit_start timestamp with time zone
+--   discharge_date date
+--   length_of_stay_days integer
+--   visit_type text
+--   facility_id text
+--   facility_name text
+--   provider_npi text
+--   provider_name text
+--   age_at_visit integer
+--   sex text
+CREATE VIEW analytics.visits AS
+ SELECT p.pseudonym AS patient_pseudonym,
+    v.visit_key,
+    v.visit_date,
+    v.visit_start,
+    v.discharge_date,
+    (v.discharge_date - v.visit_date) AS length_of_stay_days,
+    v.visit_type,
+    v.facility_id,
+    v.facility_name,
+    v.provider_npi,
+    v.provider_name,
+    (date_part('year'::text, age((v.visit_date)::timestamp with time zone, (p.birth_date)::timestamp with time zone)))::integer AS age_at_visit,
+    p.sex
+   FROM (clinical.visits v
+     LEFT JOIN clinical.patients p ON ((p.patient_key = v.patient_key)));
+COMMENT ON VIEW analytics.visits IS 'One row per visit, with the patient''s age at the visit (limited data set: dates of service kept; no visit ids from the source).';
+COMMENT ON COLUMN analytics.visits.patient_pseudonym IS 'The patient''s keyed pseudonym (as in analytics.patients).';
+COMMENT ON COLUMN analytics.visits.visit_key IS 'Surrogate key of the visit, assigned by healthetl (not from the source); joins diagnoses, treatments and notes.';
+COMMENT ON COLUMN analytics.visits.visit_date IS 'Date of the visit (admission for a stay).';
+COMMENT ON COLUMN analytics.visits.visit_start IS 'Time the visit started, when the source gave one.';
+COMMENT ON COLUMN analytics.visits.discharge_date IS 'Date of discharge, for stays.';
+COMMENT ON COLUMN analytics.visits.length_of_stay_days IS 'discharge_date - visit_date, in days.';
+COMMENT ON COLUMN analytics.visits.visit_type IS 'outpatient, inpatient, emergency, telehealth or other.';
+COMMENT ON COLUMN analytics.visits.facility_id IS 'Facility id from the source.';
+COMMENT ON COLUMN analytics.visits.facility_name IS 'Facility name.';
+COMMENT ON COLUMN analytics.visits.provider_npi IS 'The provider''s National Provider Identifier (a provider, not the patient).';
+COMMENT ON COLUMN analytics.visits.provider_name IS 'The provider''s name (a provider, not the patient).';
+COMMENT ON COLUMN analytics.visits.age_at_visit IS 'The patient''s age in whole years on the visit date.';
+COMMENT ON COLUMN analytics.visits.sex IS 'The patient''s sex.';
+-- grants on view analytics.visits (besides its owner): healthetl_analyst SELECT
 
 -- ==== schema clinical ===========================================================================
 
 CREATE SCHEMA clinical;
 COMMENT ON SCHEMA clinical IS 'Flattened clinical tables (contain PHI; analysts use the analytics views).';
+-- grants on schema clinical (besides its owner): none
 
 CREATE TABLE clinical.diagnoses (
   patient_key bigint NOT NULL,
@@ -27,6 +225,7 @@ CREATE TABLE clinical.diagnoses (
 );
 CREATE INDEX diagnoses_code_idx ON clinical.diagnoses USING btree (code);
 CREATE UNIQUE INDEX diagnoses_pkey ON clinical.diagnoses USING btree (patient_key, diagnosis_key);
+-- grants on table clinical.diagnoses (besides its owner): none
 
 CREATE TABLE clinical.patients (
   patient_key bigint NOT NULL,
@@ -52,10 +251,13 @@ CREATE TABLE clinical.patients (
   content_sha256 bytea NOT NULL,
   batch_id bigint NOT NULL,
   loaded_at timestamp with time zone DEFAULT now() NOT NULL,
+  pseudonym text NOT NULL,
   CONSTRAINT patients_pkey PRIMARY KEY (patient_key),
   CONSTRAINT patients_sex_check CHECK ((sex = ANY (ARRAY['female'::text, 'male'::text, 'other'::text, 'unknown'::text])))
 );
 CREATE UNIQUE INDEX patients_pkey ON clinical.patients USING btree (patient_key);
+CREATE INDEX patients_pseudonym_idx ON clinical.patients USING btree (pseudonym);
+-- grants on table clinical.patients (besides its owner): none
 
 CREATE TABLE clinical.provider_notes (
   patient_key bigint NOT NULL,
@@ -67,9 +269,11 @@ CREATE TABLE clinical.provider_notes (
   author text,
   written_at timestamp with time zone,
   note_text text NOT NULL,
+  note_text_redacted text,
   CONSTRAINT provider_notes_pkey PRIMARY KEY (patient_key, note_key)
 );
 CREATE UNIQUE INDEX provider_notes_pkey ON clinical.provider_notes USING btree (patient_key, note_key);
+-- grants on table clinical.provider_notes (besides its owner): none
 
 CREATE TABLE clinical.treatments (
   patient_key bigint NOT NULL,
@@ -92,6 +296,7 @@ CREATE TABLE clinical.treatments (
 );
 CREATE INDEX treatments_name_idx ON clinical.treatments USING btree (name);
 CREATE UNIQUE INDEX treatments_pkey ON clinical.treatments USING btree (patient_key, treatment_key);
+-- grants on table clinical.treatments (besides its owner): none
 
 CREATE TABLE clinical.visits (
   patient_key bigint NOT NULL,
@@ -113,24 +318,177 @@ CREATE TABLE clinical.visits (
 CREATE INDEX visits_date_type_idx ON ONLY clinical.visits USING btree (visit_date, visit_type);
 CREATE UNIQUE INDEX visits_patient_key_source_visit_id_visit_date_key ON ONLY clinical.visits USING btree (patient_key, source_visit_id, visit_date);
 CREATE UNIQUE INDEX visits_pkey ON ONLY clinical.visits USING btree (patient_key, visit_key, visit_date);
+-- grants on table clinical.visits (besides its owner): none
 
 CREATE SEQUENCE clinical.diagnoses_diagnosis_key_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
+-- grants on sequence clinical.diagnoses_diagnosis_key_seq (besides its owner): none
 
 CREATE SEQUENCE clinical.provider_notes_note_key_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
+-- grants on sequence clinical.provider_notes_note_key_seq (besides its owner): none
 
 CREATE SEQUENCE clinical.treatments_treatment_key_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
+-- grants on sequence clinical.treatments_treatment_key_seq (besides its owner): none
 
 CREATE SEQUENCE clinical.visits_visit_key_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
+-- grants on sequence clinical.visits_visit_key_seq (besides its owner): none
+
+-- ==== schema deid ===============================================================================
+
+CREATE SCHEMA deid;
+COMMENT ON SCHEMA deid IS 'De-identified views for researchers (HIPAA Safe Harbor).';
+-- grants on schema deid (besides its owner): healthetl_researcher USAGE
+
+-- view deid.diagnoses columns:
+--   research_id uuid
+--   visit_key bigint
+--   visit_year integer
+--   position integer
+--   code text
+--   code_system text
+--   is_primary boolean
+CREATE VIEW deid.diagnoses AS
+ SELECT k.research_id,
+    d.visit_key,
+    (EXTRACT(year FROM d.visit_date))::integer AS visit_year,
+    d."position",
+    d.code,
+    d.code_system,
+    d.is_primary
+   FROM (clinical.diagnoses d
+     LEFT JOIN etl.patient_keys k ON ((k.patient_key = d.patient_key)));
+COMMENT ON VIEW deid.diagnoses IS 'One row per diagnosis (Safe Harbor): codes only, no description text.';
+COMMENT ON COLUMN deid.diagnoses.research_id IS 'The patient''s research id.';
+COMMENT ON COLUMN deid.diagnoses.visit_key IS 'The visit (deid.visits.visit_key).';
+COMMENT ON COLUMN deid.diagnoses.visit_year IS 'Year of the visit.';
+COMMENT ON COLUMN deid.diagnoses.position IS 'Order of the diagnosis in the visit (0-based).';
+COMMENT ON COLUMN deid.diagnoses.code IS 'Diagnosis code.';
+COMMENT ON COLUMN deid.diagnoses.code_system IS 'Code system of code.';
+COMMENT ON COLUMN deid.diagnoses.is_primary IS 'Whether this is the visit''s primary diagnosis.';
+-- grants on view deid.diagnoses (besides its owner): healthetl_researcher SELECT
+
+-- view deid.patients columns:
+--   research_id uuid
+--   birth_year integer
+--   age text
+--   sex text
+--   state text
+--   zip3 text
+CREATE VIEW deid.patients AS
+ SELECT k.research_id,
+        CASE
+            WHEN (x.age < 90) THEN (EXTRACT(year FROM p.birth_date))::integer
+            ELSE NULL::integer
+        END AS birth_year,
+        CASE
+            WHEN (x.age >= 90) THEN '90+'::text
+            ELSE (x.age)::text
+        END AS age,
+    p.sex,
+    p.state,
+        CASE
+            WHEN ((p.postal_code ~ '^[0-9]{5}(-?[0-9]{4})?$'::text) AND (COALESCE(upper(p.country), 'US'::text) = ANY (ARRAY['US'::text, 'USA'::text, 'UNITED STATES'::text, 'UNITED STATES OF AMERICA'::text]))) THEN
+            CASE
+                WHEN (EXISTS ( SELECT 1
+                   FROM etl.restricted_zip3 z
+                  WHERE (z.zip3 = "left"(p.postal_code, 3)))) THEN '000'::text
+                ELSE "left"(p.postal_code, 3)
+            END
+            ELSE NULL::text
+        END AS zip3
+   FROM ((clinical.patients p
+     JOIN etl.patient_keys k ON ((k.patient_key = p.patient_key)))
+     CROSS JOIN LATERAL ( SELECT (date_part('year'::text, age((CURRENT_DATE)::timestamp with time zone, (p.birth_date)::timestamp with time zone)))::integer AS age) x);
+COMMENT ON VIEW deid.patients IS 'One row per patient (HIPAA Safe Harbor): no identifiers, no full dates, ages over 89 grouped, ZIP to 3 digits.';
+COMMENT ON COLUMN deid.patients.research_id IS 'Random research id (not derived from any identifier; not the analytics pseudonym, so the tiers cannot be linked).';
+COMMENT ON COLUMN deid.patients.birth_year IS 'Year of birth; NULL for patients aged 90 or over.';
+COMMENT ON COLUMN deid.patients.age IS 'Age in whole years today, as text; 90+ for every age over 89.';
+COMMENT ON COLUMN deid.patients.sex IS 'female, male, other or unknown.';
+COMMENT ON COLUMN deid.patients.state IS 'State of residence.';
+COMMENT ON COLUMN deid.patients.zip3 IS 'First 3 digits of a US ZIP code; 000 for the restricted prefixes (etl.restricted_zip3); NULL for non-US postal codes.';
+-- grants on view deid.patients (besides its owner): healthetl_researcher SELECT
+
+-- view deid.treatments columns:
+--   research_id uuid
+--   visit_key bigint
+--   visit_year integer
+--   position integer
+--   treatment_type text
+--   code text
+--   code_system text
+--   route text
+--   start_year integer
+--   end_year integer
+--   duration_days integer
+CREATE VIEW deid.treatments AS
+ SELECT k.research_id,
+    t.visit_key,
+    (EXTRACT(year FROM t.visit_date))::integer AS visit_year,
+    t."position",
+    t.treatment_type,
+    t.code,
+    t.code_system,
+    t.route,
+    (EXTRACT(year FROM t.start_date))::integer AS start_year,
+    (EXTRACT(year FROM t.end_date))::integer AS end_year,
+    (t.end_date - t.start_date) AS duration_days
+   FROM (clinical.treatments t
+     LEFT JOIN etl.patient_keys k ON ((k.patient_key = t.patient_key)));
+COMMENT ON VIEW deid.treatments IS 'One row per medication or procedure (Safe Harbor): codes and years only, no free text.';
+COMMENT ON COLUMN deid.treatments.research_id IS 'The patient''s research id.';
+COMMENT ON COLUMN deid.treatments.visit_key IS 'The visit (deid.visits.visit_key).';
+COMMENT ON COLUMN deid.treatments.visit_year IS 'Year of the visit.';
+COMMENT ON COLUMN deid.treatments.position IS 'Order of the treatment in the visit (0-based).';
+COMMENT ON COLUMN deid.treatments.treatment_type IS 'medication or procedure.';
+COMMENT ON COLUMN deid.treatments.code IS 'Treatment code.';
+COMMENT ON COLUMN deid.treatments.code_system IS 'Code system of code.';
+COMMENT ON COLUMN deid.treatments.route IS 'Route of administration.';
+COMMENT ON COLUMN deid.treatments.start_year IS 'Year the treatment started.';
+COMMENT ON COLUMN deid.treatments.end_year IS 'Year the treatment ended.';
+COMMENT ON COLUMN deid.treatments.duration_days IS 'Duration in days (a duration, not a date).';
+-- grants on view deid.treatments (besides its owner): healthetl_researcher SELECT
+
+-- view deid.visits columns:
+--   research_id uuid
+--   visit_key bigint
+--   visit_year integer
+--   age_at_visit text
+--   length_of_stay_days integer
+--   visit_type text
+CREATE VIEW deid.visits AS
+ SELECT k.research_id,
+    v.visit_key,
+    (EXTRACT(year FROM v.visit_date))::integer AS visit_year,
+        CASE
+            WHEN ((x.age_now >= 90) OR (x.age_then >= 90)) THEN '90+'::text
+            ELSE (x.age_then)::text
+        END AS age_at_visit,
+    (v.discharge_date - v.visit_date) AS length_of_stay_days,
+    v.visit_type
+   FROM (((clinical.visits v
+     LEFT JOIN etl.patient_keys k ON ((k.patient_key = v.patient_key)))
+     LEFT JOIN clinical.patients p ON ((p.patient_key = v.patient_key)))
+     CROSS JOIN LATERAL ( SELECT (date_part('year'::text, age((CURRENT_DATE)::timestamp with time zone, (p.birth_date)::timestamp with time zone)))::integer AS age_now,
+            (date_part('year'::text, age((v.visit_date)::timestamp with time zone, (p.birth_date)::timestamp with time zone)))::integer AS age_then) x);
+COMMENT ON VIEW deid.visits IS 'One row per visit (Safe Harbor): the year only.';
+COMMENT ON COLUMN deid.visits.research_id IS 'The patient''s research id (deid.patients).';
+COMMENT ON COLUMN deid.visits.visit_key IS 'Surrogate key of the visit, assigned by healthetl; joins deid.diagnoses and deid.treatments.';
+COMMENT ON COLUMN deid.visits.visit_year IS 'Year of the visit.';
+COMMENT ON COLUMN deid.visits.age_at_visit IS 'Age in whole years at the visit, as text; 90+ for ages over 89 and for every visit of a patient who is 90 or over today.';
+COMMENT ON COLUMN deid.visits.length_of_stay_days IS 'Length of stay in days (a duration, not a date).';
+COMMENT ON COLUMN deid.visits.visit_type IS 'outpatient, inpatient, emergency, telehealth or other.';
+-- grants on view deid.visits (besides its owner): healthetl_researcher SELECT
 
 -- ==== schema dq =================================================================================
 
 CREATE SCHEMA dq;
 COMMENT ON SCHEMA dq IS 'Data-quality checks and their results.';
+-- grants on schema dq (besides its owner): none
 
 -- ==== schema etl ================================================================================
 
 CREATE SCHEMA etl;
 COMMENT ON SCHEMA etl IS 'Batches, rejects, problems and the set-based transform functions.';
+-- grants on schema etl (besides its owner): healthetl_loader USAGE
 
 CREATE TABLE etl.batch_deletes (
   batch_id bigint NOT NULL,
@@ -142,6 +500,7 @@ CREATE TABLE etl.batch_deletes (
 );
 CREATE INDEX batch_deletes_batch_idx ON etl.batch_deletes USING btree (batch_id);
 COMMENT ON TABLE etl.batch_deletes IS 'Rows deleted from replaced patients by each transform of a batch (or shard).';
+-- grants on table etl.batch_deletes (besides its owner): healthetl_loader SELECT
 
 CREATE TABLE etl.batch_files (
   batch_id bigint NOT NULL,
@@ -160,6 +519,7 @@ CREATE TABLE etl.batch_files (
 );
 CREATE UNIQUE INDEX batch_files_pkey ON etl.batch_files USING btree (batch_id, source_file);
 CREATE INDEX batch_files_sha256_idx ON etl.batch_files USING btree (file_sha256) WHERE (status = 'staged'::text);
+-- grants on table etl.batch_files (besides its owner): healthetl_loader SELECT
 
 CREATE TABLE etl.batches (
   batch_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
@@ -169,10 +529,13 @@ CREATE TABLE etl.batches (
   transformed_at timestamp with time zone,
   loader text,
   error text,
+  db_user text DEFAULT SESSION_USER,
   CONSTRAINT batches_pkey PRIMARY KEY (batch_id),
   CONSTRAINT batches_status_check CHECK ((status = ANY (ARRAY['loading'::text, 'staged'::text, 'transformed'::text, 'failed'::text])))
 );
 CREATE UNIQUE INDEX batches_pkey ON etl.batches USING btree (batch_id);
+COMMENT ON COLUMN etl.batches.db_user IS 'The database login that started the batch (session_user).';
+-- grants on table etl.batches (besides its owner): healthetl_loader SELECT
 
 CREATE TABLE etl.document_problems (
   document_id bigint NOT NULL,
@@ -184,16 +547,37 @@ CREATE TABLE etl.document_problems (
 );
 CREATE INDEX document_problems_batch_idx ON etl.document_problems USING btree (batch_id);
 CREATE UNIQUE INDEX document_problems_pkey ON etl.document_problems USING btree (document_id, field);
+-- grants on table etl.document_problems (besides its owner): healthetl_loader SELECT
+
+CREATE TABLE etl.erasures (
+  erasure_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  subject_hash text NOT NULL,
+  erased_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+  erased_by text DEFAULT SESSION_USER NOT NULL,
+  documents bigint NOT NULL,
+  clinical_rows bigint NOT NULL,
+  lifted_at timestamp with time zone,
+  lifted_by text,
+  CONSTRAINT erasures_pkey PRIMARY KEY (erasure_id)
+);
+CREATE UNIQUE INDEX erasures_active_idx ON etl.erasures USING btree (subject_hash) WHERE (lifted_at IS NULL);
+CREATE UNIQUE INDEX erasures_pkey ON etl.erasures USING btree (erasure_id);
+COMMENT ON TABLE etl.erasures IS 'Erasure receipts (no PHI): who erased which keyed identity hash when, and who lifted the block.';
+-- grants on table etl.erasures (besides its owner): none
 
 CREATE TABLE etl.patient_keys (
   patient_key bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
   source_system text NOT NULL,
   source_patient_id text NOT NULL,
+  research_id uuid DEFAULT gen_random_uuid() NOT NULL,
   CONSTRAINT patient_keys_pkey PRIMARY KEY (patient_key),
+  CONSTRAINT patient_keys_research_id_key UNIQUE (research_id),
   CONSTRAINT patient_keys_source_system_source_patient_id_key UNIQUE (source_system, source_patient_id)
 );
 CREATE UNIQUE INDEX patient_keys_pkey ON etl.patient_keys USING btree (patient_key);
+CREATE UNIQUE INDEX patient_keys_research_id_key ON etl.patient_keys USING btree (research_id);
 CREATE UNIQUE INDEX patient_keys_source_system_source_patient_id_key ON etl.patient_keys USING btree (source_system, source_patient_id);
+-- grants on table etl.patient_keys (besides its owner): none
 
 CREATE TABLE etl.rejected_documents (
   document_id bigint NOT NULL,
@@ -220,10 +604,38 @@ CREATE INDEX rejected_documents_batch_idx ON etl.rejected_documents USING btree 
 CREATE UNIQUE INDEX rejected_documents_content_sha256_key ON etl.rejected_documents USING btree (content_sha256);
 CREATE UNIQUE INDEX rejected_documents_pkey ON etl.rejected_documents USING btree (document_id);
 COMMENT ON TABLE etl.rejected_documents IS 'One row per distinct rejected content: its first delivery, its last, how many, and the reasons. Every delivery: etl.batch_rejects.';
+-- grants on table etl.rejected_documents (besides its owner): healthetl_loader SELECT
+
+CREATE TABLE etl.restricted_zip3 (
+  zip3 text NOT NULL,
+  source text NOT NULL,
+  CONSTRAINT restricted_zip3_pkey PRIMARY KEY (zip3, source),
+  CONSTRAINT restricted_zip3_zip3_check CHECK ((zip3 ~ '^[0-9]{3}$'::text))
+);
+CREATE UNIQUE INDEX restricted_zip3_pkey ON etl.restricted_zip3 USING btree (zip3, source);
+COMMENT ON TABLE etl.restricted_zip3 IS 'Restricted 3-digit ZIP prefixes (45 CFR 164.514(b)(2)(i)(B)), one row per prefix and list; deid shows 000 for any of them.';
+-- grants on table etl.restricted_zip3 (besides its owner): none
+
+CREATE TABLE etl.secret_keys (
+  purpose text NOT NULL,
+  key bytea NOT NULL,
+  created_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+  CONSTRAINT secret_keys_key_check CHECK ((octet_length(key) >= 32)),
+  CONSTRAINT secret_keys_pkey PRIMARY KEY (purpose),
+  CONSTRAINT secret_keys_purpose_check CHECK ((purpose = ANY (ARRAY['pseudonym'::text, 'erasure'::text])))
+);
+CREATE UNIQUE INDEX secret_keys_pkey ON etl.secret_keys USING btree (purpose);
+COMMENT ON TABLE etl.secret_keys IS 'Secret HMAC keys (pseudonym, erasure). Readable by healthetl_owner only; never exported.';
+-- grants on table etl.secret_keys (besides its owner): none
 
 CREATE SEQUENCE etl.batches_batch_id_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
+-- grants on sequence etl.batches_batch_id_seq (besides its owner): none
+
+CREATE SEQUENCE etl.erasures_erasure_id_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
+-- grants on sequence etl.erasures_erasure_id_seq (besides its owner): none
 
 CREATE SEQUENCE etl.patient_keys_patient_key_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
+-- grants on sequence etl.patient_keys_patient_key_seq (besides its owner): none
 
 -- view etl.batch_rejects columns:
 --   batch_id bigint
@@ -251,6 +663,7 @@ CREATE VIEW etl.batch_rejects AS
      JOIN etl.rejected_documents r ON ((r.content_sha256 = d.content_sha256)))
   WHERE (d.status = 'rejected'::text);
 COMMENT ON VIEW etl.batch_rejects IS 'Every rejected delivery of every batch (one row per landing row rejected), with the reason; reasons may quote values.';
+-- grants on view etl.batch_rejects (besides its owner): healthetl_loader SELECT
 
 -- view etl.batch_summary columns:
 --   batch_id bigint
@@ -271,6 +684,8 @@ COMMENT ON VIEW etl.batch_rejects IS 'Every rejected delivery of every batch (on
 --   error text
 --   deleted_visits bigint
 --   deleted_children bigint
+--   erased bigint
+--   db_user text
 CREATE VIEW etl.batch_summary AS
  SELECT b.batch_id,
     b.status,
@@ -290,31 +705,75 @@ CREATE VIEW etl.batch_summary AS
            FROM etl.batch_files f
           WHERE ((f.batch_id = b.batch_id) AND (f.status = ANY (ARRAY['unreadable'::text, 'rejected'::text])))) AS failed_files,
     lf.loader_count,
-    ((lf.loader_count = count(d.document_id)) AND (count(d.document_id) = count(d.document_id) FILTER (WHERE (d.status = ANY (ARRAY['staged'::text, 'loaded'::text, 'rejected'::text, 'duplicate'::text, 'superseded'::text]))))) AS balanced,
+    ((lf.loader_count = count(d.document_id)) AND (count(d.document_id) = count(d.document_id) FILTER (WHERE (d.status = ANY (ARRAY['staged'::text, 'loaded'::text, 'rejected'::text, 'duplicate'::text, 'superseded'::text, 'erased'::text]))))) AS balanced,
     b.error,
     (( SELECT COALESCE(sum(x.visits), (0)::numeric) AS "coalesce"
            FROM etl.batch_deletes x
           WHERE (x.batch_id = b.batch_id)))::bigint AS deleted_visits,
     (( SELECT COALESCE(sum(((x.diagnoses + x.treatments) + x.provider_notes)), (0)::numeric) AS "coalesce"
            FROM etl.batch_deletes x
-          WHERE (x.batch_id = b.batch_id)))::bigint AS deleted_children
+          WHERE (x.batch_id = b.batch_id)))::bigint AS deleted_children,
+    count(d.document_id) FILTER (WHERE (d.status = 'erased'::text)) AS erased,
+    b.db_user
    FROM ((etl.batches b
      CROSS JOIN LATERAL ( SELECT (COALESCE(sum(f.documents), (0)::numeric))::bigint AS loader_count
            FROM etl.batch_files f
           WHERE (f.batch_id = b.batch_id)) lf)
      LEFT JOIN landing.raw_documents d ON ((d.batch_id = b.batch_id)))
   GROUP BY b.batch_id, lf.loader_count;
-COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents received and what became of them; balanced says whether they add up; error, why its last transform failed; rows its snapshots deleted.';
+COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents received and what became of them (erased: of a patient erased before or since); balanced says whether they add up; error, why its last transform failed; rows its snapshots deleted; who loaded it.';
+-- grants on view etl.batch_summary (besides its owner): healthetl_loader SELECT
+
+CREATE OR REPLACE FUNCTION etl.adopt_objects()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  o record;
+  v_schemas text[] := ARRAY['landing', 'etl', 'clinical', 'analytics', 'dq', 'deid'];
+BEGIN
+  FOR o IN SELECT n.nspname FROM pg_namespace n
+           WHERE n.nspname = ANY (v_schemas) AND n.nspowner <> 'healthetl_owner'::regrole LOOP
+    EXECUTE format('ALTER SCHEMA %I OWNER TO healthetl_owner', o.nspname);
+  END LOOP;
+  -- Tables, views and free-standing sequences (an identity sequence follows its table).
+  FOR o IN SELECT c.oid::regclass AS rel, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = ANY (v_schemas) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+             AND c.relowner <> 'healthetl_owner'::regrole
+             AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                             AND d.deptype IN ('i', 'a') AND c.relkind = 'S')
+             AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') LOOP
+    EXECUTE format('ALTER %s %s OWNER TO healthetl_owner',
+                   CASE o.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE'
+                                  WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END, o.rel);
+  END LOOP;
+  FOR o IN SELECT p.oid::regprocedure AS fn, p.prokind FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+           WHERE n.nspname = ANY (v_schemas) AND p.proowner <> 'healthetl_owner'::regrole
+             AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e') LOOP
+    EXECUTE format('ALTER %s %s OWNER TO healthetl_owner', CASE o.prokind WHEN 'p' THEN 'PROCEDURE' ELSE 'FUNCTION' END, o.fn);
+  END LOOP;
+  FOR o IN SELECT n.nspname FROM pg_namespace n WHERE n.nspname = ANY (v_schemas) LOOP
+    EXECUTE format('REVOKE ALL ON SCHEMA %I FROM PUBLIC', o.nspname);
+    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA %I FROM PUBLIC', o.nspname);
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM PUBLIC', o.nspname);
+    EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM PUBLIC', o.nspname);
+  END LOOP;
+END
+$function$;
+-- grants on function etl.adopt_objects() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.batch_finish_lock_key()
  RETURNS bigint
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ('4848000000000000'::bigint - 3);
+-- grants on function etl.batch_finish_lock_key() (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.begin_transform(p_batch_id bigint, p_wait boolean DEFAULT true)
  RETURNS TABLE(waiting text, status text, staged bigint)
  LANGUAGE plpgsql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
@@ -347,6 +806,7 @@ BEGIN
     (SELECT count(*) FROM landing.raw_documents d WHERE d.batch_id = p_batch_id AND d.status = 'staged');
 END
 $function$;
+-- grants on function etl.begin_transform(p_batch_id bigint, p_wait boolean) (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.clear_new_rejects()
  RETURNS void
@@ -361,10 +821,12 @@ BEGIN
   TRUNCATE t_new_rejects;
 END
 $function$;
+-- grants on function etl.clear_new_rejects() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.ensure_batch_partitions(p_batch_id bigint, p_shard integer DEFAULT 0, p_shards integer DEFAULT 1)
  RETURNS integer
  LANGUAGE sql
+ SECURITY DEFINER
  SET jit TO 'off'
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
@@ -380,10 +842,12 @@ AS $function$
       AND etl.patient_id_problem(x.patient_id) IS NULL AND etl.source_system_problem(x.source_system) IS NULL
       AND etl.visit_year_ok(vd.d, r.received_at)))
 $function$;
+-- grants on function etl.ensure_batch_partitions(p_batch_id bigint, p_shard integer, p_shards integer) (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.ensure_visit_partitions(years integer[])
  RETURNS integer
  LANGUAGE plpgsql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
@@ -407,6 +871,77 @@ BEGIN
   RETURN created;
 END
 $function$;
+-- grants on function etl.ensure_visit_partitions(years integer[]) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.erase_patient(p_source_system text, p_patient_id text)
+ RETURNS TABLE(erasure_id bigint, documents bigint, clinical_rows bigint, files bigint)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_id text := coalesce(nullif(etl.patient_id_of(to_jsonb(p_patient_id)), ''), p_patient_id);
+  v_hash text;
+  v_key bigint;
+  v_docs bigint[];
+  v_rows bigint := 0;
+  v_n bigint;
+  v_files bigint;
+BEGIN
+  IF p_source_system IS NULL OR p_patient_id IS NULL THEN
+    RAISE EXCEPTION 'erase needs a source system and a patient id' USING ERRCODE = 'HE010',
+      HINT = 'healthetl erase --patient-id ID [--source-system S] (the source system defaults to "default").';
+  END IF;
+  PERFORM etl.lock_out_transforms();
+  v_hash := etl.erasure_hash(p_source_system, v_id);
+  SELECT k.patient_key INTO v_key FROM etl.patient_keys k
+  WHERE k.source_system = p_source_system AND k.source_patient_id = v_id;
+
+  -- Their documents: those that name them, and every copy of the same bytes (duplicates keep no payload).
+  SELECT array_agg(d.document_id) INTO v_docs FROM landing.raw_documents d
+  WHERE d.content_sha256 IN (
+    SELECT r.content_sha256 FROM landing.raw_documents r
+    WHERE r.payload IS NOT NULL AND jsonb_typeof(r.payload) = 'object'
+      AND etl.source_system_of(r.payload -> 'source_system') = p_source_system
+      AND etl.patient_id_of(r.payload -> 'patient_id') = v_id);
+  v_docs := coalesce(v_docs, '{}');
+
+  IF v_key IS NOT NULL THEN
+    DELETE FROM clinical.provider_notes WHERE patient_key = v_key; GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+    DELETE FROM clinical.treatments WHERE patient_key = v_key;     GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+    DELETE FROM clinical.diagnoses WHERE patient_key = v_key;      GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+    DELETE FROM clinical.visits WHERE patient_key = v_key;         GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+    DELETE FROM clinical.patients WHERE patient_key = v_key;       GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+    DELETE FROM etl.patient_keys WHERE patient_key = v_key;
+  END IF;
+  DELETE FROM etl.document_problems WHERE document_id = ANY (v_docs);
+  DELETE FROM etl.rejected_documents r
+  WHERE r.content_sha256 IN (SELECT d.content_sha256 FROM landing.raw_documents d WHERE d.document_id = ANY (v_docs));
+  v_files := etl.forget_file_names(v_docs);
+  -- The landing rows stay (every received document is accounted for), without payload or fingerprint.
+  UPDATE landing.raw_documents d
+  SET payload = NULL, status = CASE WHEN d.status = 'staged' THEN 'staged' ELSE 'erased' END,
+      content_sha256 = sha256(convert_to('erased document ' || d.document_id, 'UTF8'))
+  WHERE d.document_id = ANY (v_docs) AND d.status <> 'staged';
+
+  INSERT INTO etl.erasures AS e (subject_hash, documents, clinical_rows)
+  VALUES (v_hash, cardinality(v_docs), v_rows)
+  ON CONFLICT (subject_hash) WHERE lifted_at IS NULL
+  DO UPDATE SET documents = e.documents + excluded.documents, clinical_rows = e.clinical_rows + excluded.clinical_rows;
+  RETURN QUERY SELECT e.erasure_id, cardinality(v_docs)::bigint, v_rows, v_files
+  FROM etl.erasures e WHERE e.subject_hash = v_hash AND e.lifted_at IS NULL;
+END
+$function$;
+-- grants on function etl.erase_patient(p_source_system text, p_patient_id text) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.erasure_hash(p_source_system text, p_patient_id text)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT etl.keyed_hash(k.key, p_source_system, p_patient_id) FROM etl.secret_keys k WHERE k.purpose = 'erasure'
+$function$;
+-- grants on function etl.erasure_hash(p_source_system text, p_patient_id text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.find_poison(p_batch_id bigint, p_shard integer, p_shards integer, p_sqlstate text)
  RETURNS integer
@@ -485,6 +1020,7 @@ BEGIN
   RETURN v_found;
 END
 $function$;
+-- grants on function etl.find_poison(p_batch_id bigint, p_shard integer, p_shards integer, p_sqlstate text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.finish_batch(p_batch_id bigint)
  RETURNS boolean
@@ -500,10 +1036,12 @@ AS $function$
     RETURNING 1)
   SELECT EXISTS (SELECT 1 FROM done)
 $function$;
+-- grants on function etl.finish_batch(p_batch_id bigint) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.finish_staging(p_batch_id bigint)
  RETURNS void
  LANGUAGE plpgsql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
@@ -511,58 +1049,124 @@ BEGIN
   PERFORM pg_advisory_unlock(etl.loader_lock_key(p_batch_id));
 END
 $function$;
+-- grants on function etl.finish_staging(p_batch_id bigint) (besides its owner): healthetl_loader EXECUTE
+
+CREATE OR REPLACE FUNCTION etl.forget_file_names(p_documents bigint[])
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n bigint;
+BEGIN
+  CREATE TEMP TABLE t_forget ON COMMIT DROP AS
+  SELECT f.batch_id, f.source_file,
+         format('[erased %s]', coalesce(left(encode(f.file_sha256, 'hex'), 16),
+                                        'file ' || row_number() OVER (PARTITION BY f.batch_id ORDER BY f.staged_at, f.source_file))) AS new_name
+  FROM etl.batch_files f
+  WHERE (f.batch_id, f.source_file) IN (SELECT d.batch_id, d.source_file FROM landing.raw_documents d WHERE d.document_id = ANY (p_documents))
+    AND f.source_file NOT LIKE '[erased %]';
+  -- Two files of one batch with the same bytes would get one name: the second keeps its row number.
+  UPDATE t_forget t SET new_name = t.new_name || ' ' || x.n
+  FROM (SELECT batch_id, source_file, row_number() OVER (PARTITION BY batch_id, new_name ORDER BY source_file) AS n FROM t_forget) x
+  WHERE x.batch_id = t.batch_id AND x.source_file = t.source_file AND x.n > 1;
+  UPDATE etl.batch_files f SET source_file = t.new_name FROM t_forget t
+  WHERE f.batch_id = t.batch_id AND f.source_file = t.source_file;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  UPDATE landing.raw_documents d SET source_file = t.new_name FROM t_forget t
+  WHERE d.batch_id = t.batch_id AND d.source_file = t.source_file;
+  UPDATE etl.rejected_documents r SET source_file = t.new_name FROM t_forget t
+  WHERE r.batch_id = t.batch_id AND r.source_file = t.source_file;
+  DROP TABLE t_forget;
+  RETURN v_n;
+END
+$function$;
+-- grants on function etl.forget_file_names(p_documents bigint[]) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.holds_advisory_lock(p_pid integer, p_key bigint)
  RETURNS boolean
  LANGUAGE sql
  STABLE
 RETURN (EXISTS (SELECT 1 FROM pg_locks l WHERE ((l.locktype = 'advisory'::text) AND (l.pid = holds_advisory_lock.p_pid) AND l.granted AND (l.mode = 'ExclusiveLock'::text) AND (l.objsubid = 1) AND (l.database = (SELECT pg_database.oid FROM pg_database WHERE (pg_database.datname = current_database()))) AND ((((l.classid)::bigint << 32) | (l.objid)::bigint) = holds_advisory_lock.p_key))));
+-- grants on function etl.holds_advisory_lock(p_pid integer, p_key bigint) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.is_absent(j jsonb)
  RETURNS boolean
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ((j IS NULL) OR (jsonb_typeof(j) = 'null'::text));
+-- grants on function etl.is_absent(j jsonb) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.is_blank(j jsonb)
  RETURNS boolean
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ((j IS NULL) OR (jsonb_typeof(j) = 'null'::text) OR (j = '""'::jsonb));
+-- grants on function etl.is_blank(j jsonb) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.is_rfc3339(t text)
  RETURNS boolean
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ((t ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9](\.[0-9]{1,9})?|60(\.0{1,9})?)([Zz]|[+-](0[0-9]|1[0-5]):[0-5][0-9])$'::text) AND etl.is_ymd(substr(t, 1, 10)));
+-- grants on function etl.is_rfc3339(t text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.is_ymd(t text)
  RETURNS boolean
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN (t ~ '^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$'::text) THEN (((substr(t, 1, 4))::integer >= 1) AND ((substr(t, 9, 2))::integer <= CASE WHEN ((substr(t, 6, 2))::integer = ANY (ARRAY[4, 6, 9, 11])) THEN 30 WHEN ((substr(t, 6, 2))::integer = 2) THEN CASE WHEN (((((substr(t, 1, 4))::integer % 4) = 0) AND (((substr(t, 1, 4))::integer % 100) <> 0)) OR (((substr(t, 1, 4))::integer % 400) = 0)) THEN 29 ELSE 28 END ELSE 31 END)) ELSE false END;
+-- grants on function etl.is_ymd(t text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.jarr(j jsonb)
  RETURNS jsonb
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN (jsonb_typeof(j) = 'array'::text) THEN j ELSE '[]'::jsonb END;
+-- grants on function etl.jarr(j jsonb) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.jtext(j jsonb)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN (jsonb_typeof(j) = ANY (ARRAY['string'::text, 'number'::text, 'boolean'::text])) THEN (j #>> '{}'::text[]) ELSE NULL::text END;
+-- grants on function etl.jtext(j jsonb) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.keyed_hash(p_key bytea, p_source_system text, p_patient_id text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+RETURN encode(etl.hmac(convert_to((((length(p_source_system) || ':'::text) || p_source_system) || p_patient_id), 'UTF8'::name), p_key, 'sha256'::text), 'hex'::text);
+-- grants on function etl.keyed_hash(p_key bytea, p_source_system text, p_patient_id text) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.lift_erasure(p_source_system text, p_patient_id text)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n bigint;
+BEGIN
+  UPDATE etl.erasures SET lifted_at = clock_timestamp(), lifted_by = session_user
+  WHERE lifted_at IS NULL
+    AND subject_hash = etl.erasure_hash(p_source_system, coalesce(nullif(etl.patient_id_of(to_jsonb(p_patient_id)), ''), p_patient_id));
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END
+$function$;
+-- grants on function etl.lift_erasure(p_source_system text, p_patient_id text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.loader_lock_key(batch_id bigint)
  RETURNS bigint
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ('4848000000000000'::bigint + batch_id);
+-- grants on function etl.loader_lock_key(batch_id bigint) (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.lock_out_transforms()
  RETURNS void
  LANGUAGE plpgsql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
@@ -571,12 +1175,14 @@ BEGIN
   PERFORM pg_advisory_unlock(etl.shard_lock_key());
 END
 $function$;
+-- grants on function etl.lock_out_transforms() (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.max_key_bytes()
  RETURNS integer
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN 1000;
+-- grants on function etl.max_key_bytes() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.patient_id_of(j jsonb)
  RETURNS text
@@ -584,17 +1190,19 @@ CREATE OR REPLACE FUNCTION etl.patient_id_of(j jsonb)
  IMMUTABLE PARALLEL SAFE
 RETURN CASE jsonb_typeof(j) WHEN 'number'::text THEN CASE WHEN ((j)::numeric = trunc((j)::numeric)) THEN (trunc((j)::numeric))::text ELSE NULL::text END WHEN 'string'::text THEN btrim(NORMALIZE((j #>> '{}'::text[]), NFC), ' 	
 '::text) ELSE NULL::text END;
+-- grants on function etl.patient_id_of(j jsonb) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.patient_id_problem(j jsonb)
  RETURNS text
  LANGUAGE sql
  STABLE PARALLEL SAFE
 RETURN CASE WHEN etl.is_blank(j) THEN 'is required'::text WHEN (jsonb_typeof(j) <> ALL (ARRAY['string'::text, 'number'::text])) THEN format('must be a string or a number (found %s)'::text, jsonb_typeof(j)) WHEN (etl.patient_id_of(j) IS NULL) THEN format('must be an integer when it is a number (found %s)'::text, (j)::text) WHEN (etl.patient_id_of(j) = ''::text) THEN 'is required'::text WHEN (octet_length(etl.patient_id_of(j)) > etl.max_key_bytes()) THEN format('is longer than %s bytes'::text, etl.max_key_bytes()) ELSE NULL::text END;
+-- grants on function etl.patient_id_problem(j jsonb) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.pending_batches()
  RETURNS SETOF bigint
  LANGUAGE sql
- STABLE
+ STABLE SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   SELECT b.batch_id FROM etl.batches b
@@ -602,6 +1210,20 @@ AS $function$
     AND EXISTS (SELECT 1 FROM landing.raw_documents d WHERE d.batch_id = b.batch_id AND d.status = 'staged')
   ORDER BY b.batch_id
 $function$;
+-- grants on function etl.pending_batches() (besides its owner): healthetl_loader EXECUTE
+
+CREATE OR REPLACE FUNCTION etl.privacy_report(p_k integer DEFAULT 11)
+ RETURNS TABLE(k integer, patients bigint, groups bigint, smallest_group bigint, groups_below_k bigint, patients_below_k bigint)
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT p_k, coalesce(sum(g.n), 0)::bigint, count(*), min(g.n),
+         count(*) FILTER (WHERE g.n < p_k), coalesce(sum(g.n) FILTER (WHERE g.n < p_k), 0)::bigint
+  FROM (SELECT count(*) AS n FROM deid.patients d
+        GROUP BY coalesce(d.birth_year::text, d.age), d.sex, d.zip3) g
+$function$;
+-- grants on function etl.privacy_report(p_k integer) (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.purge(p_older_than interval)
  RETURNS TABLE(payloads bigint, rejects bigint, problems bigint)
@@ -633,19 +1255,23 @@ BEGIN
   RETURN QUERY SELECT v_payloads, v_rejects, v_problems;
 END
 $function$;
+-- grants on function etl.purge(p_older_than interval) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.record_batch_failure(p_batch_id bigint, p_sqlstate text, p_message text)
  RETURNS void
  LANGUAGE sql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   UPDATE etl.batches SET error = format('SQLSTATE %s at %s: %s', p_sqlstate, to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), p_message)
   WHERE batch_id = p_batch_id AND status <> 'transformed'
 $function$;
+-- grants on function etl.record_batch_failure(p_batch_id bigint, p_sqlstate text, p_message text) (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.record_file(p_batch_id bigint, p_source_file text, p_size bigint, p_sha256 bytea, p_documents bigint, p_status text, p_error text)
  RETURNS void
  LANGUAGE sql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   INSERT INTO etl.batch_files AS f (batch_id, source_file, size_bytes, file_sha256, documents, status, error)
@@ -653,6 +1279,7 @@ AS $function$
   ON CONFLICT (batch_id, source_file) DO UPDATE SET documents = f.documents + excluded.documents
   WHERE excluded.status IN ('staged', 'rejected')
 $function$;
+-- grants on function etl.record_file(p_batch_id bigint, p_source_file text, p_size bigint, p_sha256 bytea, p_documents bigint, p_status text, p_error text) (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.record_rejects()
  RETURNS bigint
@@ -681,6 +1308,58 @@ BEGIN
   RETURN n;
 END
 $function$;
+-- grants on function etl.record_rejects() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.redact_note(p_text text, p_mrn text, p_birth_date date, p_names text)
+ RETURNS text
+ LANGUAGE plpgsql
+ STABLE PARALLEL SAFE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  t text := p_text;
+  -- not after or before a letter or digit
+  b text := '(?<![[:alnum:]])';
+  a text := '(?![[:alnum:]])';
+  v_names text;
+  y text; m text; d text;
+  v_month text;
+BEGIN
+  IF t IS NULL THEN
+    RETURN NULL;
+  END IF;
+  t := regexp_replace(t, '[[:alnum:]._%+-]+@[[:alnum:]-]+(\.[[:alnum:]-]+)*\.[[:alpha:]]{2,}', '[EMAIL]', 'g');
+  t := regexp_replace(t, '(?<![[:alnum:]+])(\+?1[ .-]?)?(\(\d{3}\) ?|\d{3}[ .-]?)\d{3}[ .-]?\d{4}' || a, '[PHONE]', 'g');
+  t := regexp_replace(t, b || '\d{3}([- ]?)\d{2}\1\d{4}' || a, '[SSN]', 'g');
+  IF length(btrim(p_mrn)) >= 2 THEN
+    -- every character that is not a letter or digit is escaped: the MRN is matched literally
+    t := regexp_replace(t, b || regexp_replace(btrim(p_mrn), '([^[:alnum:]])', '\\\1', 'g') || a, '[MRN]', 'gi');
+  END IF;
+  IF p_birth_date IS NOT NULL THEN
+    y := extract(year FROM p_birth_date)::text;
+    m := extract(month FROM p_birth_date)::text;
+    d := extract(day FROM p_birth_date)::text;
+    v_month := format('(%s|%s)\.?', to_char(p_birth_date, 'FMMonth'), to_char(p_birth_date, 'Mon'));
+    t := regexp_replace(t, b || '(' || concat_ws('|',
+           format('%s[/.-]0?%s[/.-]0?%s', y, m, d),                                  -- 1980-03-15
+           format('0?%s[/.-]0?%s[/.-](%s|%s)', m, d, y, right(y, 2)),                 -- 3/15/1980, 03-15-80
+           format('0?%s[/.-]0?%s[/.-]%s', d, m, y),                                   -- 15.03.1980
+           to_char(p_birth_date, 'YYYYMMDD'),                                         -- 19800315
+           format('%s 0?%s(st|nd|rd|th)?,? %s', v_month, d, y),                       -- March 15, 1980
+           format('0?%s(st|nd|rd|th)? (of )?%s,? %s', d, v_month, y)) || ')' || a,   -- 15 March 1980
+         '[DOB]', 'gi');
+  END IF;
+  -- names of two letters or more, each word on its own
+  SELECT string_agg(DISTINCT regexp_replace(w, '([^[:alnum:]])', '\\\1', 'g'), '|') INTO v_names
+  FROM regexp_split_to_table(coalesce(p_names, ''), '[[:space:],]+') AS w
+  WHERE length(w) >= 2;
+  IF v_names IS NOT NULL THEN
+    t := regexp_replace(t, b || '(' || v_names || ')' || a, '[NAME]', 'gi');
+  END IF;
+  RETURN t;
+END
+$function$;
+-- grants on function etl.redact_note(p_text text, p_mrn text, p_birth_date date, p_names text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.reject_key(p_sha256 bytea, p_source_file text, p_line bigint, p_item bigint, p_byte_offset bigint, p_reason text)
  RETURNS bytea
@@ -688,6 +1367,7 @@ CREATE OR REPLACE FUNCTION etl.reject_key(p_sha256 bytea, p_source_file text, p_
  IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN (p_sha256 = '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea) THEN sha256(convert_to(concat_ws('
 '::text, p_source_file, p_line, p_item, p_byte_offset, p_reason), 'UTF8'::name)) ELSE p_sha256 END;
+-- grants on function etl.reject_key(p_sha256 bytea, p_source_file text, p_line bigint, p_item bigint, p_byte_offset bigint, p_reason text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.replay_documents(p_batch_id bigint, p_documents bigint[])
  RETURNS void
@@ -724,6 +1404,7 @@ BEGIN
   INSERT INTO t_outcome SELECT a.document_id, 'loaded' FROM t_apply a;
 END
 $function$;
+-- grants on function etl.replay_documents(p_batch_id bigint, p_documents bigint[]) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.replay_patients(p_patient_keys bigint[])
  RETURNS TABLE(patient_key bigint, outcome text, field text)
@@ -762,24 +1443,62 @@ BEGIN
   RETURN QUERY SELECT r.patient_key, r.outcome, r.field FROM t_replay r ORDER BY r.patient_key;
 END
 $function$;
+-- grants on function etl.replay_patients(p_patient_keys bigint[]) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.restrict_database()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database());
+  EXECUTE format('GRANT CONNECT ON DATABASE %I TO healthetl_owner, healthetl_loader, healthetl_analyst, healthetl_researcher',
+                 current_database());
+  EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO healthetl_owner', current_database());
+  -- PostgreSQL 15 and later already take CREATE on public from PUBLIC; older servers did not.
+  REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+END
+$function$;
+-- grants on function etl.restrict_database() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.rotate_pseudonym_key()
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n bigint;
+BEGIN
+  PERFORM etl.lock_out_transforms();
+  UPDATE etl.secret_keys SET key = etl.gen_random_bytes(32), created_at = clock_timestamp() WHERE purpose = 'pseudonym';
+  UPDATE clinical.patients p SET pseudonym = etl.keyed_hash(k.key, p.source_system, p.source_patient_id)
+  FROM etl.secret_keys k WHERE k.purpose = 'pseudonym';
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END
+$function$;
+-- grants on function etl.rotate_pseudonym_key() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.sex_codes()
  RETURNS text[]
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ARRAY['female'::text, 'male'::text, 'other'::text, 'unknown'::text];
+-- grants on function etl.sex_codes() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.sex_of(j jsonb)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN (lower((j #>> '{}'::text[])) = ANY (etl.sex_codes())) THEN lower((j #>> '{}'::text[])) ELSE NULL::text END;
+-- grants on function etl.sex_of(j jsonb) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.shard_lock_key()
  RETURNS bigint
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ('4848000000000000'::bigint - 2);
+-- grants on function etl.shard_lock_key() (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.shard_of(source_system jsonb, patient_id jsonb, shards integer)
  RETURNS integer
@@ -787,22 +1506,26 @@ CREATE OR REPLACE FUNCTION etl.shard_of(source_system jsonb, patient_id jsonb, s
  IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN (shards <= 1) THEN 0 ELSE (((hashtextextended(((etl.source_system_of(source_system) || '
 '::text) || COALESCE(etl.patient_id_of(patient_id), ''::text)), (0)::bigint) & '9223372036854775807'::bigint) % (shards)::bigint))::integer END;
+-- grants on function etl.shard_of(source_system jsonb, patient_id jsonb, shards integer) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.source_system_of(j jsonb)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN COALESCE(NULLIF(etl.jtext(j), ''::text), 'default'::text);
+-- grants on function etl.source_system_of(j jsonb) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.source_system_problem(j jsonb)
  RETURNS text
  LANGUAGE sql
  STABLE PARALLEL SAFE
 RETURN CASE WHEN (jsonb_typeof(j) <> ALL (ARRAY['string'::text, 'null'::text])) THEN format('must be a string (found %s)'::text, jsonb_typeof(j)) WHEN (octet_length((j #>> '{}'::text[])) > etl.max_key_bytes()) THEN format('is longer than %s bytes'::text, etl.max_key_bytes()) ELSE NULL::text END;
+-- grants on function etl.source_system_problem(j jsonb) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.stage_known_file(p_batch_id bigint, p_source_file text, p_size bigint, p_sha256 bytea)
  RETURNS bigint
  LANGUAGE plpgsql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
@@ -831,10 +1554,12 @@ BEGIN
   RETURN n;
 END
 $function$;
+-- grants on function etl.stage_known_file(p_batch_id bigint, p_source_file text, p_size bigint, p_sha256 bytea) (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.stage_rejects(p_batch_id bigint, p_rejects jsonb)
  RETURNS bigint
  LANGUAGE plpgsql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
@@ -856,10 +1581,12 @@ BEGIN
   RETURN etl.record_rejects();
 END
 $function$;
+-- grants on function etl.stage_rejects(p_batch_id bigint, p_rejects jsonb) (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.start_batch(p_loader text)
  RETURNS bigint
  LANGUAGE plpgsql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
@@ -870,6 +1597,7 @@ BEGIN
   RETURN v_batch_id;
 END
 $function$;
+-- grants on function etl.start_batch(p_loader text) (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.step_batch_copies()
  RETURNS void
@@ -885,6 +1613,7 @@ BEGIN
   WHERE d.copy_no > 1;
 END
 $function$;
+-- grants on function etl.step_batch_copies() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_child_rules()
  RETURNS void
@@ -917,6 +1646,7 @@ BEGIN
          OR (k.indexed AND octet_length(c.e ->> k.required) > etl.max_key_bytes()));
 END
 $function$;
+-- grants on function etl.step_child_rules() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_delete_replaced(p_batch_id bigint)
  RETURNS void
@@ -947,6 +1677,7 @@ BEGIN
   END IF;
 END
 $function$;
+-- grants on function etl.step_delete_replaced(p_batch_id bigint) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_diagnoses(p_batch_id bigint)
  RETURNS void
@@ -973,6 +1704,7 @@ BEGIN
   WHERE NOT etl.is_absent(s."primary") AND jsonb_typeof(s."primary") <> 'boolean';
 END
 $function$;
+-- grants on function etl.step_diagnoses(p_batch_id bigint) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_document_rules()
  RETURNS void
@@ -999,6 +1731,7 @@ BEGIN
     AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id);
 END
 $function$;
+-- grants on function etl.step_document_rules() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_documents(p_batch_id bigint, p_shard integer, p_shards integer, p_only bigint[])
  RETURNS void
@@ -1028,6 +1761,7 @@ BEGIN
   CREATE TEMP TABLE t_outcome (document_id bigint PRIMARY KEY, status text NOT NULL) ON COMMIT DROP;
 END
 $function$;
+-- grants on function etl.step_documents(p_batch_id bigint, p_shard integer, p_shards integer, p_only bigint[]) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_earlier_duplicates()
  RETURNS void
@@ -1043,6 +1777,27 @@ BEGIN
                   AND o.status IN ('loaded', 'superseded', 'duplicate'));
 END
 $function$;
+-- grants on function etl.step_earlier_duplicates() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.step_erased()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  IF EXISTS (SELECT 1 FROM etl.erasures e WHERE e.lifted_at IS NULL) THEN
+    INSERT INTO t_outcome
+    SELECT d.document_id, 'erased'
+    FROM t_docs d
+    CROSS JOIN (SELECT s.key FROM etl.secret_keys s WHERE s.purpose = 'erasure') k
+    WHERE d.doc_type = 'object'
+      AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id)
+      AND etl.keyed_hash(k.key, etl.source_system_of(d.source_system), etl.patient_id_of(d.patient_id))
+          IN (SELECT e.subject_hash FROM etl.erasures e WHERE e.lifted_at IS NULL);
+  END IF;
+END
+$function$;
+-- grants on function etl.step_erased() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_insert_visits()
  RETURNS void
@@ -1063,6 +1818,7 @@ BEGIN
   JOIN t_apply a ON a.document_id = tv.document_id;
 END
 $function$;
+-- grants on function etl.step_insert_visits() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_lock_batch(p_batch_id bigint, p_shard integer, p_shards integer, p_coordinator integer)
  RETURNS void
@@ -1103,6 +1859,7 @@ BEGIN
   END IF;
 END
 $function$;
+-- grants on function etl.step_lock_batch(p_batch_id bigint, p_shard integer, p_shards integer, p_coordinator integer) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_outcomes(p_batch_id bigint, p_shards integer)
  RETURNS void
@@ -1113,18 +1870,24 @@ BEGIN
   INSERT INTO t_outcome SELECT a.document_id, 'loaded' FROM t_apply a;
   UPDATE landing.raw_documents d
   SET status = o.status,
-      payload = CASE WHEN o.status = 'duplicate' THEN NULL
+      payload = CASE WHEN o.status IN ('duplicate', 'erased') THEN NULL
                      WHEN o.status = 'rejected'
                           AND EXISTS (SELECT 1 FROM etl.rejected_documents r
                                       WHERE r.content_sha256 = d.content_sha256 AND r.document_id <> d.document_id) THEN NULL
-                     ELSE d.payload END
+                     ELSE d.payload END,
+      content_sha256 = CASE WHEN o.status = 'erased' THEN sha256(convert_to('erased document ' || d.document_id, 'UTF8'))
+                            ELSE d.content_sha256 END
   FROM t_outcome o WHERE o.document_id = d.document_id;
+  IF EXISTS (SELECT 1 FROM t_outcome WHERE status = 'erased') THEN
+    PERFORM etl.forget_file_names(ARRAY(SELECT document_id FROM t_outcome WHERE status = 'erased'));
+  END IF;
   IF p_shards > 1 THEN
     PERFORM pg_advisory_xact_lock(etl.batch_finish_lock_key());
   END IF;
   PERFORM etl.finish_batch(p_batch_id);
 END
 $function$;
+-- grants on function etl.step_outcomes(p_batch_id bigint, p_shards integer) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_patient_keys()
  RETURNS void
@@ -1143,6 +1906,7 @@ BEGIN
   ANALYZE t_apply;
 END
 $function$;
+-- grants on function etl.step_patient_keys() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_patients(p_batch_id bigint)
  RETURNS void
@@ -1153,7 +1917,7 @@ BEGIN
   INSERT INTO clinical.patients AS p (
     patient_key, source_system, source_patient_id, mrn, ssn, name_prefix, given_name, family_name, name_suffix,
     birth_date, sex, phone, email, address_lines, city, state, postal_code, country,
-    source_updated_at, document_id, content_sha256, batch_id, loaded_at)
+    source_updated_at, document_id, content_sha256, batch_id, loaded_at, pseudonym)
   SELECT a.patient_key, a.source_system, a.source_patient_id,
          etl.jtext(d.mrn), etl.jtext(d.ssn),
          etl.jtext(d.name -> 'prefix'),
@@ -1172,9 +1936,11 @@ BEGIN
            WHEN 'string' THEN ARRAY[d.address ->> 'line'] END,
          etl.jtext(d.address -> 'city'), etl.jtext(d.address -> 'state'),
          etl.jtext(d.address -> 'postal_code'), etl.jtext(d.address -> 'country'),
-         a.updated_at, a.document_id, a.content_sha256, p_batch_id, now()
+         a.updated_at, a.document_id, a.content_sha256, p_batch_id, now(),
+         etl.keyed_hash(k.key, a.source_system, a.source_patient_id)
   FROM t_apply a
   JOIN t_docs d ON d.document_id = a.document_id
+  CROSS JOIN (SELECT s.key FROM etl.secret_keys s WHERE s.purpose = 'pseudonym') k
   ON CONFLICT (patient_key) DO UPDATE SET
     source_system = excluded.source_system, source_patient_id = excluded.source_patient_id,
     mrn = excluded.mrn, ssn = excluded.ssn, name_prefix = excluded.name_prefix,
@@ -1183,9 +1949,11 @@ BEGIN
     address_lines = excluded.address_lines, city = excluded.city, state = excluded.state,
     postal_code = excluded.postal_code, country = excluded.country,
     source_updated_at = excluded.source_updated_at, document_id = excluded.document_id,
-    content_sha256 = excluded.content_sha256, batch_id = excluded.batch_id, loaded_at = excluded.loaded_at;
+    content_sha256 = excluded.content_sha256, batch_id = excluded.batch_id, loaded_at = excluded.loaded_at,
+    pseudonym = excluded.pseudonym;
 END
 $function$;
+-- grants on function etl.step_patients(p_batch_id bigint) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_poison()
  RETURNS void
@@ -1210,6 +1978,7 @@ BEGIN
   WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id);
 END
 $function$;
+-- grants on function etl.step_poison() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_problems(p_batch_id bigint)
  RETURNS void
@@ -1245,6 +2014,7 @@ BEGIN
   WHERE c.problem IS NOT NULL;
 END
 $function$;
+-- grants on function etl.step_problems(p_batch_id bigint) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_provider_notes(p_batch_id bigint)
  RETURNS void
@@ -1260,10 +2030,13 @@ BEGIN
     CROSS JOIN LATERAL ROWS FROM (jsonb_to_recordset(etl.jarr(tv.v -> 'provider_notes'))
       AS (note_id jsonb, author jsonb, written_at jsonb, text jsonb)) WITH ORDINALITY AS x(note_id, author, written_at, text, ord)
   ), ins AS (
-    INSERT INTO clinical.provider_notes (patient_key, visit_key, visit_date, position, source_note_id, author, written_at, note_text)
+    INSERT INTO clinical.provider_notes (patient_key, visit_key, visit_date, position, source_note_id, author, written_at,
+                                         note_text, note_text_redacted)
     SELECT s.patient_key, s.visit_key, s.visit_date, s.position,
-           etl.jtext(s.note_id), etl.jtext(s.author), s.written_ts, etl.jtext(s.text)
+           etl.jtext(s.note_id), etl.jtext(s.author), s.written_ts, etl.jtext(s.text),
+           etl.redact_note(etl.jtext(s.text), p.mrn, p.birth_date, concat_ws(' ', p.given_name, p.family_name))
     FROM src s
+    JOIN clinical.patients p ON p.patient_key = s.patient_key
   )
   INSERT INTO etl.document_problems (document_id, batch_id, field, problem)
   SELECT s.document_id, p_batch_id, format('visits[%s].provider_notes[%s].written_at', s.vpos, s.position), 'not a valid RFC 3339 timestamp'
@@ -1271,6 +2044,7 @@ BEGIN
   WHERE s.written_ts IS NULL AND NOT etl.is_absent(s.written_at);
 END
 $function$;
+-- grants on function etl.step_provider_notes(p_batch_id bigint) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_rejects()
  RETURNS void
@@ -1289,6 +2063,7 @@ BEGIN
   INSERT INTO t_outcome SELECT DISTINCT document_id, 'rejected' FROM t_errors;
 END
 $function$;
+-- grants on function etl.step_rejects() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_settings()
  RETURNS void
@@ -1315,6 +2090,7 @@ BEGIN
   CREATE TEMP TABLE t_poison (document_id bigint PRIMARY KEY, sqlstate text NOT NULL) ON COMMIT DROP;
 END
 $function$;
+-- grants on function etl.step_settings() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_snapshots()
  RETURNS void
@@ -1348,6 +2124,7 @@ BEGIN
   DELETE FROM t_apply WHERE rn > 1 OR older_than_current;
 END
 $function$;
+-- grants on function etl.step_snapshots() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_treatments(p_batch_id bigint)
  RETURNS void
@@ -1388,6 +2165,7 @@ BEGIN
   WHERE (s.treatment_type IS NULL OR s.start_d IS NULL OR s.end_d IS NULL OR s.name_too_long) AND f.problem IS NOT NULL;
 END
 $function$;
+-- grants on function etl.step_treatments(p_batch_id bigint) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_visit_partitions(p_batch_id bigint, p_shard integer, p_shards integer)
  RETURNS void
@@ -1409,6 +2187,7 @@ BEGIN
   END IF;
 END
 $function$;
+-- grants on function etl.step_visit_partitions(p_batch_id bigint, p_shard integer, p_shards integer) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_visit_rules()
  RETURNS void
@@ -1447,6 +2226,7 @@ BEGIN
   WHERE c.msg IS NOT NULL;
 END
 $function$;
+-- grants on function etl.step_visit_rules() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_visits()
  RETURNS void
@@ -1503,28 +2283,33 @@ BEGIN
   ANALYZE t_dup;  -- usually empty: lets the planner hash it rather than all of t_visits
 END
 $function$;
+-- grants on function etl.step_visits() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.to_date(t text)
  RETURNS date
  LANGUAGE sql
  STABLE PARALLEL SAFE
 RETURN CASE WHEN etl.is_ymd(t) THEN (t)::date ELSE NULL::date END;
+-- grants on function etl.to_date(t text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.to_timestamptz(t text)
  RETURNS timestamp with time zone
  LANGUAGE sql
  STABLE PARALLEL SAFE
 RETURN CASE WHEN etl.is_rfc3339(t) THEN (t)::timestamp with time zone ELSE NULL::timestamp with time zone END;
+-- grants on function etl.to_timestamptz(t text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.to_visit_date(t text)
  RETURNS date
  LANGUAGE sql
  STABLE PARALLEL SAFE
 RETURN CASE WHEN etl.is_ymd(t) THEN (t)::date WHEN etl.is_rfc3339(t) THEN (substr(t, 1, 10))::date ELSE NULL::date END;
+-- grants on function etl.to_visit_date(t text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.transform_batch(p_batch_id bigint, p_shard integer DEFAULT 0, p_shards integer DEFAULT 1, p_coordinator integer DEFAULT NULL::integer)
  RETURNS TABLE(documents bigint, loaded bigint, rejected bigint, duplicate bigint, superseded bigint, problems bigint, deleted_visits bigint, deleted_children bigint)
  LANGUAGE plpgsql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
@@ -1551,6 +2336,7 @@ BEGIN
 END
 $function$;
 COMMENT ON FUNCTION etl.transform_batch(p_batch_id bigint, p_shard integer, p_shards integer, p_coordinator integer) IS 'Transform one staged batch (or one shard of it) into the clinical tables in one transaction; returns outcome counts.';
+-- grants on function etl.transform_batch(p_batch_id bigint, p_shard integer, p_shards integer, p_coordinator integer) (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.transform_documents(p_batch_id bigint, p_shard integer, p_shards integer, p_only bigint[])
  RETURNS void
@@ -1561,6 +2347,7 @@ BEGIN
   -- Validation: every staged document gets one outcome, or goes on to the snapshot step.
   PERFORM etl.step_documents(p_batch_id, p_shard, p_shards, p_only);
   PERFORM etl.step_earlier_duplicates();
+  PERFORM etl.step_erased();
   PERFORM etl.step_poison();
   PERFORM etl.step_document_rules();
   PERFORM etl.step_visits();
@@ -1583,18 +2370,21 @@ BEGIN
   PERFORM etl.step_outcomes(p_batch_id, p_shards);
 END
 $function$;
+-- grants on function etl.transform_documents(p_batch_id bigint, p_shard integer, p_shards integer, p_only bigint[]) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.transform_lock_key()
  RETURNS bigint
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ('4848000000000000'::bigint - 1);
+-- grants on function etl.transform_lock_key() (besides its owner): healthetl_loader EXECUTE
 
 CREATE OR REPLACE FUNCTION etl.treatment_types()
  RETURNS text[]
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ARRAY['medication'::text, 'procedure'::text];
+-- grants on function etl.treatment_types() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.try_transform(p_batch_id bigint, p_shard integer, p_shards integer, p_only bigint[])
  RETURNS text
@@ -1611,41 +2401,48 @@ EXCEPTION
     RETURN SQLSTATE;
 END
 $function$;
+-- grants on function etl.try_transform(p_batch_id bigint, p_shard integer, p_shards integer, p_only bigint[]) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.updated_at_problem(j jsonb, ts timestamp with time zone, received_at timestamp with time zone)
  RETURNS text
  LANGUAGE sql
  STABLE PARALLEL SAFE
 RETURN CASE WHEN etl.is_absent(j) THEN NULL::text WHEN (ts IS NULL) THEN format('%s is not an RFC 3339 timestamp with an offset'::text, (j)::text) WHEN (ts > (received_at + '24:00:00'::interval)) THEN format('%s is more than 24 hours after the document was received'::text, (j)::text) ELSE NULL::text END;
+-- grants on function etl.updated_at_problem(j jsonb, ts timestamp with time zone, received_at timestamp with time zone) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.visit_partition_name(y integer)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ('visits_y'::text || lpad((y)::text, 4, '0'::text));
+-- grants on function etl.visit_partition_name(y integer) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.visit_type_of(t text)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN (t = ANY (etl.visit_types())) THEN t ELSE NULL::text END;
+-- grants on function etl.visit_type_of(t text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.visit_types()
  RETURNS text[]
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ARRAY['outpatient'::text, 'inpatient'::text, 'emergency'::text, 'telehealth'::text, 'other'::text];
+-- grants on function etl.visit_types() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.visit_year_ok(d date, received_at timestamp with time zone)
  RETURNS boolean
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 RETURN ((d >= '1900-01-01'::date) AND (d < ((date_trunc('year'::text, (received_at AT TIME ZONE 'UTC'::text)) + '2 years'::interval))::date));
+-- grants on function etl.visit_year_ok(d date, received_at timestamp with time zone) (besides its owner): none
 
 -- ==== schema landing ============================================================================
 
 CREATE SCHEMA landing;
 COMMENT ON SCHEMA landing IS 'Raw documents exactly as received, one JSONB row per document.';
+-- grants on schema landing (besides its owner): healthetl_loader USAGE
 
 CREATE TABLE landing.raw_documents (
   document_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
@@ -1662,11 +2459,13 @@ CREATE TABLE landing.raw_documents (
   CONSTRAINT raw_documents_batch_id_fkey FOREIGN KEY (batch_id) REFERENCES etl.batches(batch_id),
   CONSTRAINT raw_documents_format_check CHECK ((format = ANY (ARRAY['ndjson'::text, 'json'::text]))),
   CONSTRAINT raw_documents_pkey PRIMARY KEY (document_id),
-  CONSTRAINT raw_documents_status_check CHECK ((status = ANY (ARRAY['staged'::text, 'loaded'::text, 'rejected'::text, 'duplicate'::text, 'superseded'::text])))
+  CONSTRAINT raw_documents_status_check CHECK ((status = ANY (ARRAY['staged'::text, 'loaded'::text, 'rejected'::text, 'duplicate'::text, 'superseded'::text, 'erased'::text])))
 );
 CREATE INDEX raw_documents_batch_status_idx ON landing.raw_documents USING btree (batch_id, status);
 CREATE UNIQUE INDEX raw_documents_pkey ON landing.raw_documents USING btree (document_id);
 CREATE INDEX raw_documents_sha256_idx ON landing.raw_documents USING btree (content_sha256);
 COMMENT ON TABLE landing.raw_documents IS 'Every received document, as received. Unknown fields stay here.';
+-- grants on table landing.raw_documents (besides its owner): healthetl_loader INSERT
 
 CREATE SEQUENCE landing.raw_documents_document_id_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
+-- grants on sequence landing.raw_documents_document_id_seq (besides its owner): none
