@@ -135,6 +135,9 @@ ALTER FUNCTION etl.record_batch_failure(bigint, text, text) SECURITY DEFINER;
 
 SELECT etl.adopt_objects();
 SELECT etl.restrict_database();
+-- pgcrypto's functions belong to whoever created the extension; the owner role (the transform runs
+-- as it) needs the two it uses.
+GRANT EXECUTE ON FUNCTION etl.hmac(bytea, bytea, text), etl.gen_random_bytes(int) TO healthetl_owner;
 
 GRANT USAGE ON SCHEMA etl, landing TO healthetl_loader;
 GRANT EXECUTE ON FUNCTION

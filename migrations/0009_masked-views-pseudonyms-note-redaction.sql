@@ -66,7 +66,8 @@ BEGIN
     RETURN NULL;
   END IF;
   t := regexp_replace(t, '[[:alnum:]._%+-]+@[[:alnum:]-]+(\.[[:alnum:]-]+)*\.[[:alpha:]]{2,}', '[EMAIL]', 'g');
-  t := regexp_replace(t, '(?<![[:alnum:]+])(\+?1[ .-]?)?(\(\d{3}\) ?|\d{3}[ .-]?)\d{3}[ .-]?\d{4}' || a, '[PHONE]', 'g');
+  -- a separator before the last four digits: a bare 10-digit number may be an NPI
+  t := regexp_replace(t, '(?<![[:alnum:]+])(\+?1[ .-]?)?(\(\d{3}\) ?|\d{3}[ .-]?)\d{3}[ .-]\d{4}' || a, '[PHONE]', 'g');
   t := regexp_replace(t, b || '\d{3}([- ]?)\d{2}\1\d{4}' || a, '[SSN]', 'g');
   IF length(btrim(p_mrn)) >= 2 THEN
     -- every character that is not a letter or digit is escaped: the MRN is matched literally

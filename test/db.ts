@@ -1,4 +1,5 @@
 // One database per test file, cloned from the migrated template that global-setup built.
+import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import type { DatabasePool } from 'slonik';
 import { afterAll, beforeAll, inject } from 'vitest';
@@ -56,5 +57,35 @@ export function usePool(db: { url: () => string }): () => DatabasePool {
   return () => {
     if (!pool) throw new Error('the pool is opened in beforeAll: use it inside a test or hook');
     return pool;
+  };
+}
+
+/**
+ * A login role of this run that is a member of `group` (healthetl_loader, healthetl_analyst, ...),
+ * not a superuser, with a random password; returns a URL that connects to db as it. Roles belong to
+ * the server, so each is dropped after the file's tests.
+ */
+export function useLogin(db: { url: () => string }, group: string): () => string {
+  const role = `he_t_${inject('templateDb').split('_')[2]}_${process.pid}_${group.replace(/^healthetl_/, '')}_${Math.random().toString(36).slice(2, 8)}`;
+  const password = randomBytes(18).toString('base64url');
+  beforeAll(async () => {
+    const admin = new pg.Client({ connectionString: inject('adminUrl') });
+    await admin.connect();
+    await admin.query(`CREATE ROLE ${role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE IN ROLE ${group} PASSWORD '${password}'`);
+    await admin.end();
+  });
+  afterAll(async () => {
+    const admin = new pg.Client({ connectionString: inject('adminUrl') });
+    await admin.connect();
+    // Its sessions first (a pool may linger); what it owns is nothing (objects belong to healthetl_owner).
+    await admin.query(`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1`, [role]);
+    await admin.query(`DROP ROLE IF EXISTS ${role}`).catch(() => undefined);
+    await admin.end();
+  });
+  return () => {
+    const u = new URL(db.url());
+    u.username = role;
+    u.password = password;
+    return u.toString();
   };
 }

@@ -77,6 +77,11 @@ export default async function setup(project: TestProject) {
       templateDb,
     ]);
     for (const d of dbs) await c.query(`DROP DATABASE IF EXISTS ${d.datname} WITH (FORCE)`).catch(() => undefined);
+    // Login roles a failed file left (test/db.ts useLogin), once no database of the run is left.
+    const { rows: roles } = await c.query<{ rolname: string }>(`SELECT rolname FROM pg_roles WHERE rolname LIKE $1`, [
+      `he\\_t\\_${process.pid}\\_%`,
+    ]);
+    for (const r of roles) await c.query(`DROP ROLE IF EXISTS ${r.rolname}`).catch(() => undefined);
     await c.end();
     await stop();
     if (dataDir) await rm(dataDir, { recursive: true, force: true });

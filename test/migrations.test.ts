@@ -111,6 +111,41 @@ describe('up, down, up', () => {
     expect(await catalogSnapshot(url)).toEqual(first);
   });
 
+  test('the analyst views exist and answer after up, down past them, and up again (nothing drops them silently)', async () => {
+    const url = await freshDatabase();
+    const names = migrationNames();
+    const views = [
+      'analytics.patients',
+      'analytics.visits',
+      'analytics.diagnoses',
+      'analytics.treatments',
+      'analytics.provider_notes',
+      'deid.patients',
+      'deid.visits',
+      'deid.diagnoses',
+      'deid.treatments',
+    ];
+    const answer = async () => {
+      const c = new pg.Client({ connectionString: url });
+      await c.connect();
+      try {
+        const out: Record<string, number> = {};
+        for (const v of views) out[v] = Number((await c.query(`SELECT count(*) AS n FROM ${v}`)).rows[0].n);
+        return out;
+      } finally {
+        await c.end();
+      }
+    };
+    await migrate(url, 'up');
+    const zero = Object.fromEntries(views.map((v) => [v, 0]));
+    expect(await answer()).toEqual(zero);
+    const at0009 = names.findIndex((n) => n.startsWith('0009_'));
+    await migrate(url, 'down', { count: names.length - at0009 });
+    await expect(answer()).rejects.toThrow(/does not exist/);
+    await migrate(url, 'up');
+    expect(await answer()).toEqual(zero);
+  });
+
   test("each migration's Down restores exactly the schema before it", async () => {
     // A Down that restates a function (0004 restores 0003's definitions) must restore it whole:
     // the catalog after up to N-1 equals the catalog after up to N and down one.

@@ -10,15 +10,17 @@ import { beforeAll, describe, expect, test } from 'vitest';
 import { expandInputs } from '../scripts/inputs.ts';
 import { loadBatch, type LoadResult } from '../scripts/stage.ts';
 import { transformPending } from '../scripts/transform.ts';
-import { usePool, useTestDatabase } from './db.ts';
+import { useLogin, usePool, useTestDatabase } from './db.ts';
 
 const db = useTestDatabase();
-const pool = usePool(db);
+// The loader runs as a login of healthetl_loader, not a superuser: a missing grant fails here.
+const loader = useLogin(db, 'healthetl_loader');
+const pool = usePool({ url: loader });
 
 const FIX = path.resolve('fixtures');
 
 async function run(paths: string[], stdin?: Readable, stdinFormat: 'ndjson' | 'json' = 'ndjson'): Promise<LoadResult> {
-  const r = await loadBatch(db.url(), expandInputs(paths, stdinFormat), { stdin, stdinFormat });
+  const r = await loadBatch(loader(), expandInputs(paths, stdinFormat), { stdin, stdinFormat });
   await transformPending(pool());
   return r;
 }
