@@ -57,16 +57,16 @@ BEGIN
            WHERE n.nspname = ANY (v_schemas) AND n.nspowner <> 'healthetl_owner'::regrole LOOP
     EXECUTE format('ALTER SCHEMA %I OWNER TO healthetl_owner', o.nspname);
   END LOOP;
-  -- Tables, views and free-standing sequences (an identity sequence follows its table).
+  -- Tables, views, composite types and free-standing sequences (an identity sequence follows its table).
   FOR o IN SELECT c.oid::regclass AS rel, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE n.nspname = ANY (v_schemas) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+           WHERE n.nspname = ANY (v_schemas) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S', 'c')
              AND c.relowner <> 'healthetl_owner'::regrole
              AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                              AND d.deptype IN ('i', 'a') AND c.relkind = 'S')
              AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') LOOP
     EXECUTE format('ALTER %s %s OWNER TO healthetl_owner',
                    CASE o.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE'
-                                  WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END, o.rel);
+                                  WHEN 'f' THEN 'FOREIGN TABLE' WHEN 'c' THEN 'TYPE' ELSE 'TABLE' END, o.rel);
   END LOOP;
   FOR o IN SELECT p.oid::regprocedure AS fn, p.prokind FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
            WHERE n.nspname = ANY (v_schemas) AND p.proowner <> 'healthetl_owner'::regrole

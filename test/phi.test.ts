@@ -154,6 +154,8 @@ describe('who can read what', () => {
 
   test('an analyst can read exactly the analytics views; a researcher exactly the deid views', async () => {
     expect(await readable(analyst())).toEqual([
+      'analytics.data_freshness',
+      'analytics.data_quality',
       'analytics.diagnoses',
       'analytics.patients',
       'analytics.provider_notes',
@@ -264,7 +266,7 @@ describe('who can read what', () => {
         AND (obj_description(c.oid, 'pg_class') IS NULL OR (a.attname IS NOT NULL AND col_description(c.oid, a.attnum) IS NULL))`);
     expect(missing).toEqual([]);
     const [n] = await db.query(`SELECT count(*)::int AS n FROM pg_views WHERE schemaname IN ('analytics', 'deid')`);
-    expect(n.n).toBe(9);
+    expect(n.n).toBe(11);
   });
 
   test('a view that filters rows is a security barrier, and only those (none filters today)', async () => {
@@ -273,7 +275,7 @@ describe('who can read what', () => {
              coalesce(c.reloptions, '{}') @> ARRAY['security_barrier=true'] AS barrier
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
       WHERE n.nspname IN ('analytics', 'deid') AND c.relkind = 'v' ORDER BY 1`);
-    expect(views).toHaveLength(9);
+    expect(views).toHaveLength(11);
     // A WHERE of the view itself, not of a subquery in a column: parenthesised parts are cut out first.
     const topLevel = (def: string) => {
       let s = def;

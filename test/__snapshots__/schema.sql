@@ -9,6 +9,63 @@ CREATE SCHEMA analytics;
 COMMENT ON SCHEMA analytics IS 'Masked views for analysts.';
 -- grants on schema analytics (besides its owner): healthetl_analyst USAGE
 
+-- view analytics.data_freshness columns:
+--   data_as_of timestamp with time zone
+--   quality_checked_at timestamp with time zone
+--   quality_status text
+CREATE VIEW analytics.data_freshness AS
+ SELECT ( SELECT max(b.transformed_at) AS max
+           FROM etl.batches b
+          WHERE (b.status = 'transformed'::text)) AS data_as_of,
+    ( SELECT max(l.checked_at) AS max
+           FROM dq.latest_results l) AS quality_checked_at,
+        CASE
+            WHEN (NOT (EXISTS ( SELECT 1
+               FROM dq.latest_results))) THEN 'not checked'::text
+            WHEN (EXISTS ( SELECT 1
+               FROM dq.latest_results l
+              WHERE (l.status = 'fail'::text))) THEN 'fail'::text
+            WHEN (EXISTS ( SELECT 1
+               FROM dq.latest_results l
+              WHERE (l.status = 'warn'::text))) THEN 'warn'::text
+            ELSE 'ok'::text
+        END AS quality_status;
+COMMENT ON VIEW analytics.data_freshness IS 'One row: when the data was last refreshed and the overall data-quality status, for a report''s "data as of ..., quality ok".';
+COMMENT ON COLUMN analytics.data_freshness.data_as_of IS 'When the last batch was transformed into the clinical tables.';
+COMMENT ON COLUMN analytics.data_freshness.quality_checked_at IS 'When the data-quality checks last ran.';
+COMMENT ON COLUMN analytics.data_freshness.quality_status IS 'ok, warn, fail (the worst latest check) or not checked.';
+-- grants on view analytics.data_freshness (besides its owner): healthetl_analyst SELECT
+
+-- view analytics.data_quality columns:
+--   check_name text
+--   dimension text
+--   description text
+--   severity text
+--   status text
+--   failing_ratio numeric
+--   checked_at timestamp with time zone
+--   failing_since timestamp with time zone
+CREATE VIEW analytics.data_quality AS
+ SELECT l.check_name,
+    l.dimension,
+    l.description,
+    l.severity,
+    l.status,
+    l.failing_ratio,
+    l.checked_at,
+    l.failing_since
+   FROM dq.latest_results l;
+COMMENT ON VIEW analytics.data_quality IS 'Each data-quality check''s latest status (no PHI: counts and ratios only).';
+COMMENT ON COLUMN analytics.data_quality.check_name IS 'Name of the check.';
+COMMENT ON COLUMN analytics.data_quality.dimension IS 'completeness, validity, uniqueness, consistency, timeliness or volume.';
+COMMENT ON COLUMN analytics.data_quality.description IS 'What the check asks of the data.';
+COMMENT ON COLUMN analytics.data_quality.severity IS 'warn or error: how much a failure matters.';
+COMMENT ON COLUMN analytics.data_quality.status IS 'pass, warn (a warn check failed) or fail (an error check failed).';
+COMMENT ON COLUMN analytics.data_quality.failing_ratio IS 'Share of the rows checked that failed.';
+COMMENT ON COLUMN analytics.data_quality.checked_at IS 'When the check last ran.';
+COMMENT ON COLUMN analytics.data_quality.failing_since IS 'Since when it has not passed (NULL when it passes).';
+-- grants on view analytics.data_quality (besides its owner): healthetl_analyst SELECT
+
 -- view analytics.diagnoses columns:
 --   patient_pseudonym text
 --   visit_key bigint
@@ -482,7 +539,467 @@ COMMENT ON COLUMN deid.visits.visit_type IS 'outpatient, inpatient, emergency, t
 
 CREATE SCHEMA dq;
 COMMENT ON SCHEMA dq IS 'Data-quality checks and their results.';
--- grants on schema dq (besides its owner): none
+-- grants on schema dq (besides its owner): healthetl_loader USAGE
+
+CREATE TYPE dq.measurement AS (
+  rows_checked bigint,
+  rows_failing bigint,
+  measured numeric,
+  samples jsonb
+);
+-- grants on type dq.measurement (besides its owner): none
+
+CREATE TABLE dq.check_changes (
+  change_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  check_name text NOT NULL,
+  setting text NOT NULL,
+  old_value text,
+  new_value text,
+  changed_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+  changed_by text DEFAULT SESSION_USER NOT NULL,
+  CONSTRAINT check_changes_pkey PRIMARY KEY (change_id)
+);
+CREATE UNIQUE INDEX check_changes_pkey ON dq.check_changes USING btree (change_id);
+COMMENT ON TABLE dq.check_changes IS 'Every change of a check''s severity, threshold or enabled: who, when, old and new value.';
+-- grants on table dq.check_changes (besides its owner): healthetl_loader SELECT
+
+CREATE TABLE dq.check_kinds (
+  kind text NOT NULL,
+  measure text NOT NULL,
+  threshold_meaning text NOT NULL,
+  CONSTRAINT check_kinds_measure_check CHECK ((measure = ANY (ARRAY['failing_ratio'::text, 'hours'::text, 'ratio_to_median'::text]))),
+  CONSTRAINT check_kinds_pkey PRIMARY KEY (kind)
+);
+CREATE UNIQUE INDEX check_kinds_pkey ON dq.check_kinds USING btree (kind);
+COMMENT ON TABLE dq.check_kinds IS 'Kinds of data-quality check: each is the function dq.check_<kind>; measure says how its threshold is read.';
+-- grants on table dq.check_kinds (besides its owner): healthetl_loader SELECT
+
+CREATE TABLE dq.checks (
+  check_name text NOT NULL,
+  kind text NOT NULL,
+  relation text NOT NULL,
+  dimension text NOT NULL,
+  description text NOT NULL,
+  params jsonb DEFAULT '{}'::jsonb NOT NULL,
+  severity text NOT NULL,
+  threshold numeric NOT NULL,
+  enabled boolean DEFAULT true NOT NULL,
+  CONSTRAINT checks_dimension_check CHECK ((dimension = ANY (ARRAY['completeness'::text, 'validity'::text, 'uniqueness'::text, 'consistency'::text, 'timeliness'::text, 'volume'::text]))),
+  CONSTRAINT checks_kind_fkey FOREIGN KEY (kind) REFERENCES dq.check_kinds(kind),
+  CONSTRAINT checks_pkey PRIMARY KEY (check_name),
+  CONSTRAINT checks_severity_check CHECK ((severity = ANY (ARRAY['warn'::text, 'error'::text]))),
+  CONSTRAINT checks_threshold_check CHECK ((threshold >= (0)::numeric))
+);
+CREATE UNIQUE INDEX checks_pkey ON dq.checks USING btree (check_name);
+CREATE TRIGGER checks_record_change AFTER UPDATE ON dq.checks FOR EACH ROW EXECUTE FUNCTION dq.record_check_change();
+COMMENT ON TABLE dq.checks IS 'The data-quality checks. Tune severity, threshold and enabled with UPDATE (recorded in dq.check_changes); never renamed by a migration.';
+-- grants on table dq.checks (besides its owner): healthetl_loader SELECT
+
+CREATE TABLE dq.result_samples (
+  run_id bigint NOT NULL,
+  check_name text NOT NULL,
+  patient_key bigint,
+  sample bigint NOT NULL,
+  CONSTRAINT result_samples_run_id_check_name_fkey FOREIGN KEY (run_id, check_name) REFERENCES dq.results(run_id, check_name) ON DELETE CASCADE
+);
+CREATE INDEX result_samples_patient_idx ON dq.result_samples USING btree (patient_key);
+CREATE INDEX result_samples_run_idx ON dq.result_samples USING btree (run_id, check_name);
+COMMENT ON TABLE dq.result_samples IS 'Up to 20 failing rows per check and run, by surrogate key only (no PHI).';
+-- grants on table dq.result_samples (besides its owner): healthetl_loader SELECT
+
+CREATE TABLE dq.results (
+  run_id bigint NOT NULL,
+  check_name text NOT NULL,
+  severity text NOT NULL,
+  threshold numeric NOT NULL,
+  rows_checked bigint NOT NULL,
+  rows_failing bigint NOT NULL,
+  failing_ratio numeric,
+  measured numeric,
+  status text NOT NULL,
+  sample_key text,
+  CONSTRAINT results_pkey PRIMARY KEY (run_id, check_name),
+  CONSTRAINT results_run_id_fkey FOREIGN KEY (run_id) REFERENCES dq.runs(run_id) ON DELETE CASCADE,
+  CONSTRAINT results_status_check CHECK ((status = ANY (ARRAY['pass'::text, 'warn'::text, 'fail'::text])))
+);
+CREATE INDEX results_check_idx ON dq.results USING btree (check_name, run_id);
+CREATE UNIQUE INDEX results_pkey ON dq.results USING btree (run_id, check_name);
+COMMENT ON TABLE dq.results IS 'One row per check per run: rows checked and failing, the measure against the threshold, and pass, warn (a warn-severity check failed) or fail (an error-severity check failed).';
+-- grants on table dq.results (besides its owner): healthetl_loader SELECT
+
+CREATE TABLE dq.runs (
+  run_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  batch_id bigint,
+  started_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+  finished_at timestamp with time zone,
+  run_by text DEFAULT SESSION_USER NOT NULL,
+  CONSTRAINT runs_pkey PRIMARY KEY (run_id)
+);
+CREATE UNIQUE INDEX runs_pkey ON dq.runs USING btree (run_id);
+COMMENT ON TABLE dq.runs IS 'One row per dq.run: for one batch''s patients, or the whole database (batch_id NULL).';
+-- grants on table dq.runs (besides its owner): healthetl_loader SELECT
+
+CREATE SEQUENCE dq.check_changes_change_id_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
+-- grants on sequence dq.check_changes_change_id_seq (besides its owner): none
+
+CREATE SEQUENCE dq.runs_run_id_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
+-- grants on sequence dq.runs_run_id_seq (besides its owner): none
+
+-- view dq.latest_results columns:
+--   check_name text
+--   dimension text
+--   relation text
+--   description text
+--   measure text
+--   threshold_meaning text
+--   severity text
+--   threshold numeric
+--   rows_checked bigint
+--   rows_failing bigint
+--   failing_ratio numeric
+--   measured numeric
+--   status text
+--   run_id bigint
+--   batch_id bigint
+--   checked_at timestamp with time zone
+--   failing_since timestamp with time zone
+CREATE VIEW dq.latest_results AS
+ WITH r AS (
+         SELECT res.run_id,
+            res.check_name,
+            res.severity,
+            res.threshold,
+            res.rows_checked,
+            res.rows_failing,
+            res.failing_ratio,
+            res.measured,
+            res.status,
+            res.sample_key,
+            run.batch_id,
+            run.started_at AS checked_at,
+            row_number() OVER (PARTITION BY res.check_name ORDER BY res.run_id DESC) AS age
+           FROM (dq.results res
+             JOIN dq.runs run USING (run_id))
+        )
+ SELECT c.check_name,
+    c.dimension,
+    c.relation,
+    c.description,
+    k.measure,
+    k.threshold_meaning,
+    r.severity,
+    r.threshold,
+    r.rows_checked,
+    r.rows_failing,
+    r.failing_ratio,
+    r.measured,
+    r.status,
+    r.run_id,
+    r.batch_id,
+    r.checked_at,
+        CASE
+            WHEN (r.status <> 'pass'::text) THEN ( SELECT min(f.checked_at) AS min
+               FROM r f
+              WHERE ((f.check_name = r.check_name) AND (f.status <> 'pass'::text) AND (f.run_id > COALESCE(( SELECT max(p.run_id) AS max
+                       FROM r p
+                      WHERE ((p.check_name = r.check_name) AND (p.status = 'pass'::text))), (0)::bigint))))
+            ELSE NULL::timestamp with time zone
+        END AS failing_since
+   FROM ((dq.checks c
+     JOIN dq.check_kinds k USING (kind))
+     JOIN r ON (((r.check_name = c.check_name) AND (r.age = 1))));
+COMMENT ON VIEW dq.latest_results IS 'Each check''s latest result, failing ones with the time of the first run of the current failing streak.';
+-- grants on view dq.latest_results (besides its owner): healthetl_loader SELECT
+
+CREATE OR REPLACE FUNCTION dq.check_age_range(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT dq.measure_rows(format(
+    $q$SELECT p.patient_key, p.patient_key AS key,
+              NOT (p.birth_date <= current_date AND date_part('year', age(current_date, p.birth_date)) BETWEEN %s AND %s) AS failing
+       FROM clinical.patients p WHERE p.birth_date IS NOT NULL AND ($1 IS NULL OR p.patient_key = ANY ($1))$q$,
+    (c.params ->> 'min')::int, (c.params ->> 'max')::int), p_patients)
+$function$;
+-- grants on function dq.check_age_range(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_batch_reconciles(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT count(*), count(*) FILTER (WHERE NOT s.balanced), NULL::numeric,
+         coalesce(jsonb_agg(jsonb_build_array(NULL, s.batch_id) ORDER BY s.batch_id) FILTER (WHERE NOT s.balanced), '[]')
+  FROM etl.batch_summary s
+  WHERE s.status = 'transformed' AND (p_batch_id IS NULL OR s.batch_id = p_batch_id)
+$function$;
+-- grants on function dq.check_batch_reconciles(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_freshness(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT 1::bigint, (x.hours IS NULL OR x.hours > c.threshold)::int::bigint, x.hours, '[]'::jsonb
+  FROM (SELECT round((extract(epoch FROM clock_timestamp() - max(b.transformed_at)) / 3600)::numeric, 2) AS hours
+        FROM etl.batches b WHERE b.status = 'transformed') x
+$function$;
+-- grants on function dq.check_freshness(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_has_patient(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT dq.measure_rows(
+    $q$SELECT v.patient_key, v.visit_key AS key,
+              NOT EXISTS (SELECT 1 FROM clinical.patients p WHERE p.patient_key = v.patient_key) AS failing
+       FROM clinical.visits v WHERE $1 IS NULL OR v.patient_key = ANY ($1)$q$, p_patients)
+$function$;
+-- grants on function dq.check_has_patient(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_has_visit(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  RETURN dq.measure_rows(format(
+    'SELECT t.patient_key, t.%2$I AS key,
+            NOT EXISTS (SELECT 1 FROM clinical.visits v
+                        WHERE v.patient_key = t.patient_key AND v.visit_key = t.visit_key AND v.visit_date = t.visit_date) AS failing
+     FROM %1$s t WHERE $1 IS NULL OR t.patient_key = ANY ($1)',
+    c.relation::regclass, c.params ->> 'key'), p_patients);
+END
+$function$;
+-- grants on function dq.check_has_visit(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_icd10cm_shape(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT dq.measure_rows(
+    $q$SELECT d.patient_key, d.diagnosis_key AS key, d.code !~ '^[A-TV-Z][0-9][0-9AB](\.[0-9A-TV-Z]{1,4})?$' AS failing
+       FROM clinical.diagnoses d WHERE d.code_system = 'ICD-10-CM' AND ($1 IS NULL OR d.patient_key = ANY ($1))$q$, p_patients)
+$function$;
+-- grants on function dq.check_icd10cm_shape(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_not_before(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  RETURN dq.measure_rows(format(
+    'SELECT t.patient_key, t.%2$I AS key, t.%4$I < t.%3$I AS failing FROM %1$s t
+     WHERE t.%3$I IS NOT NULL AND t.%4$I IS NOT NULL AND ($1 IS NULL OR t.patient_key = ANY ($1))',
+    c.relation::regclass, c.params ->> 'key', c.params ->> 'earlier', c.params ->> 'later'), p_patients);
+END
+$function$;
+-- grants on function dq.check_not_before(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_not_future(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  RETURN dq.measure_rows(format(
+    'SELECT t.patient_key, t.%2$I AS key, coalesce(greatest(%3$s) > current_date + 1, false) AS failing
+     FROM %1$s t WHERE $1 IS NULL OR t.patient_key = ANY ($1)',
+    c.relation::regclass, c.params ->> 'key',
+    (SELECT string_agg(format('t.%I::date', col), ', ') FROM jsonb_array_elements_text(c.params -> 'columns') AS col)), p_patients);
+END
+$function$;
+-- grants on function dq.check_not_future(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_not_null(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  RETURN dq.measure_rows(format(
+    'SELECT t.patient_key, t.%2$I AS key, t.%3$I IS NULL AS failing FROM %1$s t WHERE $1 IS NULL OR t.patient_key = ANY ($1)',
+    c.relation::regclass, c.params ->> 'key', c.params ->> 'column'), p_patients);
+END
+$function$;
+-- grants on function dq.check_not_null(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_npi_luhn(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT dq.measure_rows(
+    $q$SELECT v.patient_key, v.visit_key AS key, NOT dq.npi_ok(v.provider_npi) AS failing
+       FROM clinical.visits v WHERE v.provider_npi IS NOT NULL AND ($1 IS NULL OR v.patient_key = ANY ($1))$q$, p_patients)
+$function$;
+-- grants on function dq.check_npi_luhn(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_probable_duplicates(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT dq.measure_rows(
+    $q$SELECT x.patient_key, x.patient_key AS key, x.twins > 1 AS failing
+       FROM (SELECT p.patient_key,
+                    count(*) OVER (PARTITION BY p.birth_date,
+                                   regexp_replace(lower(concat_ws(' ', p.given_name, p.family_name)), '[^[:alpha:]]+', '', 'g')) AS twins
+             FROM clinical.patients p WHERE p.birth_date IS NOT NULL AND p.family_name IS NOT NULL) x
+       WHERE $1 IS NULL OR x.patient_key = ANY ($1)$q$, p_patients)
+$function$;
+-- grants on function dq.check_probable_duplicates(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_reject_share(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT coalesce(max(s.received), 0)::bigint,
+         coalesce(max(s.rejected + (SELECT count(DISTINCT x.document_id) FROM etl.document_problems x
+                                    JOIN landing.raw_documents d ON d.document_id = x.document_id AND d.status = 'loaded'
+                                    WHERE x.batch_id = s.batch_id)), 0)::bigint,
+         NULL::numeric, '[]'::jsonb
+  FROM etl.batch_summary s
+  WHERE s.batch_id = coalesce(p_batch_id, (SELECT max(batch_id) FROM etl.batches WHERE status = 'transformed'))
+$function$;
+-- grants on function dq.check_reject_share(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_sex_code(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT dq.measure_rows(
+    $q$SELECT p.patient_key, p.patient_key AS key,
+              EXISTS (SELECT 1 FROM etl.document_problems x WHERE x.document_id = p.document_id AND x.field = 'sex') AS failing
+       FROM clinical.patients p WHERE $1 IS NULL OR p.patient_key = ANY ($1)$q$, p_patients)
+$function$;
+-- grants on function dq.check_sex_code(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_visit_after_birth(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT dq.measure_rows(
+    $q$SELECT v.patient_key, v.visit_key AS key, v.visit_date < p.birth_date AS failing
+       FROM clinical.visits v JOIN clinical.patients p ON p.patient_key = v.patient_key
+       WHERE p.birth_date IS NOT NULL AND ($1 IS NULL OR v.patient_key = ANY ($1))$q$, p_patients)
+$function$;
+-- grants on function dq.check_visit_after_birth(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.check_volume(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  WITH b AS (
+    SELECT s.batch_id, CASE c.params ->> 'count' WHEN 'loaded' THEN s.loaded ELSE s.received END AS n
+    FROM etl.batch_summary s WHERE s.status = 'transformed'
+  ), this AS (
+    SELECT * FROM b WHERE b.batch_id = coalesce(p_batch_id, (SELECT max(batch_id) FROM b))
+  ), prev AS (
+    SELECT b.n FROM b, this WHERE b.batch_id < this.batch_id ORDER BY b.batch_id DESC LIMIT coalesce((c.params ->> 'previous')::int, 10)
+  ), m AS (
+    SELECT CASE WHEN count(*) >= 3 THEN percentile_cont(0.5) WITHIN GROUP (ORDER BY prev.n) END AS median FROM prev
+  )
+  SELECT count(this.batch_id), count(this.batch_id) FILTER (WHERE abs(this.n / nullif(m.median, 0) - 1) > c.threshold),
+         round((this.n / nullif(m.median, 0))::numeric, 3),
+         coalesce(jsonb_agg(jsonb_build_array(NULL, this.batch_id)) FILTER (WHERE abs(this.n / nullif(m.median, 0) - 1) > c.threshold), '[]')
+  FROM m LEFT JOIN this ON true
+  GROUP BY this.n, m.median
+$function$;
+-- grants on function dq.check_volume(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.measure_rows(p_query text, p_patients bigint[])
+ RETURNS dq.measurement
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  m dq.measurement;
+BEGIN
+  EXECUTE format('WITH x AS MATERIALIZED (%s)
+                  SELECT count(*), count(*) FILTER (WHERE x.failing), NULL::numeric,
+                         coalesce((SELECT jsonb_agg(jsonb_build_array(s.patient_key, s.key))
+                                   FROM (SELECT f.patient_key, f.key FROM x f WHERE f.failing ORDER BY f.patient_key, f.key LIMIT 20) s), ''[]'')
+                  FROM x', p_query)
+  INTO m USING p_patients;
+  RETURN m;
+END
+$function$;
+-- grants on function dq.measure_rows(p_query text, p_patients bigint[]) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.npi_ok(npi text)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN ((npi ~ '^[0-9]{10}$'::text) AND (SELECT ((((sum(CASE WHEN ((x.i % 2) = 1) THEN CASE WHEN ((2 * x.d) > 9) THEN ((2 * x.d) - 9) ELSE (2 * x.d) END ELSE x.d END) + 24) + (substr(npi_ok.npi, 10, 1))::integer) % (10)::bigint) = 0) FROM (SELECT (10 - i.i) AS i, (substr(npi_ok.npi, i.i, 1))::integer AS d FROM generate_series(1, 9) i(i)) x));
+-- grants on function dq.npi_ok(npi text) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.record_check_change()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  INSERT INTO dq.check_changes (check_name, setting, old_value, new_value)
+  SELECT NEW.check_name, s.setting, s.old_value, s.new_value
+  FROM (VALUES ('severity', OLD.severity, NEW.severity),
+               ('threshold', OLD.threshold::text, NEW.threshold::text),
+               ('enabled', OLD.enabled::text, NEW.enabled::text)) AS s(setting, old_value, new_value)
+  WHERE s.old_value IS DISTINCT FROM s.new_value;
+  RETURN NEW;
+END
+$function$;
+-- grants on function dq.record_check_change() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION dq.run(p_batch_id bigint DEFAULT NULL::bigint)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_run bigint;
+  v_patients bigint[];
+  c dq.checks;
+  k dq.check_kinds;
+  m dq.measurement;
+  v_ratio numeric;
+  v_failed boolean;
+BEGIN
+  IF p_batch_id IS NOT NULL THEN
+    IF NOT EXISTS (SELECT 1 FROM etl.batches b WHERE b.batch_id = p_batch_id) THEN
+      RAISE EXCEPTION 'batch % does not exist', p_batch_id USING ERRCODE = 'HE001', HINT = 'Run "healthetl status" to list batches.';
+    END IF;
+    v_patients := ARRAY(SELECT p.patient_key FROM clinical.patients p WHERE p.batch_id = p_batch_id);
+  END IF;
+  INSERT INTO dq.runs (batch_id) VALUES (p_batch_id) RETURNING run_id INTO v_run;
+  FOR c IN SELECT * FROM dq.checks WHERE enabled ORDER BY check_name LOOP
+    SELECT * INTO k FROM dq.check_kinds WHERE kind = c.kind;
+    EXECUTE format('SELECT (dq.%I($1, $2, $3)).*', 'check_' || c.kind) INTO m USING c, v_patients, p_batch_id;
+    v_ratio := round(m.rows_failing::numeric / nullif(m.rows_checked, 0), 6);
+    v_failed := CASE k.measure WHEN 'failing_ratio' THEN coalesce(v_ratio > c.threshold, false)
+                               ELSE m.rows_failing > 0 END;
+    INSERT INTO dq.results (run_id, check_name, severity, threshold, rows_checked, rows_failing, failing_ratio, measured, status, sample_key)
+    VALUES (v_run, c.check_name, c.severity, c.threshold, m.rows_checked, m.rows_failing, v_ratio,
+            CASE k.measure WHEN 'failing_ratio' THEN v_ratio ELSE m.measured END,
+            CASE WHEN NOT v_failed THEN 'pass' WHEN c.severity = 'error' THEN 'fail' ELSE 'warn' END,
+            coalesce(c.params ->> 'key', CASE WHEN k.measure = 'failing_ratio' THEN 'patient_key' ELSE 'batch_id' END));
+    INSERT INTO dq.result_samples (run_id, check_name, patient_key, sample)
+    SELECT v_run, c.check_name, (s ->> 0)::bigint, (s ->> 1)::bigint FROM jsonb_array_elements(m.samples) AS s;
+  END LOOP;
+  UPDATE dq.runs SET finished_at = clock_timestamp() WHERE run_id = v_run;
+  RETURN v_run;
+END
+$function$;
+-- grants on function dq.run(p_batch_id bigint) (besides its owner): healthetl_loader EXECUTE
 
 -- ==== schema etl ================================================================================
 
@@ -737,16 +1254,16 @@ BEGIN
            WHERE n.nspname = ANY (v_schemas) AND n.nspowner <> 'healthetl_owner'::regrole LOOP
     EXECUTE format('ALTER SCHEMA %I OWNER TO healthetl_owner', o.nspname);
   END LOOP;
-  -- Tables, views and free-standing sequences (an identity sequence follows its table).
+  -- Tables, views, composite types and free-standing sequences (an identity sequence follows its table).
   FOR o IN SELECT c.oid::regclass AS rel, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE n.nspname = ANY (v_schemas) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+           WHERE n.nspname = ANY (v_schemas) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S', 'c')
              AND c.relowner <> 'healthetl_owner'::regrole
              AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                              AND d.deptype IN ('i', 'a') AND c.relkind = 'S')
              AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') LOOP
     EXECUTE format('ALTER %s %s OWNER TO healthetl_owner',
                    CASE o.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE'
-                                  WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END, o.rel);
+                                  WHEN 'f' THEN 'FOREIGN TABLE' WHEN 'c' THEN 'TYPE' ELSE 'TABLE' END, o.rel);
   END LOOP;
   FOR o IN SELECT p.oid::regprocedure AS fn, p.prokind FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
            WHERE n.nspname = ANY (v_schemas) AND p.proowner <> 'healthetl_owner'::regrole
@@ -912,6 +1429,7 @@ BEGIN
     DELETE FROM clinical.visits WHERE patient_key = v_key;         GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
     DELETE FROM clinical.patients WHERE patient_key = v_key;       GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
     DELETE FROM etl.patient_keys WHERE patient_key = v_key;
+    DELETE FROM dq.result_samples WHERE patient_key = v_key;
   END IF;
   DELETE FROM etl.document_problems WHERE document_id = ANY (v_docs);
   DELETE FROM etl.rejected_documents r
