@@ -11,17 +11,23 @@ import { expandInputs } from './inputs.ts';
 import { chooseFormat, createOutput, visible, type LogStream, type Output } from './log.ts';
 import { migrate, migrationStatus } from './migrate.ts';
 import type { DocumentFormat } from './split-documents.ts';
-import { loadBatch, type FileOutcome, type LoadResult } from './stage.ts';
+import { loadBatch, REDACT_FILE_NAMES_SETTING, redactFileNamesSetting, type FileOutcome, type LoadResult } from './stage.ts';
 import { batchOutcomeOf, batchSummaries, failedToTransform, rejectedDocuments, type BatchOutcome } from './status.ts';
 import { DEFAULT_SHARD_MIN_DOCUMENTS, DEFAULT_SHARDS, transformPending, type BatchTransform } from './transform.ts';
 import { checkDemoTarget, demoTarget, showDemo } from './demo.ts';
 import { purge, replay, type ReplaySelector } from './maintenance.ts';
+import { erasePatient, formatPrivacyReport, liftErasure, privacyReport, rotatePseudonymKey, ROTATE_WARNING } from './privacy.ts';
 
 const PROJECT_DIR = fileURLToPath(new URL('..', import.meta.url));
 const VERSION = (JSON.parse(readFileSync(path.join(PROJECT_DIR, 'package.json'), 'utf8')) as { version: string }).version;
 
 type Common = { 'database-url'?: string; 'log-format'?: string; verbose: boolean };
-type LoadArgs = Common & { paths: string[]; 'max-document-mb': number; 'stdin-format': DocumentFormat };
+type LoadArgs = Common & {
+  paths: string[];
+  'max-document-mb': number;
+  'stdin-format': DocumentFormat;
+  'redact-file-names'?: boolean;
+};
 
 function out(argv: Common, logStream: LogStream): Output {
   return createOutput(chooseFormat(argv['log-format']), argv.verbose, logStream);
@@ -61,16 +67,24 @@ const STDIN_ARG = '\0stdin';
 
 async function load(o: Output, url: string, argv: LoadArgs, demo = false): Promise<LoadResult> {
   const paths = argv.paths.map((p) => (p === STDIN_ARG ? '-' : p));
+  // --redact-file-names (or --no-redact-file-names) over the setting, which the start checked.
+  const redactFileNames = argv['redact-file-names'] ?? redactFileNamesSetting() === true;
   // A path named on the command line that does not exist is a mistake in the job, found before a
   // batch is created (a file that vanishes while the batch loads is an unreadable file instead).
-  for (const p of paths) {
+  for (const [i, p] of paths.entries()) {
     if (p !== '-' && !lstatSync(p, { throwIfNoEntry: false }))
-      throw new UserError(`${p} does not exist: name files or directories that exist (- for standard input)`, EXIT.USAGE);
+      throw new UserError(
+        redactFileNames
+          ? `path ${i + 1} of the command line does not exist (its name is not shown: file names are redacted): name files or directories that exist (- for standard input)`
+          : `${p} does not exist: name files or directories that exist (- for standard input)`,
+        EXIT.USAGE,
+      );
   }
   const result = await loadBatch(url, expandInputs(paths, argv['stdin-format']), {
     maxDocumentBytes: Math.round(argv['max-document-mb'] * 1024 * 1024),
     stdinFormat: argv['stdin-format'],
     demo,
+    redactFileNames,
     onProgress: (p) => o.progress(p),
     onFile: (f) => logFile(o, f),
   });
@@ -143,6 +157,10 @@ const loadOptions = <T>(y: Argv<T>) =>
       choices: ['ndjson', 'json'] as const,
       default: 'ndjson' as const,
       describe: 'what - (standard input) contains',
+    })
+    .option('redact-file-names', {
+      type: 'boolean',
+      describe: `store and log each file as sha256:<first 16 hex of its sha256>, never its name (names can be PHI); also ${REDACT_FILE_NAMES_SETTING}=1`,
     });
 
 const shardOption = <T>(y: Argv<T>) =>
@@ -173,6 +191,7 @@ const NUMERIC_OPTIONS: Record<string, [string, (v: unknown) => boolean]> = {
   shards: ['a whole number from 1 to 64', whole(1, 64)],
   'shard-min-documents': ['a whole number of 1 or more (documents)', whole(1)],
   'older-than': ['a whole number of 0 or more (days)', whole(0, 1_000_000)],
+  k: ['a whole number from 2 to 1000000 (the smallest group size to aim for)', whole(2, 1_000_000)],
 };
 
 /** One line naming the first bad numeric option and what it takes; null when they are fine. */
@@ -264,6 +283,7 @@ export function buildCli(args: string[]) {
                 rejected,
                 duplicate: c.duplicate,
                 superseded: c.superseded,
+                erased: c.erased,
                 staged: c.staged,
                 problems: c.problems,
                 failed_files: fileProblems(loaded.files),
@@ -276,7 +296,7 @@ export function buildCli(args: string[]) {
       )
       .command(
         'status',
-        'batches with counts of received, staged, loaded, rejected, duplicate and superseded documents',
+        'batches with counts of received, staged, loaded, rejected, duplicate, superseded and erased documents',
         (y) => y.option('batch', { type: 'number', describe: 'one batch' }).option('limit', { type: 'number', default: 20 }),
         (argv) =>
           guarded(argv, async (o, url) => {
@@ -368,6 +388,102 @@ export function buildCli(args: string[]) {
           }),
       )
       .command(
+        'erase',
+        "erase a patient everywhere (clinical rows, identity, payloads, rejects, the names of their files) and block their later documents (counted erased) until --lift; run as the migrator's login (a member of healthetl_owner). Prints a receipt, never the id",
+        (y) =>
+          y
+            .option('patient-id', {
+              type: 'string',
+              demandOption: true,
+              describe: 'the patient id as in their documents (PHI: never printed nor logged)',
+            })
+            .option('source-system', { type: 'string', default: 'default', describe: 'the source system of the patient id' })
+            .option('lift', {
+              type: 'boolean',
+              default: false,
+              describe: "lift the block of an earlier erasure instead: the patient's next document loads again",
+            })
+            .check((argv) => {
+              const problem = identityProblem(argv);
+              if (problem) throw new UserError(problem, EXIT.USAGE);
+              return true;
+            }),
+        (argv) =>
+          guarded(argv, async (o, url) => {
+            const who = { sourceSystem: String(argv['source-system']), patientId: String(argv['patient-id']) };
+            const pool = await createDbPool(url, 1);
+            try {
+              if (argv.lift) {
+                const lifted = await liftErasure(pool, who);
+                if (lifted === 0) o.log.warn({ lifted }, 'nothing to lift: that patient is not erased (or the erasure was lifted before)');
+                else o.log.info({ lifted }, "erasure lifted: the patient's next document loads again");
+                return EXIT.OK;
+              }
+              const r = await erasePatient(pool, who);
+              // The receipt (etl.erasures): what went, never who.
+              o.log.info(
+                {
+                  erasure_id: r.erasure_id,
+                  documents_scrubbed: r.documents,
+                  clinical_rows_deleted: r.clinical_rows,
+                  file_names_cleared: r.files,
+                },
+                'patient erased; their later documents are counted erased until "healthetl erase --lift"',
+              );
+              return EXIT.OK;
+            } finally {
+              await pool.end();
+            }
+          }),
+      )
+      .command(
+        'rotate-pseudonym-key',
+        "replace the pseudonym key: every patient gets a new pseudonym in the analytics views (saved reports keyed by old pseudonyms stop matching); needs --yes; run as the migrator's login",
+        (y) =>
+          y
+            .option('yes', { type: 'boolean', default: false, describe: 'do it: every pseudonym changes, and the old key is gone' })
+            .check((argv) => {
+              if (!argv.yes) throw new UserError(ROTATE_WARNING, EXIT.USAGE);
+              return true;
+            }),
+        (argv) =>
+          guarded(argv, async (o, url) => {
+            const pool = await createDbPool(url, 1);
+            try {
+              const patients = await rotatePseudonymKey(pool);
+              o.log.info({ patients }, `pseudonym key rotated: ${patients} patient(s) got new pseudonyms`);
+              return EXIT.OK;
+            } finally {
+              await pool.end();
+            }
+          }),
+      )
+      .command(
+        'privacy-report',
+        'k-anonymity of the deid views: patients grouped by birth year (or 90+), sex and 3-digit ZIP; the smallest group, and the patients in groups smaller than k',
+        (y) =>
+          y.option('k', { type: 'number', default: 11, describe: 'the smallest group size to aim for' }).option('format', {
+            choices: ['text', 'json'] as const,
+            default: 'text' as const,
+            describe: 'readable lines, or one JSON object',
+          }),
+        (argv) =>
+          guarded(
+            argv,
+            async (o, url) => {
+              const pool = await createDbPool(url, 1);
+              try {
+                const report = await privacyReport(pool, argv.k);
+                o.text(argv.format === 'json' ? JSON.stringify(report) : formatPrivacyReport(report));
+                return EXIT.OK;
+              } finally {
+                await pool.end();
+              }
+            },
+            'stderr',
+          ), // stdout carries the report alone
+      )
+      .command(
         'demo',
         'start an embedded PostgreSQL (or use --database-url: an empty database or one with demo data only), migrate, load fixtures/ and show the result',
         (y) =>
@@ -414,7 +530,10 @@ export function buildCli(args: string[]) {
       // keeps a number too large to be exact as a string, and takes 1.5 for a batch id: every
       // setting and numeric option is checked here, before anything connects.
       .check((argv) => {
-        const problem = settingsProblem() ?? optionProblem(argv);
+        const problem =
+          settingsProblem() ??
+          (redactFileNamesSetting() === null ? `${REDACT_FILE_NAMES_SETTING} must be 1 (redact file names) or 0; fix or unset it` : null) ??
+          optionProblem(argv);
         if (problem) throw new UserError(problem, EXIT.USAGE);
         return true;
       }, true)
@@ -425,11 +544,25 @@ export function buildCli(args: string[]) {
       .wrap(Math.min(110, process.stdout.columns || 110))
       .fail((msg, err) => {
         if (err && !(err instanceof UserError)) throw err;
+        // An id typed without --patient-id (it is PHI) would be echoed as an unknown argument.
+        if (args.includes('erase') && /^Unknown arguments?:/.test(String(msg)))
+          msg =
+            'erase was given an argument or option it does not know (not shown: it may be a patient id); it takes --patient-id ID, --source-system S and --lift';
         // One line, so that a scheduler's log shows the whole reason.
         process.stderr.write(`healthetl: ${visible(String(msg ?? err).replace(/\s*\n\s*/g, ' '))} (see "healthetl --help")\n`);
         process.exit(EXIT.USAGE);
       })
   );
+}
+
+/** What is wrong with erase's identity options, in words that never repeat a value (the id is PHI); null when they are fine. */
+function identityProblem(argv: Record<string, unknown>): string | null {
+  for (const key of ['patient-id', 'source-system']) {
+    const v = argv[key];
+    if (Array.isArray(v)) return `--${key} given more than once: erase takes one patient at a time`;
+    if (typeof v !== 'string' || v.trim() === '') return `--${key} must not be empty`;
+  }
+  return null;
 }
 
 async function batchOutcome(url: string, batchId: number): Promise<BatchOutcome> {

@@ -2,6 +2,7 @@
 import { z } from 'zod';
 import { createDbPool, describeTarget, sql } from './db.ts';
 import { EXIT, UserError } from './errors.ts';
+import { visible } from './log.ts';
 import { batchSummaries } from './status.ts';
 
 /** How etl.batches.loader marks the demo's batches (stage.ts: `healthetl demo on <host> (pid N)`). */
@@ -42,13 +43,28 @@ export async function checkDemoTarget(url: string): Promise<void> {
 }
 
 const Count = z.object({ table_name: z.string(), row_count: z.coerce.number() });
-const VisitRow = z.object({
-  source_patient_id: z.string(),
+const AnalystVisit = z.object({
+  patient_pseudonym: z.string().nullable(),
   visit_date: z.string(),
   visit_type: z.string().nullable(),
-  diagnoses: z.string().nullable(),
-  treatments: z.string().nullable(),
+  age_at_visit: z.coerce.number().nullable(),
 });
+const AnalystNote = z.object({ patient_pseudonym: z.string().nullable(), visit_date: z.string(), note_text: z.string() });
+
+/** The role whose view the demo ends with (migrations/0009: it reads the analytics views only). */
+const ANALYST = 'healthetl_analyst';
+
+/** What etl.redact_note puts in place of an identifier. */
+const REDACTION_MARKER = String.raw`\[(NAME|MRN|DOB|SSN|PHONE|EMAIL)\]`;
+
+/** A pseudonym is 64 hex digits: its first 12 are enough to tell the demo's patients apart. */
+const shortPseudonym = (p: string | null) => (p ? `${p.slice(0, 12)}…` : '-');
+
+/** A note for one line of the summary: control characters visible, at most 160 characters. */
+const oneNoteLine = (t: string) => {
+  const v = visible(t);
+  return v.length > 160 ? `${v.slice(0, 159)}…` : v;
+};
 
 export async function showDemo(url: string, batchId: number, print: (text: string) => void): Promise<void> {
   const pool = await createDbPool(url, 1);
@@ -74,26 +90,48 @@ export async function showDemo(url: string, batchId: number, print: (text: strin
     const [b] = await batchSummaries(pool, { batchId });
     if (b) {
       print(
-        `\nThis run (batch ${b.batch_id}): received ${b.received} = loaded ${b.loaded} + rejected ${b.rejected} + duplicate ${b.duplicate} + superseded ${b.superseded}${b.staged ? ` + staged ${b.staged}` : ''}`,
+        `\nThis run (batch ${b.batch_id}): received ${b.received} = loaded ${b.loaded} + rejected ${b.rejected} + duplicate ${b.duplicate} + superseded ${b.superseded} + erased ${b.erased}${b.staged ? ` + staged ${b.staged}` : ''}`,
       );
       if (b.duplicate === b.received) print('  (everything was loaded by an earlier demo run: re-delivered documents change nothing)');
     }
 
-    // Only synthetic fixtures are shown here; analysts get masked views, never these tables.
-    const visits = await pool.any(sql.type(VisitRow)`
-      SELECT p.source_patient_id, v.visit_date::text AS visit_date, v.visit_type,
-             (SELECT string_agg(d.code, ', ' ORDER BY d.position) FROM clinical.diagnoses d
-               WHERE d.patient_key = v.patient_key AND d.visit_key = v.visit_key) AS diagnoses,
-             (SELECT string_agg(t.name, ', ' ORDER BY t.position) FROM clinical.treatments t
-               WHERE t.patient_key = v.patient_key AND t.visit_key = v.visit_key) AS treatments
-      FROM clinical.visits v JOIN clinical.patients p USING (patient_key)
-      WHERE v.patient_key IN (${demoPatients})
-      ORDER BY v.visit_date DESC LIMIT 5`);
-    print('\nLatest visits (synthetic fixtures)');
-    for (const v of visits) {
-      print(
-        `  ${v.visit_date}  ${v.source_patient_id.padEnd(8)} ${(v.visit_type ?? '-').padEnd(11)} dx: ${v.diagnoses ?? '-'}  rx: ${v.treatments ?? '-'}`,
-      );
+    // What an analyst gets: the masked analytics views, read under the analyst's role, never the
+    // clinical tables (which hold names and ids). Which patients are the demo's is known only from
+    // the tables the analyst may not read, so their pseudonyms are looked up first, as the demo's
+    // own login, and passed in.
+    const pseudonyms = await pool.anyFirst(sql.type(z.object({ pseudonym: z.string() }))`
+      SELECT p.pseudonym FROM clinical.patients p WHERE p.patient_key IN (${demoPatients})`);
+    print(`\nAs an analyst sees them (analytics views, role ${ANALYST})`);
+    const mayAct = await pool.oneFirst(sql.type(z.object({ ok: z.boolean() }))`SELECT pg_has_role(${ANALYST}, 'MEMBER') AS ok`);
+    if (!mayAct) {
+      print(`  (not shown: this login is not a member of ${ANALYST}, so it may not SET ROLE to it)`);
+    } else {
+      const { visits, note } = await pool.transaction(async (tx) => {
+        await tx.query(sql.unsafe`SET LOCAL ROLE ${sql.identifier([ANALYST])}`);
+        const among = sql.fragment`patient_pseudonym = ANY (${sql.array([...pseudonyms], 'text')})`;
+        return {
+          visits: await tx.any(sql.type(AnalystVisit)`
+            SELECT patient_pseudonym, visit_date::text AS visit_date, visit_type, age_at_visit
+            FROM analytics.visits WHERE ${among}
+            ORDER BY visit_date DESC, visit_key DESC LIMIT 5`),
+          // One whose redaction shows, if any: a marker in place of a name, an MRN, a date of birth...
+          note: await tx.maybeOne(sql.type(AnalystNote)`
+            SELECT patient_pseudonym, visit_date::text AS visit_date, note_text
+            FROM analytics.provider_notes WHERE ${among} AND note_text IS NOT NULL
+            ORDER BY note_text ~ ${REDACTION_MARKER} DESC, visit_date DESC, visit_key, position LIMIT 1`),
+        };
+      });
+      print('Latest visits (synthetic fixtures)');
+      print(`  ${'visit date'.padEnd(11)} ${'patient (pseudonym)'.padEnd(20)} ${'type'.padEnd(11)} age`);
+      for (const v of visits) {
+        print(
+          `  ${v.visit_date.padEnd(11)} ${shortPseudonym(v.patient_pseudonym).padEnd(20)} ${(v.visit_type ?? '-').padEnd(11)} ${v.age_at_visit ?? '-'}`,
+        );
+      }
+      if (note) {
+        print('A provider note, redacted when it was loaded');
+        print(`  ${note.visit_date.padEnd(11)} ${shortPseudonym(note.patient_pseudonym).padEnd(20)} ${oneNoteLine(note.note_text)}`);
+      }
     }
     print('\nReasons for rejects: SELECT field, reason FROM etl.rejected_documents ORDER BY document_id;');
   } finally {

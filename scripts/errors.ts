@@ -188,6 +188,21 @@ export function explainError(err: unknown, databaseUrl?: string): { message: str
       exitCode: EXIT.FAILURE,
     };
   }
+  if (code === 'HE010') {
+    // etl.erase_patient without a patient id or a source system (the CLI checks its options first).
+    return {
+      message:
+        'erase needs a patient id and a source system: healthetl erase --patient-id ID [--source-system S] (the source system defaults to "default")',
+      exitCode: EXIT.USAGE,
+    };
+  }
+  if (server && code === '42501') {
+    // The server's message names the object ("permission denied for function erase_patient"), never a value.
+    return {
+      message: `${oneLine(server.message)} (SQLSTATE 42501) in ${where}: this login lacks a privilege the command needs; erase and rotate-pseudonym-key run as the migrator's login (a member of healthetl_owner), load, run, transform, status and privacy-report as a member of healthetl_loader`,
+      exitCode: EXIT.FAILURE,
+    };
+  }
   if (server && code.startsWith('HE')) {
     return { message: oneLine(`${server.message}${server.hint ? `: ${server.hint}` : ''}`), exitCode: EXIT.FAILURE };
   }

@@ -4,6 +4,7 @@
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import os from 'node:os';
+import path from 'node:path';
 import { Readable } from 'node:stream';
 import { createGunzip } from 'node:zlib';
 import type pg from 'pg';
@@ -15,6 +16,7 @@ import { maybeGunzip, type Input } from './inputs.ts';
 import { DEFAULT_MAX_DOCUMENT_BYTES, readJson, readNdjson, type DocumentFormat, type ReadEvent } from './split-documents.ts';
 
 export type FileOutcome = {
+  /** The file's name as stored in landing and etl and as logged: its path, or under redactFileNames `sha256:…` (FileNames). */
   path: string;
   status: 'staged' | 'duplicate_file' | 'unreadable' | 'rejected' | 'skipped';
   documents: number;
@@ -35,7 +37,68 @@ export type LoadOptions = {
   onWait?: (message: string) => void;
   /** The demo's batches say so in etl.batches.loader: it writes only where every batch is its own. */
   demo?: boolean;
+  /**
+   * Store and report every file as `sha256:<first 16 hex of its sha256>` instead of its name, which
+   * can be PHI (Synthea names a bundle after its patient): in landing.raw_documents, etl.batch_files,
+   * etl.rejected_documents and every FileOutcome (so every log line). Standard input stays `-`.
+   */
+  redactFileNames?: boolean;
 };
+
+/** The setting that turns redactFileNames on for `load` and `run` (as --redact-file-names does). */
+export const REDACT_FILE_NAMES_SETTING = 'HEALTHETL_REDACT_FILE_NAMES';
+
+/** HEALTHETL_REDACT_FILE_NAMES: 1 on, 0 or unset (or empty) off; null for anything else (the CLI refuses it at start). */
+export function redactFileNamesSetting(): boolean | null {
+  const raw = process.env[REDACT_FILE_NAMES_SETTING];
+  if (raw === undefined || raw === '' || raw === '0') return false;
+  return raw === '1' ? true : null;
+}
+
+/**
+ * The names files are stored and reported under in one batch. Without redaction, their paths.
+ * With it, `sha256:<first 16 hex of the file's sha256>`: the fingerprint the loader computes before
+ * reading a file anyway (to recognise bytes staged before), so a file is read twice as it always
+ * was, and the name is known before its first row is written. Names stay unique in the batch (a
+ * batch_files row per name; a second row for a name would add its documents to the first): two
+ * different files whose hashes share 64 bits get the whole hash, and two copies of the same bytes
+ * in one batch (a duplicate_file only across batches, once the first is transformed) get `#2`, `#3`.
+ * A file never read (skipped, unreadable, listed twice) has no hash: `[unread file N]`, N its
+ * place among the batch's inputs.
+ */
+export class FileNames {
+  /** Name given -> the full sha256 (hex) of the file it names. */
+  private readonly taken = new Map<string, string>();
+
+  constructor(readonly redact: boolean) {}
+
+  /** A file whose bytes were hashed (or standard input, `-`, which keeps its name). */
+  ofFile(filePath: string, fingerprint: Fingerprint | undefined): string {
+    if (!this.redact || !fingerprint) return filePath;
+    const hex = fingerprint.sha.toString('hex');
+    let name = `sha256:${hex.slice(0, 16)}`;
+    if (this.taken.has(name) && this.taken.get(name) !== hex) name = `sha256:${hex}`;
+    const base = name;
+    for (let n = 2; this.taken.has(name); n++) name = `${base}#${n}`;
+    this.taken.set(name, hex);
+    return name;
+  }
+
+  /** A file or directory that was not read: its place among the inputs, not its name. */
+  unread(filePath: string, ordinal: number): string {
+    return this.redact ? `[unread file ${ordinal}]` : filePath;
+  }
+
+  /** A reason about a file with its path out of it: a file system error quotes the path ("ENOENT: ..., open '/in/Jane_Doe.json'"). */
+  reason(text: string, filePath: string, name: string): string {
+    if (!this.redact) return text;
+    // Every quoted path (the file's, a link's target), then the path and its base name anywhere else
+    // (not `.` or `..`, a directory named on the command line: every dot of the text would go).
+    let t = text.replace(/'[^']*'/g, `'${name}'`);
+    for (const s of [filePath, path.basename(filePath)]) if (!/^\.*$/.test(s)) t = t.split(s).join(name);
+    return t;
+  }
+}
 
 export type LoadResult = { batchId: number; files: FileOutcome[]; documents: number; rejected: number };
 
@@ -190,47 +253,60 @@ export async function loadBatch(databaseUrl: string, inputs: AsyncIterable<Input
       opts.onFile?.(f);
     };
 
+    const names = new FileNames(opts.redactFileNames ?? false);
     const seen = new Set<string>();
     for await (const input of inputs) {
       progress.files++;
       if (input.kind === 'skipped' || input.kind === 'unreadable') {
-        await record({ path: input.path, status: input.kind, documents: 0, rejected: 0, reason: input.reason });
+        const name = names.unread(input.path, progress.files);
+        await record({ path: name, status: input.kind, documents: 0, rejected: 0, reason: names.reason(input.reason, input.path, name) });
         continue;
       }
       // A path named twice (a directory and a file in it, overlapping globs) is read once: a file
       // is one row of etl.batch_files, and a second 'duplicate_file' row for it failed the batch.
       if (seen.has(input.path)) {
-        await record({ path: input.path, status: 'skipped', documents: 0, rejected: 0, reason: 'listed more than once: read once' });
+        const name = names.unread(input.path, progress.files);
+        await record({ path: name, status: 'skipped', documents: 0, rejected: 0, reason: 'listed more than once: read once' });
         continue;
       }
       seen.add(input.path);
       // Same bytes as a file already staged: count its documents as duplicates without parsing.
       let fingerprint: Fingerprint | undefined;
+      let name = input.path;
       if (input.kind === 'file') {
         try {
           fingerprint = await sha256OfFile(input.path);
         } catch (err) {
-          await record({ path: input.path, status: 'unreadable', documents: 0, rejected: 0, reason: fileErrorText(err) });
+          name = names.unread(input.path, progress.files);
+          await record({
+            path: name,
+            status: 'unreadable',
+            documents: 0,
+            rejected: 0,
+            reason: names.reason(fileErrorText(err), input.path, name),
+          });
           continue;
         }
         progress.totalBytes += fingerprint.size;
+        name = names.ofFile(input.path, fingerprint);
         // Bytes staged before (etl.stage_known_file says when they count): recorded as a duplicate
         // file, its documents as duplicates; NULL: new bytes, to be read.
         const [{ n: count }] = await queryOn(
           client,
           sql.type(z.object({ n: z.coerce.number().nullable() }))`
-            SELECT etl.stage_known_file(${batchId}, ${input.path}, ${fingerprint.size}, ${sql.binary(fingerprint.sha)}) AS n`,
+            SELECT etl.stage_known_file(${batchId}, ${name}, ${fingerprint.size}, ${sql.binary(fingerprint.sha)}) AS n`,
         );
         if (count !== null) {
           documents += count;
           progress.documents += count;
           progress.bytes += fingerprint.size;
           opts.onProgress?.(progress);
-          await record({ path: input.path, status: 'duplicate_file', documents: count, rejected: 0 });
+          await record({ path: name, status: 'duplicate_file', documents: count, rejected: 0 });
           continue;
         }
       }
-      const outcome = await stageFile(client, batchId, input, fingerprint, maxDoc, chunkBytes, opts, progress);
+      const scrub = (reason: string) => names.reason(reason, input.path, name);
+      const outcome = await stageFile(client, batchId, input, name, scrub, fingerprint, maxDoc, chunkBytes, opts, progress);
       documents += outcome.documents;
       rejected += outcome.rejected;
       await record(outcome, fingerprint);
@@ -252,13 +328,14 @@ async function stageFile(
   client: pg.Client,
   batchId: number,
   input: Extract<Input, { kind: 'file' | 'stdin' }>,
+  sourceFile: string,
+  scrub: (reason: string) => string,
   fingerprint: Fingerprint | undefined,
   maxDoc: number,
   chunkBytes: number,
   opts: LoadOptions,
   progress: LoadProgress,
 ): Promise<FileOutcome> {
-  const sourceFile = input.path;
   let readBytes = 0;
   let rawEnded = false;
   // The bytes staged are hashed too: a file that changed between the fingerprint and this read
@@ -345,7 +422,7 @@ async function stageFile(
     if (isServerError(err)) throw err;
     if (isConnectionError(err) || lostConnections.has(client)) throw err;
     // A read error (corrupt gzip, file vanished, I/O error): nothing from this file is kept.
-    const reason = err instanceof FileChangedError ? err.message : `${fileErrorText(err)} (after ${readBytes} bytes)`;
+    const reason = err instanceof FileChangedError ? err.message : scrub(`${fileErrorText(err)} (after ${readBytes} bytes)`);
     return { path: sourceFile, status: 'unreadable', documents: 0, rejected: 0, reason };
   }
 }

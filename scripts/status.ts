@@ -14,6 +14,8 @@ const BatchSummary = z.object({
   rejected: z.coerce.number(),
   duplicate: z.coerce.number(),
   superseded: z.coerce.number(),
+  // Documents of a patient erased before or since (etl.erase_patient, migrations/0010): not loaded, no payload kept.
+  erased: z.coerce.number(),
   files: z.coerce.number(),
   failed_files: z.coerce.number(),
   balanced: z.boolean(),
@@ -21,21 +23,24 @@ const BatchSummary = z.object({
   error: z.string().nullable(),
   deleted_visits: z.coerce.number(),
   deleted_children: z.coerce.number(),
+  // The database login that started the batch (session_user; migrations/0010).
+  db_user: z.string().nullable(),
 });
 export type BatchSummary = z.infer<typeof BatchSummary>;
 
 /**
  * Per batch: `received` is what the loader counted while reading the batch's files, `landed` the
- * batch's rows in landing.raw_documents, each with one outcome; `balanced` (etl.batch_summary,
- * migrations/0004) says received = landed = the sum of the outcomes.
+ * batch's rows in landing.raw_documents, each with one outcome (staged, loaded, rejected, duplicate,
+ * superseded, erased); `balanced` (etl.batch_summary, migrations/0004 and 0010) says received =
+ * landed = the sum of the outcomes.
  */
 export async function batchSummaries(pool: DatabasePool, opts: { batchId?: number; limit?: number } = {}): Promise<BatchSummary[]> {
   const where = opts.batchId === undefined ? sql.fragment`TRUE` : sql.fragment`batch_id = ${opts.batchId}`;
   return [
     ...(await pool.any(sql.type(BatchSummary)`
       SELECT s.batch_id, s.status, s.started_at, s.loader_count AS received, s.received AS landed,
-             s.staged, s.loaded, s.rejected, s.duplicate, s.superseded, s.files, s.failed_files, s.balanced,
-             s.error, s.deleted_visits, s.deleted_children
+             s.staged, s.loaded, s.rejected, s.duplicate, s.superseded, s.erased, s.files, s.failed_files, s.balanced,
+             s.error, s.deleted_visits, s.deleted_children, s.db_user
       FROM etl.batch_summary s WHERE ${where}
       ORDER BY batch_id DESC LIMIT ${opts.limit ?? 20}`)),
   ];
