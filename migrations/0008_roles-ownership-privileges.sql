@@ -31,16 +31,21 @@ END
 $$;
 
 -- pgcrypto (a trusted extension: the database's owner may create it) gives hmac() for keyed
--- pseudonyms and gen_random_bytes() for keys. It lives in etl, which analysts cannot use.
+-- pseudonyms and gen_random_bytes() for keys. It lives in a schema of its own that only the owner
+-- may use: a trusted extension's functions belong to the bootstrap superuser, so a migrator that is
+-- not one cannot take PUBLIC's EXECUTE away from them; without USAGE on their schema nobody else
+-- can call them.
+CREATE SCHEMA crypto;
+COMMENT ON SCHEMA crypto IS 'pgcrypto, for the owner only (keyed pseudonyms, keys).';
 DO $$
 DECLARE
   v_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pgcrypto');
 BEGIN
   IF v_schema IS NULL THEN
-    CREATE EXTENSION pgcrypto WITH SCHEMA etl;
-  ELSIF v_schema <> 'etl' THEN
-    RAISE EXCEPTION 'pgcrypto is installed in schema % of this database; healthetl keeps it in etl, out of analysts'' reach', v_schema
-      USING HINT = 'As its owner or a superuser: ALTER EXTENSION pgcrypto SET SCHEMA etl; then migrate again.';
+    CREATE EXTENSION pgcrypto WITH SCHEMA crypto;
+  ELSE
+    RAISE EXCEPTION 'pgcrypto is already installed in schema % of this database; healthetl keeps it in schema crypto, out of everyone else''s reach', v_schema
+      USING HINT = 'As its owner or a superuser: CREATE SCHEMA IF NOT EXISTS crypto; ALTER EXTENSION pgcrypto SET SCHEMA crypto; then migrate again.';
   END IF;
 END
 $$;
@@ -51,7 +56,7 @@ CREATE FUNCTION etl.adopt_objects() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   o record;
-  v_schemas text[] := ARRAY['landing', 'etl', 'clinical', 'analytics', 'dq', 'deid'];
+  v_schemas text[] := ARRAY['landing', 'etl', 'clinical', 'analytics', 'dq', 'deid', 'crypto'];
 BEGIN
   FOR o IN SELECT n.nspname FROM pg_namespace n
            WHERE n.nspname = ANY (v_schemas) AND n.nspowner <> 'healthetl_owner'::regrole LOOP
@@ -75,6 +80,7 @@ BEGIN
   END LOOP;
   FOR o IN SELECT n.nspname FROM pg_namespace n WHERE n.nspname = ANY (v_schemas) LOOP
     EXECUTE format('REVOKE ALL ON SCHEMA %I FROM PUBLIC', o.nspname);
+    CONTINUE WHEN o.nspname = 'crypto'; -- pgcrypto's own functions: not ours to change (the schema is closed)
     EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA %I FROM PUBLIC', o.nspname);
     EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM PUBLIC', o.nspname);
     EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM PUBLIC', o.nspname);
@@ -110,14 +116,14 @@ CREATE TABLE etl.secret_keys (
   key         bytea NOT NULL CHECK (octet_length(key) >= 32),
   created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-INSERT INTO etl.secret_keys (purpose, key) VALUES ('pseudonym', etl.gen_random_bytes(32)), ('erasure', etl.gen_random_bytes(32));
+INSERT INTO etl.secret_keys (purpose, key) VALUES ('pseudonym', crypto.gen_random_bytes(32)), ('erasure', crypto.gen_random_bytes(32));
 COMMENT ON TABLE etl.secret_keys IS 'Secret HMAC keys (pseudonym, erasure). Readable by healthetl_owner only; never exported.';
 
 -- The keyed hash of a patient's identity: HMAC-SHA256 over the length-prefixed source system and id
 -- (so that no two pairs share an input), hex.
 CREATE FUNCTION etl.keyed_hash(p_key bytea, p_source_system text, p_patient_id text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-RETURN encode(etl.hmac(convert_to(length(p_source_system) || ':' || p_source_system || p_patient_id, 'UTF8'), p_key, 'sha256'), 'hex');
+RETURN encode(crypto.hmac(convert_to(length(p_source_system) || ':' || p_source_system || p_patient_id, 'UTF8'), p_key, 'sha256'), 'hex');
 
 -- ---- the loader's API runs as the owner -------------------------------------------------------
 ALTER FUNCTION etl.start_batch(text) SECURITY DEFINER;
@@ -135,10 +141,6 @@ ALTER FUNCTION etl.record_batch_failure(bigint, text, text) SECURITY DEFINER;
 
 SELECT etl.adopt_objects();
 SELECT etl.restrict_database();
--- pgcrypto's functions belong to whoever created the extension; the owner role (the transform runs
--- as it) needs the two it uses.
-GRANT EXECUTE ON FUNCTION etl.hmac(bytea, bytea, text), etl.gen_random_bytes(int) TO healthetl_owner;
-
 GRANT USAGE ON SCHEMA etl, landing TO healthetl_loader;
 GRANT EXECUTE ON FUNCTION
   etl.start_batch(text), etl.stage_known_file(bigint, text, bigint, bytea),
@@ -193,3 +195,4 @@ $$;
 DROP FUNCTION etl.restrict_database();
 DROP FUNCTION etl.adopt_objects();
 DROP EXTENSION pgcrypto;
+DROP SCHEMA crypto;

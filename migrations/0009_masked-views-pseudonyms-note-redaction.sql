@@ -187,7 +187,7 @@ DECLARE
   v_n bigint;
 BEGIN
   PERFORM etl.lock_out_transforms();
-  UPDATE etl.secret_keys SET key = etl.gen_random_bytes(32), created_at = clock_timestamp() WHERE purpose = 'pseudonym';
+  UPDATE etl.secret_keys SET key = crypto.gen_random_bytes(32), created_at = clock_timestamp() WHERE purpose = 'pseudonym';
   UPDATE clinical.patients p SET pseudonym = etl.keyed_hash(k.key, p.source_system, p.source_patient_id)
   FROM etl.secret_keys k WHERE k.purpose = 'pseudonym';
   GET DIAGNOSTICS v_n = ROW_COUNT;

@@ -48,7 +48,7 @@ async function withMigrateLock<T>(client: pg.Client, log: MigrationLog, fn: () =
 }
 
 /** Our schemas: what a Down may drop. */
-const OUR_SCHEMAS = ['landing', 'etl', 'clinical', 'analytics', 'dq', 'deid'];
+const OUR_SCHEMAS = ['landing', 'etl', 'clinical', 'analytics', 'dq', 'deid', 'crypto'];
 
 /** A table of ours a Down would drop, with its rows (a partitioned table's include its partitions'). */
 export type DroppedTable = { table: string; rows: number };

@@ -79,7 +79,7 @@ test('no function in our schemas can be hijacked: each pins search_path or has a
            coalesce(p.proconfig, '{}') @> ARRAY['search_path=pg_catalog, pg_temp'] AS pinned
     FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
     WHERE n.nspname IN ('landing', 'etl', 'clinical', 'analytics', 'dq', 'deid')
-      -- pgcrypto's functions (in etl since 0008) are C, and no one but the owner may call them
+      -- pgcrypto's functions (in crypto since 0008) are C, and no one but the owner may use their schema
       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')`);
   expect(fns.length).toBeGreaterThan(40);
   expect(fns.filter((f) => !f.standard_body && !f.pinned).map((f) => f.name)).toEqual([]);

@@ -217,6 +217,7 @@ describe('who can read what', () => {
     expect(await failure(loader(), 'SELECT * FROM etl.secret_keys')).toContain('permission denied for table secret_keys');
     expect(await failure(loader(), `SELECT * FROM etl.erase_patient('phi-test', 'PHI-A-01')`)).toContain('permission denied for function');
     expect(await failure(loader(), 'SELECT etl.rotate_pseudonym_key()')).toContain('permission denied for function');
+    expect(await failure(loader(), `SELECT crypto.digest('x', 'sha256')`)).toContain('permission denied for schema crypto');
     expect(await failure(loader(), 'SELECT * FROM etl.replay_patients(ARRAY[1]::bigint[])')).toContain('permission denied for function');
     expect(await failure(loader(), 'SELECT * FROM analytics.patients')).toContain('permission denied for schema analytics');
     // What it does need: the bookkeeping.
@@ -237,7 +238,7 @@ describe('who can read what', () => {
       SELECT p.oid::regprocedure::text AS name FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
       WHERE n.nspname IN ('landing', 'etl', 'clinical', 'analytics', 'dq', 'deid') AND has_function_privilege('public', p.oid, 'EXECUTE')
       UNION ALL
-      SELECT nspname FROM pg_namespace WHERE nspname IN ('landing', 'etl', 'clinical', 'analytics', 'dq', 'deid')
+      SELECT nspname FROM pg_namespace WHERE nspname IN ('landing', 'etl', 'clinical', 'analytics', 'dq', 'deid', 'crypto')
         AND has_schema_privilege('public', oid, 'USAGE')`);
     expect(publicRights).toEqual([]);
     // A function added later by the owner is not callable by PUBLIC either (default privileges).

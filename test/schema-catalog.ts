@@ -3,7 +3,7 @@
 // test/migrations.test.ts (up/down/up gives the same catalog) and test/schema-snapshot.test.ts.
 import pg from 'pg';
 
-export const SCHEMAS = ['landing', 'etl', 'clinical', 'analytics', 'dq', 'deid'];
+export const SCHEMAS = ['landing', 'etl', 'clinical', 'analytics', 'dq', 'deid', 'crypto'];
 
 export type Catalog = Record<string, any[]>;
 
@@ -58,7 +58,7 @@ const QUERIES: Record<string, string> = {
            ${grants('p.proacl', 'p.proowner', `'f'`)} AS grants
     FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE n.nspname = ANY($1) AND p.prokind <> 'a'
-      -- an extension's functions (pgcrypto's, in etl) are its own; its presence is in pg_extension
+      -- an extension's functions (pgcrypto's, in crypto) are its own; its presence is in pg_extension
       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
     ORDER BY 1, 2, 3`,
   views: `

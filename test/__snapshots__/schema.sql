@@ -389,6 +389,12 @@ CREATE SEQUENCE clinical.treatments_treatment_key_seq AS bigint START 1 INCREMEN
 CREATE SEQUENCE clinical.visits_visit_key_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
 -- grants on sequence clinical.visits_visit_key_seq (besides its owner): none
 
+-- ==== schema crypto =============================================================================
+
+CREATE SCHEMA crypto;
+COMMENT ON SCHEMA crypto IS 'pgcrypto, for the owner only (keyed pseudonyms, keys).';
+-- grants on schema crypto (besides its owner): none
+
 -- ==== schema deid ===============================================================================
 
 CREATE SCHEMA deid;
@@ -1248,7 +1254,7 @@ CREATE OR REPLACE FUNCTION etl.adopt_objects()
 AS $function$
 DECLARE
   o record;
-  v_schemas text[] := ARRAY['landing', 'etl', 'clinical', 'analytics', 'dq', 'deid'];
+  v_schemas text[] := ARRAY['landing', 'etl', 'clinical', 'analytics', 'dq', 'deid', 'crypto'];
 BEGIN
   FOR o IN SELECT n.nspname FROM pg_namespace n
            WHERE n.nspname = ANY (v_schemas) AND n.nspowner <> 'healthetl_owner'::regrole LOOP
@@ -1272,6 +1278,7 @@ BEGIN
   END LOOP;
   FOR o IN SELECT n.nspname FROM pg_namespace n WHERE n.nspname = ANY (v_schemas) LOOP
     EXECUTE format('REVOKE ALL ON SCHEMA %I FROM PUBLIC', o.nspname);
+    CONTINUE WHEN o.nspname = 'crypto'; -- pgcrypto's own functions: not ours to change (the schema is closed)
     EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA %I FROM PUBLIC', o.nspname);
     EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM PUBLIC', o.nspname);
     EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM PUBLIC', o.nspname);
@@ -1654,7 +1661,7 @@ CREATE OR REPLACE FUNCTION etl.keyed_hash(p_key bytea, p_source_system text, p_p
  RETURNS text
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE STRICT
-RETURN encode(etl.hmac(convert_to((((length(p_source_system) || ':'::text) || p_source_system) || p_patient_id), 'UTF8'::name), p_key, 'sha256'::text), 'hex'::text);
+RETURN encode(crypto.hmac(convert_to((((length(p_source_system) || ':'::text) || p_source_system) || p_patient_id), 'UTF8'::name), p_key, 'sha256'::text), 'hex'::text);
 -- grants on function etl.keyed_hash(p_key bytea, p_source_system text, p_patient_id text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.lift_erasure(p_source_system text, p_patient_id text)
@@ -1989,7 +1996,7 @@ DECLARE
   v_n bigint;
 BEGIN
   PERFORM etl.lock_out_transforms();
-  UPDATE etl.secret_keys SET key = etl.gen_random_bytes(32), created_at = clock_timestamp() WHERE purpose = 'pseudonym';
+  UPDATE etl.secret_keys SET key = crypto.gen_random_bytes(32), created_at = clock_timestamp() WHERE purpose = 'pseudonym';
   UPDATE clinical.patients p SET pseudonym = etl.keyed_hash(k.key, p.source_system, p.source_patient_id)
   FROM etl.secret_keys k WHERE k.purpose = 'pseudonym';
   GET DIAGNOSTICS v_n = ROW_COUNT;
