@@ -168,6 +168,39 @@ export async function analystQueries(
 ): Promise<AnalystReport> {
   const role = opts.role ?? 'healthetl_analyst';
   const log = opts.log ?? (() => undefined);
+
+  // What to ask, found on a connection of its own: the two timed sessions start alike (a sort of
+  // every patient on the base session made its later queries measurably slower).
+  const setup = new pg.Client({ connectionString: url });
+  await setup.connect();
+  let year = opts.year;
+  let patient;
+  try {
+    if (year === undefined) {
+      // The last whole year: the year before the latest visit's (the latest may be partial).
+      const [{ y }] = await queryOn(
+        setup,
+        sql.type(z.object({ y: z.coerce.number().nullable() }))`
+          SELECT extract(year FROM max(visit_date))::int - 1 AS y FROM clinical.visits`,
+      );
+      year = y ?? 'all';
+    }
+    // The patient of question c: the one in the middle of the source ids (the same for a seed,
+    // whatever order the shards gave out keys in), with their visit count.
+    [patient] = await queryOn(
+      setup,
+      sql.type(z.object({ source_system: z.string(), source_patient_id: z.string(), pseudonym: z.string(), visits: z.coerce.number() }))`
+        SELECT p.source_system, p.source_patient_id, p.pseudonym,
+               (SELECT count(*) FROM clinical.visits v WHERE v.patient_key = p.patient_key) AS visits
+        FROM clinical.patients p
+        ORDER BY p.source_system, p.source_patient_id
+        OFFSET (SELECT count(*) / 2 FROM clinical.patients) LIMIT 1`,
+    );
+  } finally {
+    await setup.end().catch(() => undefined);
+  }
+  if (!patient) throw new Error('analyst queries: clinical.patients is empty');
+
   const base = new pg.Client({ connectionString: url, application_name: 'healthetl bench: base' });
   const masked = new pg.Client({ connectionString: url, application_name: 'healthetl bench: analyst' });
   await base.connect();
@@ -184,29 +217,6 @@ export async function analystQueries(
     if (who.user !== role || who.clinical || !who.analytics) {
       throw new Error(`analyst session: current_user ${who.user}, clinical usable ${who.clinical}, analytics readable ${who.analytics}`);
     }
-
-    let year = opts.year;
-    if (year === undefined) {
-      // The last whole year: the year before the latest visit's (the latest may be partial).
-      const [{ y }] = await queryOn(
-        base,
-        sql.type(z.object({ y: z.coerce.number().nullable() }))`
-          SELECT extract(year FROM max(visit_date))::int - 1 AS y FROM clinical.visits`,
-      );
-      year = y ?? 'all';
-    }
-    // The patient of question c: the one in the middle of the source ids (the same for a seed,
-    // whatever order the shards gave out keys in), with their visit count.
-    const [patient] = await queryOn(
-      base,
-      sql.type(z.object({ source_system: z.string(), source_patient_id: z.string(), pseudonym: z.string(), visits: z.coerce.number() }))`
-        SELECT p.source_system, p.source_patient_id, p.pseudonym,
-               (SELECT count(*) FROM clinical.visits v WHERE v.patient_key = p.patient_key) AS visits
-        FROM clinical.patients p
-        ORDER BY p.source_system, p.source_patient_id
-        OFFSET (SELECT count(*) / 2 FROM clinical.patients) LIMIT 1`,
-    );
-    if (!patient) throw new Error('analyst queries: clinical.patients is empty');
     log(
       `6. analyst queries (${year}; the patient has ${patient.visits} visits): base as the bench's user, masked as ${role}; median of ${opts.runs}`,
     );
