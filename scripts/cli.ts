@@ -1,12 +1,12 @@
 // `healthetl`: the command line. It parses arguments, calls the modules, prints results and
 // exits with a documented code. No data logic lives here.
-import { lstatSync, readFileSync, realpathSync } from 'node:fs';
+import { lstatSync, readFileSync, realpathSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { createDbPool, describeTarget, resolveDatabaseUrl, settingsProblem } from './db.ts';
-import { EXIT, explainError, UserError } from './errors.ts';
+import { EXIT, exitCodeOf, explainError, failsOnlyTheBatch, UserError } from './errors.ts';
 import { expandInputs } from './inputs.ts';
 import { chooseFormat, createOutput, visible, type LogStream, type Output } from './log.ts';
 import { migrate, migrationStatus } from './migrate.ts';
@@ -17,6 +17,20 @@ import { DEFAULT_SHARD_MIN_DOCUMENTS, DEFAULT_SHARDS, transformPending, type Bat
 import { checkDemoTarget, demoTarget, showDemo } from './demo.ts';
 import { purge, replay, type ReplaySelector } from './maintenance.ts';
 import { erasePatient, formatPrivacyReport, liftErasure, privacyReport, rotatePseudonymKey, ROTATE_WARNING } from './privacy.ts';
+import {
+  checkBatch,
+  checkNames,
+  formatTable,
+  hasFailures,
+  latestTransformedBatch,
+  measureOf,
+  readReport,
+  renderHtml,
+  runChecks,
+  setCheck,
+  type DqReport,
+  type DqSummary,
+} from './dq.ts';
 
 const PROJECT_DIR = fileURLToPath(new URL('..', import.meta.url));
 const VERSION = (JSON.parse(readFileSync(path.join(PROJECT_DIR, 'package.json'), 'utf8')) as { version: string }).version;
@@ -100,6 +114,7 @@ async function transform(
   url: string,
   { shards, 'shard-min-documents': shardMinDocuments }: ShardArgs,
   batchIds?: number[],
+  onBatch?: (r: BatchTransform) => void,
 ): Promise<BatchTransform[]> {
   // One connection coordinates, one per shard transforms.
   const pool = await createDbPool(url, Math.max(4, shards + 1));
@@ -109,7 +124,10 @@ async function transform(
       shards,
       shardMinDocuments,
       onWait: (m) => o.log.info(m),
-      onBatch: (r) => o.log.info({ ...r, batch: r.batchId, batchId: undefined }, 'batch transformed'),
+      onBatch: (r) => {
+        o.log.info({ ...r, batch: r.batchId, batchId: undefined }, 'batch transformed');
+        onBatch?.(r);
+      },
       // explainError gives the message and hint only, never a server DETAIL (it can quote a row),
       // and for data exceptions (22xxx, whose message can quote a value) not even the message.
       onFailed: (batch, err) => o.log.error({ batch, error: explainError(err, url).message }, 'batch failed; going on with the next one'),
@@ -117,6 +135,93 @@ async function transform(
   } finally {
     await pool.end();
   }
+}
+
+/** The one-line data-quality summary of a batch's checks: an error line when an error-severity check failed. */
+function logQuality(o: Output, s: DqSummary): void {
+  const line = {
+    batch: s.batch_id,
+    dq_run: s.run_id,
+    passed: s.pass,
+    warned: s.warn,
+    failed: s.fail,
+    ...(s.failed.length ? { failed_checks: s.failed } : {}),
+    ...(s.warned.length ? { warned_checks: s.warned } : {}),
+  };
+  const msg = `data quality of batch ${s.batch_id}: ${s.fail} failed, ${s.warn} warned, ${s.pass} passed`;
+  // Info when only warn-severity checks failed: they are reported, and the command still exits 0.
+  if (s.fail > 0) o.log.error(line, `${msg} (an error-severity check failed: exit ${EXIT.DQ_FAILED}; healthetl dq --latest shows them)`);
+  else o.log.info(line, msg);
+}
+
+/**
+ * Transforms (the given or every pending batch), then runs the data-quality checks on each batch it
+ * transformed (dq.run(batch): that batch's patients only, so its cost follows the batch's size,
+ * though probable duplicates are looked for among all patients: about half the time of the batch's
+ * transform at 20,000 patients) and logs a one-line summary of each. A batch that failed to transform does not keep the others
+ * from being checked: its error is thrown after them (unless the session or the server went away,
+ * when the checks would only fail the same way). `transform` and `run` both do this: whatever
+ * transforms a batch checks it, so that the data-quality results always cover what was loaded.
+ */
+async function transformAndCheck(
+  o: Output,
+  url: string,
+  args: ShardArgs,
+  batchIds?: number[],
+): Promise<{ done: BatchTransform[]; quality: DqSummary[] }> {
+  const done: BatchTransform[] = [];
+  let failure: { err: unknown } | undefined;
+  try {
+    await transform(o, url, args, batchIds, (r) => done.push(r));
+  } catch (err) {
+    failure = { err };
+  }
+  const quality: DqSummary[] = [];
+  if (done.length > 0 && (!failure || failsOnlyTheBatch(failure.err))) {
+    try {
+      const pool = await createDbPool(url, 1);
+      try {
+        for (const b of done) {
+          const s = await checkBatch(pool, b.batchId);
+          logQuality(o, s);
+          quality.push(s);
+        }
+      } finally {
+        await pool.end();
+      }
+    } catch (err) {
+      if (!failure) {
+        o.log.error(
+          { batches: done.map((b) => b.batchId) },
+          'the batches are transformed, but their data-quality checks could not run (next line: why); healthetl dq --batch N runs them again',
+        );
+        throw err;
+      }
+      o.log.error({ error: explainError(err, url).message }, 'the data-quality checks could not run either');
+    }
+  }
+  if (failure) throw failure.err;
+  return { done, quality };
+}
+
+/** The batches among these whose counts do not reconcile (etl.batch_summary.balanced). */
+async function unbalancedOf(url: string, batchIds: number[]): Promise<number[]> {
+  if (batchIds.length === 0) return [];
+  const pool = await createDbPool(url, 1);
+  try {
+    const out: number[] = [];
+    for (const id of batchIds) for (const b of await batchSummaries(pool, { batchId: id })) if (!b.balanced) out.push(b.batch_id);
+    return out;
+  } finally {
+    await pool.end();
+  }
+}
+
+function logUnbalanced(o: Output, batches: number[]): void {
+  o.log.error(
+    { batches },
+    `counts do not reconcile for batch ${batches.join(', ')}: received (the loader's count) must equal the landing rows and the sum of their outcomes; see sql/batch-report.sql`,
+  );
 }
 
 function fileProblems(files: FileOutcome[]): number {
@@ -192,6 +297,10 @@ const NUMERIC_OPTIONS: Record<string, [string, (v: unknown) => boolean]> = {
   'shard-min-documents': ['a whole number of 1 or more (documents)', whole(1)],
   'older-than': ['a whole number of 0 or more (days)', whole(0, 1_000_000)],
   k: ['a whole number from 2 to 1000000 (the smallest group size to aim for)', whole(2, 1_000_000)],
+  threshold: [
+    'a number of 0 or more (a share from 0 to 1, hours, or a distance from the median)',
+    (v) => typeof v === 'number' && Number.isFinite(v) && v >= 0,
+  ],
 };
 
 /** One line naming the first bad numeric option and what it takes; null when they are fine. */
@@ -208,7 +317,7 @@ export function buildCli(args: string[]) {
     commonOptions(yargs(args.map((a) => (a === '-' ? STDIN_ARG : a))))
       .scriptName('healthetl')
       .usage(
-        '$0 <command> [options]\n\nNested JSON patient records into PostgreSQL. Exit codes: 0 ok, 1 failure, 2 bad usage, 3 database unreachable, 4 some documents or files rejected, 5 schema not migrated, 6 counts do not reconcile, 7 a batch failed to transform.',
+        '$0 <command> [options]\n\nNested JSON patient records into PostgreSQL. Exit codes: 0 ok, 1 failure, 2 bad usage, 3 database unreachable, 4 some documents or files rejected, 5 schema not migrated, 6 counts do not reconcile, 7 a batch failed to transform, 8 a data-quality check of error severity failed.',
       )
       .command(
         'migrate <action>',
@@ -254,23 +363,32 @@ export function buildCli(args: string[]) {
       )
       .command(
         'transform',
-        'transform staged batches into the clinical tables',
+        'transform staged batches into the clinical tables, and check the data quality of each (exit 8 when an error-severity check failed)',
         (y) => shardOption(y.option('batch', { type: 'number', array: true, describe: 'only these batches (default: every pending one)' })),
         (argv) =>
           guarded(argv, async (o, url) => {
-            const done = await transform(o, url, argv, argv.batch);
+            const { done, quality } = await transformAndCheck(o, url, argv, argv.batch);
             if (done.length === 0) o.log.info('nothing to transform');
-            return done.some((b) => b.rejected > 0) ? EXIT.REJECTED : EXIT.OK;
+            const unbalanced = await unbalancedOf(
+              url,
+              done.map((b) => b.batchId),
+            );
+            if (unbalanced.length > 0) logUnbalanced(o, unbalanced);
+            return exitCodeOf([
+              unbalanced.length > 0 && EXIT.UNBALANCED,
+              quality.some((q) => q.fail > 0) && EXIT.DQ_FAILED,
+              done.some((b) => b.rejected > 0) && EXIT.REJECTED,
+            ]);
           }),
       )
       .command(
         'run <paths..>',
-        'load, then transform (what a scheduler calls); exit 4 when anything was rejected',
+        'load, then transform and check the data quality of each batch transformed (what a scheduler calls); exit 4 when anything was rejected, 8 when an error-severity check failed',
         (y) => shardOption(loadOptions(y)),
         (argv) =>
           guarded(argv, async (o, url) => {
             const loaded = await load(o, url, argv as unknown as LoadArgs);
-            await transform(o, url, argv);
+            const { quality } = await transformAndCheck(o, url, argv);
             // The batch's outcome as recorded, not as this process's transform returned it: another
             // run may have transformed this batch while this one waited for the transform lock.
             const c = await batchOutcome(url, loaded.batchId);
@@ -291,7 +409,12 @@ export function buildCli(args: string[]) {
               'run finished',
             );
             await printRejects(o, url, rejected > 0 ? [loaded.batchId] : []);
-            return rejected > 0 || fileProblems(loaded.files) > 0 ? EXIT.REJECTED : EXIT.OK;
+            if (!c.balanced) logUnbalanced(o, [loaded.batchId]);
+            return exitCodeOf([
+              !c.balanced && EXIT.UNBALANCED,
+              quality.some((q) => q.fail > 0) && EXIT.DQ_FAILED,
+              (rejected > 0 || fileProblems(loaded.files) > 0) && EXIT.REJECTED,
+            ]);
           }),
       )
       .command(
@@ -312,22 +435,15 @@ export function buildCli(args: string[]) {
                 for (const r of rows) o.log.info(r, 'batch');
               }
               const unbalanced = rows.filter((r) => !r.balanced).map((r) => r.batch_id);
-              if (unbalanced.length > 0) {
-                o.log.error(
-                  { batches: unbalanced },
-                  `counts do not reconcile for batch ${unbalanced.join(', ')}: received (the loader's count) must equal the landing rows and the sum of their outcomes; see sql/batch-report.sql`,
-                );
-                return EXIT.UNBALANCED;
-              }
+              if (unbalanced.length > 0) logUnbalanced(o, unbalanced);
               const failed = rows.filter(failedToTransform).map((r) => r.batch_id);
               if (failed.length > 0) {
                 o.log.error(
                   { batches: failed },
                   `batch ${failed.join(', ')} failed to transform: its error says why; the next run retries it`,
                 );
-                return EXIT.BATCH_FAILED;
               }
-              return EXIT.OK;
+              return exitCodeOf([unbalanced.length > 0 && EXIT.UNBALANCED, failed.length > 0 && EXIT.BATCH_FAILED]);
             } finally {
               await pool.end();
             }
@@ -484,6 +600,131 @@ export function buildCli(args: string[]) {
           ), // stdout carries the report alone
       )
       .command(
+        'dq',
+        'run the data-quality checks (default: on the patients of the latest transformed batch) and show the results; exit 8 when an error-severity check failed. dq set tunes a check',
+        (y) =>
+          y
+            .command(
+              'set <check>',
+              "tune a data-quality check: one UPDATE of dq.checks, recorded with who, when, old and new value in dq.check_changes; run as the migrator's login (a member of healthetl_owner)",
+              (s) =>
+                s
+                  .positional('check', { type: 'string', demandOption: true, describe: 'the check (healthetl dq --latest lists them)' })
+                  .option('severity', {
+                    choices: ['warn', 'error'] as const,
+                    describe: 'error: a failure exits 8 (run, transform, dq); warn: it is reported only',
+                  })
+                  .option('threshold', {
+                    type: 'number',
+                    describe:
+                      "in the check's unit: the largest share of failing rows allowed (0 to 1), the most hours, or how far from the median",
+                  })
+                  .option('enabled', { choices: ['true', 'false'] as const, describe: 'false: the check no longer runs' })
+                  .check((argv) => {
+                    if (argv.severity === undefined && argv.threshold === undefined && argv.enabled === undefined)
+                      throw new UserError(
+                        'dq set needs at least one of --severity warn|error, --threshold X or --enabled true|false',
+                        EXIT.USAGE,
+                      );
+                    return true;
+                  }),
+              (argv) =>
+                guarded(argv, async (o, url) => {
+                  const name = String(argv.check);
+                  const pool = await createDbPool(url, 1);
+                  try {
+                    const unknown = async () =>
+                      new UserError(
+                        `there is no data-quality check named ${/^[A-Za-z0-9_]{1,63}$/.test(name) ? name : '(not shown: not the shape of a check name)'}; the checks are: ${(await checkNames(pool)).join(', ')}`,
+                        EXIT.USAGE,
+                      );
+                    const measure = await measureOf(pool, name);
+                    if (measure === null) throw await unknown();
+                    if (argv.threshold !== undefined && measure === 'failing_ratio' && argv.threshold > 1)
+                      throw new UserError(
+                        `--threshold of ${name} is the largest share of its rows allowed to fail, from 0 to 1 (0.05: 5 %); ${argv.threshold} would let every row fail`,
+                        EXIT.USAGE,
+                      );
+                    const changes = await setCheck(pool, name, {
+                      severity: argv.severity,
+                      threshold: argv.threshold,
+                      enabled: argv.enabled === undefined ? undefined : argv.enabled === 'true',
+                    });
+                    if (changes === null) throw await unknown();
+                    if (changes.length === 0) o.log.info({ check: name, changes }, `nothing changed: ${name} already had those settings`);
+                    else
+                      o.log.info(
+                        { check: name, changes },
+                        `${name} changed: ${changes.map((c) => `${c.setting} ${c.old_value} -> ${c.new_value}`).join(', ')} (recorded in dq.check_changes; the next run of the checks uses it)`,
+                      );
+                    return EXIT.OK;
+                  } finally {
+                    await pool.end();
+                  }
+                }),
+            )
+            .option('all', { type: 'boolean', global: false, describe: 'check the whole database (what a nightly job runs)' })
+            .option('batch', { type: 'number', global: false, describe: "check this batch's patients" })
+            .option('latest', { type: 'boolean', global: false, describe: 'show the latest results without running the checks' })
+            .option('format', {
+              choices: ['table', 'json', 'html'] as const,
+              default: 'table' as const,
+              global: false,
+              describe: 'a table for a terminal, one JSON object, or one self-contained HTML page',
+            })
+            .option('output', { type: 'string', global: false, describe: 'write the report to this file (default: standard output)' })
+            // A check of its own rather than .conflicts(), which would make these options dq set's too.
+            .check((argv) => {
+              if ([argv.all === true, argv.batch !== undefined, argv.latest === true].filter(Boolean).length > 1)
+                throw new UserError('dq takes one of --all, --batch N and --latest (none: the latest transformed batch)', EXIT.USAGE);
+              return true;
+            }, false),
+        (argv) =>
+          guarded(
+            argv,
+            async (o, url) => {
+              const pool = await createDbPool(url, 1);
+              let report: DqReport;
+              try {
+                if (argv.latest) {
+                  report = await readReport(pool, null, 'latest');
+                } else {
+                  const batch = argv.all ? null : (argv.batch ?? (await latestTransformedBatch(pool)));
+                  if (!argv.all && batch === null)
+                    throw new UserError(
+                      'no batch has been transformed yet: load one (healthetl run), or check the whole database with --all',
+                      EXIT.USAGE,
+                    );
+                  if (batch !== null && (await batchSummaries(pool, { batchId: batch })).length === 0)
+                    throw new UserError(`batch ${batch} does not exist: run "healthetl status" to list batches`, EXIT.USAGE);
+                  report = await readReport(pool, await runChecks(pool, batch), batch === null ? 'all' : 'batch');
+                  o.log.info(
+                    { dq_run: report.run_id, batch: report.batch_id, ...report.summary },
+                    `data-quality checks ran on ${batch === null ? 'the whole database' : `batch ${batch}'s patients`}`,
+                  );
+                }
+              } finally {
+                await pool.end();
+              }
+              const text =
+                argv.format === 'json'
+                  ? JSON.stringify(report)
+                  : argv.format === 'html'
+                    ? renderHtml(report)
+                    : formatTable(report).split('\n').map(visible).join('\n');
+              if (argv.output) {
+                writeReport(argv.output, text.endsWith('\n') ? text : `${text}\n`);
+                o.log.info({ file: argv.output, format: argv.format }, 'report written');
+              } else {
+                o.text(text);
+              }
+              if (hasFailures(report)) o.log.error({ failed: report.summary.fail }, 'an error-severity data-quality check failed');
+              return hasFailures(report) ? EXIT.DQ_FAILED : EXIT.OK;
+            },
+            'stderr',
+          ), // stdout carries the report alone
+      )
+      .command(
         'demo',
         'start an embedded PostgreSQL (or use --database-url: an empty database or one with demo data only), migrate, load fixtures/ and show the result',
         (y) =>
@@ -563,6 +804,21 @@ function identityProblem(argv: Record<string, unknown>): string | null {
     if (typeof v !== 'string' || v.trim() === '') return `--${key} must not be empty`;
   }
   return null;
+}
+
+/** Writes a report whole or not at all (a web server serving the file never sees half of it). */
+function writeReport(file: string, text: string): void {
+  const tmp = `${file}.${process.pid}.tmp`;
+  try {
+    writeFileSync(tmp, text);
+    renameSync(tmp, file);
+  } catch (err) {
+    rmSync(tmp, { force: true });
+    throw new UserError(
+      `cannot write the report to ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
+      EXIT.FAILURE,
+    );
+  }
 }
 
 async function batchOutcome(url: string, batchId: number): Promise<BatchOutcome> {

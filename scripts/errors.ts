@@ -15,7 +15,52 @@ export const EXIT = {
   NOT_MIGRATED: 5, // the schema is missing or behind: run `healthetl migrate up`
   UNBALANCED: 6, // a batch's counts do not reconcile
   BATCH_FAILED: 7, // a batch failed to transform (status): its error says why; the next run retries it
+  DQ_FAILED: 8, // a data-quality check of error severity failed (status 'fail') in the checks run or dq ran; warn alone is 0
 } as const;
+
+export type ExitCode = (typeof EXIT)[keyof typeof EXIT];
+
+/**
+ * Which exit code wins when a command ends with several outcomes at once, highest first:
+ *
+ *   2 USAGE, 1 FAILURE  end a command as soon as they happen (an error thrown), so they never meet
+ *                       another outcome; listed first so that nothing hides them
+ *   3 DB_UNREACHABLE    PostgreSQL unreachable, login refused, server restarted: retry later
+ *   5 NOT_MIGRATED      the schema is missing or behind: run `healthetl migrate up`
+ *   6 UNBALANCED        a batch's counts do not reconcile
+ *   7 BATCH_FAILED      a batch failed to transform (`status`; `run` and `transform` end with that batch's
+ *                       own error instead, after transforming and checking the other batches)
+ *   8 DQ_FAILED         an error-severity data-quality check failed (a warn-severity one alone: 0)
+ *   4 REJECTED          some documents or files were rejected (or replay kept some patients)
+ *   0 OK
+ *
+ * The code that calls for the most urgent action wins: a scheduler retries on 3, a DBA migrates on
+ * 5, investigates on 6 and 7; a failed data-quality check (8) matters more than a rejected document,
+ * which the batch counts and keeps (4). So `run` with rejects and a failed error check exits 8.
+ * Every command that can end with more than one of these picks its code here.
+ */
+export const EXIT_PRECEDENCE: readonly ExitCode[] = [
+  EXIT.USAGE,
+  EXIT.FAILURE,
+  EXIT.DB_UNREACHABLE,
+  EXIT.NOT_MIGRATED,
+  EXIT.UNBALANCED,
+  EXIT.BATCH_FAILED,
+  EXIT.DQ_FAILED,
+  EXIT.REJECTED,
+  EXIT.OK,
+];
+
+/** The exit code of a command that ended with these outcomes (false and undefined: not this one): see EXIT_PRECEDENCE; OK when none. */
+export function exitCodeOf(outcomes: Iterable<ExitCode | false | undefined | null>): ExitCode {
+  let best: ExitCode = EXIT.OK;
+  for (const o of outcomes) {
+    if (o === false || o === undefined || o === null) continue;
+    if (!EXIT_PRECEDENCE.includes(o)) throw new TypeError(`exitCodeOf: ${o} is not an exit code`);
+    if (EXIT_PRECEDENCE.indexOf(o) < EXIT_PRECEDENCE.indexOf(best)) best = o;
+  }
+  return best;
+}
 
 export class UserError extends Error {
   constructor(
@@ -199,7 +244,7 @@ export function explainError(err: unknown, databaseUrl?: string): { message: str
   if (server && code === '42501') {
     // The server's message names the object ("permission denied for function erase_patient"), never a value.
     return {
-      message: `${oneLine(server.message)} (SQLSTATE 42501) in ${where}: this login lacks a privilege the command needs; erase and rotate-pseudonym-key run as the migrator's login (a member of healthetl_owner), load, run, transform, status and privacy-report as a member of healthetl_loader`,
+      message: `${oneLine(server.message)} (SQLSTATE 42501) in ${where}: this login lacks a privilege the command needs; erase, rotate-pseudonym-key and dq set run as the migrator's login (a member of healthetl_owner), load, run, transform, status, dq and privacy-report as a member of healthetl_loader`,
       exitCode: EXIT.FAILURE,
     };
   }

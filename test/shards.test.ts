@@ -379,7 +379,8 @@ describe('a sharded run killed with SIGKILL during the transform', () => {
       await killed.query(`SELECT count(*) FILTER (WHERE status = 'loaded')::int AS loaded, count(*) FILTER (WHERE status = 'duplicate')::int AS duplicate,
                                               count(*) FILTER (WHERE status = 'staged')::int AS staged FROM landing.raw_documents WHERE batch_id > 1`);
     expect(once).toEqual({ loaded: 5000, duplicate: 5000, staged: 0 });
-  });
+    // Each of the two runs of 5000 patients also runs the data-quality checks on them: a longer guard.
+  }, 120_000);
 });
 
 describe('a coordinator lost while its shards run', () => {
