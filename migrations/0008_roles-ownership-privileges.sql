@@ -10,6 +10,8 @@
 -- with SELECT etl.adopt_objects(), which hands what it created to healthetl_owner and takes back
 -- what PostgreSQL grants to PUBLIC by default (EXECUTE on functions).
 SET LOCAL search_path = pg_catalog, pg_temp;
+-- It changes the owner of everything the transform uses: no transform runs meanwhile.
+SELECT etl.lock_out_transforms();
 
 -- Roles belong to the server: created here only when absent (a superuser's quick start, the tests);
 -- never dropped by a Down, which revokes.

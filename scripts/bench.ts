@@ -191,13 +191,14 @@ async function rowByRow(c: pg.Client, docs: PatientDocument[]): Promise<void> {
       values: [d.patient_id],
     });
     const pk = k.rows[0].patient_key;
-    await c.query({
+    const patient = await c.query({
       name: 'rb_patient',
       text: `INSERT INTO clinical.patients (patient_key, source_system, source_patient_id, mrn, ssn, given_name, family_name,
                birth_date, sex, phone, email, address_lines, city, state, postal_code, country, source_updated_at,
                document_id, content_sha256, batch_id, pseudonym)
              VALUES ($1, 'rowbyrow', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, 0, '\\x00', 0,
-                     etl.keyed_hash((SELECT key FROM etl.secret_keys WHERE purpose = 'pseudonym'), 'rowbyrow', $2))`,
+                     etl.keyed_uuid((SELECT key FROM etl.secret_keys WHERE purpose = 'pseudonym'), 'rowbyrow', $2))
+             RETURNING pseudonym`,
       values: [
         pk,
         d.patient_id,
@@ -217,12 +218,13 @@ async function rowByRow(c: pg.Client, docs: PatientDocument[]): Promise<void> {
         d.updated_at ?? null,
       ],
     });
+    const pseudonym = patient.rows[0].pseudonym;
     for (const [vi, v] of d.visits.entries()) {
       const vk = await c.query({
         name: 'rb_visit',
         text: `INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, discharge_date, visit_type,
-                 facility_id, facility_name, provider_npi, provider_name, position)
-               VALUES ($1, nextval('clinical.visits_visit_key_seq'), $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING visit_key`,
+                 facility_id, facility_name, provider_npi, provider_name, position, pseudonym)
+               VALUES ($1, nextval('clinical.visits_visit_key_seq'), $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING visit_key`,
         values: [
           pk,
           v.visit_date,
@@ -234,23 +236,25 @@ async function rowByRow(c: pg.Client, docs: PatientDocument[]): Promise<void> {
           v.provider.npi,
           v.provider.name,
           vi,
+          pseudonym,
         ],
       });
       const key = vk.rows[0].visit_key;
       for (const [i, x] of v.diagnoses.entries()) {
         await c.query({
           name: 'rb_dx',
-          text: `INSERT INTO clinical.diagnoses (patient_key, visit_key, visit_date, position, code, code_system, description, is_primary)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
-          values: [pk, key, v.visit_date, i, x.code, x.system, x.description, x.primary],
+          text: `INSERT INTO clinical.diagnoses (patient_key, visit_key, visit_date, position, code, code_system, description, is_primary,
+                   pseudonym)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
+          values: [pk, key, v.visit_date, i, x.code, x.system, x.description, x.primary, pseudonym],
         });
       }
       for (const [i, x] of v.treatments.entries()) {
         await c.query({
           name: 'rb_tx',
           text: `INSERT INTO clinical.treatments (patient_key, visit_key, visit_date, position, source_treatment_id, treatment_type,
-                   code, code_system, name, dose, route, frequency, start_date, end_date)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)`,
+                   code, code_system, name, dose, route, frequency, start_date, end_date, pseudonym)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)`,
           values: [
             pk,
             key,
@@ -266,6 +270,7 @@ async function rowByRow(c: pg.Client, docs: PatientDocument[]): Promise<void> {
             x.frequency,
             x.start_date,
             x.end_date,
+            pseudonym,
           ],
         });
       }
@@ -273,9 +278,9 @@ async function rowByRow(c: pg.Client, docs: PatientDocument[]): Promise<void> {
         await c.query({
           name: 'rb_note',
           text: `INSERT INTO clinical.provider_notes (patient_key, visit_key, visit_date, position, source_note_id, author, written_at, note_text,
-                   note_text_redacted)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, etl.redact_note($8, $9, $10, $11))`,
-          values: [pk, key, v.visit_date, i, x.note_id, x.author, x.written_at, x.text, d.mrn, d.birth_date, names],
+                   note_text_redacted, pseudonym)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, etl.redact_note($8, $9, $10, $11), $12)`,
+          values: [pk, key, v.visit_date, i, x.note_id, x.author, x.written_at, x.text, d.mrn, d.birth_date, names, pseudonym],
         });
       }
     }
@@ -332,18 +337,17 @@ async function main(): Promise<void> {
 
       // (2) lower bound, on the fresh database.
       // The generator's rows have no pseudonym, which the transform computes (migrations/0009) and
-      // clinical.patients requires: a default of the same width (64 hex digits) stands in during
-      // the COPY. (Notes' note_text_redacted is left NULL: the pre-flattened rows have none.)
-      await queryOn(
-        c,
-        sql.unsafe`ALTER TABLE clinical.patients ALTER COLUMN pseudonym SET DEFAULT md5(random()::text) || md5(random()::text)`,
-      );
+      // every clinical table requires: a random uuid stands in during the COPY. (Notes'
+      // note_text_redacted is left NULL: the pre-flattened rows have none.)
+      for (const t of ['patients', 'visits', 'diagnoses', 'treatments', 'provider_notes'])
+        await queryOn(c, sql.unsafe`ALTER TABLE ${sql.identifier(['clinical', t])} ALTER COLUMN pseudonym SET DEFAULT gen_random_uuid()`);
       await queryOn(c, sql.unsafe`CHECKPOINT`);
       log('2. COPY of the pre-flattened rows (lower bound)');
       const lower = await timed(() => copyLowerBound(c, info));
       const lowerCounts = await clinicalCounts(c);
       expectCounts('COPY lower bound', lowerCounts, info.rows);
-      await queryOn(c, sql.unsafe`ALTER TABLE clinical.patients ALTER COLUMN pseudonym DROP DEFAULT`);
+      for (const t of ['patients', 'visits', 'diagnoses', 'treatments', 'provider_notes'])
+        await queryOn(c, sql.unsafe`ALTER TABLE ${sql.identifier(['clinical', t])} ALTER COLUMN pseudonym DROP DEFAULT`);
       await queryOn(c, TRUNCATE_ALL);
       await queryOn(c, sql.unsafe`VACUUM ANALYZE`);
 

@@ -57,7 +57,7 @@ const ANALYST = 'healthetl_analyst';
 /** What etl.redact_note puts in place of an identifier. */
 const REDACTION_MARKER = String.raw`\[(NAME|MRN|DOB|SSN|PHONE|EMAIL)\]`;
 
-/** A pseudonym is 64 hex digits: its first 12 are enough to tell the demo's patients apart. */
+/** A pseudonym is a uuid (128 bits of a keyed hash): its first 12 characters are enough to tell the demo's patients apart. */
 const shortPseudonym = (p: string | null) => (p ? `${p.slice(0, 12)}…` : '-');
 
 /** A note for one line of the summary: control characters visible, at most 160 characters. */
@@ -108,7 +108,7 @@ export async function showDemo(url: string, batchId: number, print: (text: strin
     } else {
       const { visits, note } = await pool.transaction(async (tx) => {
         await tx.query(sql.unsafe`SET LOCAL ROLE ${sql.identifier([ANALYST])}`);
-        const among = sql.fragment`patient_pseudonym = ANY (${sql.array([...pseudonyms], 'text')})`;
+        const among = sql.fragment`patient_pseudonym = ANY (${sql.array([...pseudonyms], 'uuid')})`;
         return {
           visits: await tx.any(sql.type(AnalystVisit)`
             SELECT patient_pseudonym, visit_date::text AS visit_date, visit_type, age_at_visit

@@ -241,7 +241,7 @@ describe('rotate-pseudonym-key', () => {
     const after = await pseudonyms();
     expect([...after.keys()].sort()).toEqual([...before.keys()].sort());
     for (const [k, p] of after) {
-      expect(p).toMatch(/^[0-9a-f]{64}$/);
+      expect(p).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/); // a uuid: 128 bits of the keyed hash
       expect(p, `patient ${k}`).not.toBe(before.get(k));
     }
     expect(new Set(after.values()).size).toBe(16);

@@ -341,7 +341,7 @@ describe('nothing planted leaks into the tiers', () => {
     const pseud = (await as(analyst(), 'SELECT patient_pseudonym AS id FROM analytics.patients')).map((r) => r.id);
     const research = (await as(researcher(), 'SELECT research_id::text AS id FROM deid.patients')).map((r) => r.id);
     expect(pseud.filter((p) => research.includes(p))).toEqual([]);
-    expect(pseud.every((p) => /^[0-9a-f]{64}$/.test(p))).toBe(true);
+    expect(pseud.every((p) => /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(p))).toBe(true);
   });
 });
 
@@ -413,8 +413,9 @@ describe('pseudonyms, rotation and erasure', () => {
 
   test('the pseudonym is the keyed HMAC stored at load: the same on a replay, not any plain hash of the id', async () => {
     const [r] =
-      await db.query(`SELECT count(*) FILTER (WHERE p.pseudonym = etl.keyed_hash(k.key, p.source_system, p.source_patient_id))::int AS keyed,
-                                       count(*) FILTER (WHERE p.pseudonym IN (encode(sha256(convert_to(p.source_patient_id, 'UTF8')), 'hex'), md5(p.source_patient_id)))::int AS plain
+      await db.query(`SELECT count(*) FILTER (WHERE p.pseudonym = etl.keyed_uuid(k.key, p.source_system, p.source_patient_id))::int AS keyed,
+                                       count(*) FILTER (WHERE p.pseudonym::text IN (left(encode(sha256(convert_to(p.source_patient_id, 'UTF8')), 'hex'), 32), md5(p.source_patient_id))
+                                                  OR replace(p.pseudonym::text, '-', '') IN (left(encode(sha256(convert_to(p.source_patient_id, 'UTF8')), 'hex'), 32), md5(p.source_patient_id)))::int AS plain
                                 FROM clinical.patients p CROSS JOIN etl.secret_keys k WHERE k.purpose = 'pseudonym'`);
     expect(r).toEqual({ keyed: 3, plain: 0 });
   });
@@ -425,6 +426,16 @@ describe('pseudonyms, rotation and erasure', () => {
     const after = (await db.query(`SELECT pseudonym FROM clinical.patients ORDER BY patient_key`)).map((x) => x.pseudonym);
     expect(after.filter((p, i) => p === before[i])).toEqual([]);
     expect(new Set(after).size).toBe(3);
+    // Every row of every patient carries the new one (the child views read it from there).
+    const stale = await db.query(`
+      SELECT t.rel, bool_and(t.pseudonym = p.pseudonym) AS same FROM (
+        SELECT 'visits' AS rel, c.patient_key, c.pseudonym FROM clinical.visits c
+        UNION ALL SELECT 'diagnoses', c.patient_key, c.pseudonym FROM clinical.diagnoses c
+        UNION ALL SELECT 'treatments', c.patient_key, c.pseudonym FROM clinical.treatments c
+        UNION ALL SELECT 'provider_notes', c.patient_key, c.pseudonym FROM clinical.provider_notes c) t
+      JOIN clinical.patients p ON p.patient_key = t.patient_key
+      GROUP BY t.rel ORDER BY 1`);
+    expect(stale).toEqual(['diagnoses', 'provider_notes', 'treatments', 'visits'].map((rel) => ({ rel, same: true })));
   });
 
   test('erasure leaves no trace of the patient in any table, keeps a receipt without PHI, and blocks a re-delivery', async () => {

@@ -67,7 +67,7 @@ COMMENT ON COLUMN analytics.data_quality.failing_since IS 'Since when it has not
 -- grants on view analytics.data_quality (besides its owner): healthetl_analyst SELECT
 
 -- view analytics.diagnoses columns:
---   patient_pseudonym text
+--   patient_pseudonym uuid
 --   visit_key bigint
 --   visit_date date
 --   position integer
@@ -76,7 +76,7 @@ COMMENT ON COLUMN analytics.data_quality.failing_since IS 'Since when it has not
 --   description text
 --   is_primary boolean
 CREATE VIEW analytics.diagnoses AS
- SELECT p.pseudonym AS patient_pseudonym,
+ SELECT d.pseudonym AS patient_pseudonym,
     d.visit_key,
     d.visit_date,
     d."position",
@@ -84,8 +84,7 @@ CREATE VIEW analytics.diagnoses AS
     d.code_system,
     d.description,
     d.is_primary
-   FROM (clinical.diagnoses d
-     LEFT JOIN clinical.patients p ON ((p.patient_key = d.patient_key)));
+   FROM clinical.diagnoses d;
 COMMENT ON VIEW analytics.diagnoses IS 'One row per diagnosis of a visit (limited data set).';
 COMMENT ON COLUMN analytics.diagnoses.patient_pseudonym IS 'The patient''s keyed pseudonym.';
 COMMENT ON COLUMN analytics.diagnoses.visit_key IS 'The visit (analytics.visits.visit_key).';
@@ -98,7 +97,7 @@ COMMENT ON COLUMN analytics.diagnoses.is_primary IS 'Whether this is the visit''
 -- grants on view analytics.diagnoses (besides its owner): healthetl_analyst SELECT
 
 -- view analytics.patients columns:
---   patient_pseudonym text
+--   patient_pseudonym uuid
 --   source_system text
 --   birth_date date
 --   age_years integer
@@ -126,7 +125,7 @@ CREATE VIEW analytics.patients AS
     p.loaded_at
    FROM clinical.patients p;
 COMMENT ON VIEW analytics.patients IS 'One row per patient (HIPAA limited data set): no names, SSN, MRN, phone, email, street lines or source ids.';
-COMMENT ON COLUMN analytics.patients.patient_pseudonym IS 'Keyed pseudonym: HMAC-SHA256 of source system and patient id under a secret key; stable across loads, changes only when the key is rotated.';
+COMMENT ON COLUMN analytics.patients.patient_pseudonym IS 'Keyed pseudonym (uuid): the first 128 bits of an HMAC-SHA256 of source system and patient id under a secret key; stable across loads, changes only when the key is rotated.';
 COMMENT ON COLUMN analytics.patients.source_system IS 'The system the record came from (an organisation, not a person).';
 COMMENT ON COLUMN analytics.patients.birth_date IS 'Date of birth (kept in a limited data set).';
 COMMENT ON COLUMN analytics.patients.age_years IS 'Age in whole years today.';
@@ -140,7 +139,7 @@ COMMENT ON COLUMN analytics.patients.loaded_at IS 'When healthetl loaded the cur
 -- grants on view analytics.patients (besides its owner): healthetl_analyst SELECT
 
 -- view analytics.provider_notes columns:
---   patient_pseudonym text
+--   patient_pseudonym uuid
 --   visit_key bigint
 --   visit_date date
 --   position integer
@@ -148,15 +147,14 @@ COMMENT ON COLUMN analytics.patients.loaded_at IS 'When healthetl loaded the cur
 --   written_at timestamp with time zone
 --   note_text text
 CREATE VIEW analytics.provider_notes AS
- SELECT p.pseudonym AS patient_pseudonym,
+ SELECT n.pseudonym AS patient_pseudonym,
     n.visit_key,
     n.visit_date,
     n."position",
     n.author,
     n.written_at,
     n.note_text_redacted AS note_text
-   FROM (clinical.provider_notes n
-     LEFT JOIN clinical.patients p ON ((p.patient_key = n.patient_key)));
+   FROM clinical.provider_notes n;
 COMMENT ON VIEW analytics.provider_notes IS 'One row per provider note, its text redacted at load time (limited data set).';
 COMMENT ON COLUMN analytics.provider_notes.patient_pseudonym IS 'The patient''s keyed pseudonym.';
 COMMENT ON COLUMN analytics.provider_notes.visit_key IS 'The visit (analytics.visits.visit_key).';
@@ -168,7 +166,7 @@ COMMENT ON COLUMN analytics.provider_notes.note_text IS 'Note text with SSNs, ph
 -- grants on view analytics.provider_notes (besides its owner): healthetl_analyst SELECT
 
 -- view analytics.treatments columns:
---   patient_pseudonym text
+--   patient_pseudonym uuid
 --   visit_key bigint
 --   visit_date date
 --   position integer
@@ -183,7 +181,7 @@ COMMENT ON COLUMN analytics.provider_notes.note_text IS 'Note text with SSNs, ph
 --   end_date date
 --   duration_days integer
 CREATE VIEW analytics.treatments AS
- SELECT p.pseudonym AS patient_pseudonym,
+ SELECT t.pseudonym AS patient_pseudonym,
     t.visit_key,
     t.visit_date,
     t."position",
@@ -197,8 +195,7 @@ CREATE VIEW analytics.treatments AS
     t.start_date,
     t.end_date,
     (t.end_date - t.start_date) AS duration_days
-   FROM (clinical.treatments t
-     LEFT JOIN clinical.patients p ON ((p.patient_key = t.patient_key)));
+   FROM clinical.treatments t;
 COMMENT ON VIEW analytics.treatments IS 'One row per medication or procedure of a visit (limited data set).';
 COMMENT ON COLUMN analytics.treatments.patient_pseudonym IS 'The patient''s keyed pseudonym.';
 COMMENT ON COLUMN analytics.treatments.visit_key IS 'The visit (analytics.visits.visit_key).';
@@ -217,7 +214,7 @@ COMMENT ON COLUMN analytics.treatments.duration_days IS 'end_date - start_date, 
 -- grants on view analytics.treatments (besides its owner): healthetl_analyst SELECT
 
 -- view analytics.visits columns:
---   patient_pseudonym text
+--   patient_pseudonym uuid
 --   visit_key bigint
 --   visit_date date
 --   visit_start timestamp with time zone
@@ -231,7 +228,7 @@ COMMENT ON COLUMN analytics.treatments.duration_days IS 'end_date - start_date, 
 --   age_at_visit integer
 --   sex text
 CREATE VIEW analytics.visits AS
- SELECT p.pseudonym AS patient_pseudonym,
+ SELECT v.pseudonym AS patient_pseudonym,
     v.visit_key,
     v.visit_date,
     v.visit_start,
@@ -278,10 +275,12 @@ CREATE TABLE clinical.diagnoses (
   code_system text NOT NULL,
   description text,
   is_primary boolean,
+  pseudonym uuid NOT NULL,
   CONSTRAINT diagnoses_pkey PRIMARY KEY (patient_key, diagnosis_key)
 );
 CREATE INDEX diagnoses_code_idx ON clinical.diagnoses USING btree (code);
 CREATE UNIQUE INDEX diagnoses_pkey ON clinical.diagnoses USING btree (patient_key, diagnosis_key);
+CREATE INDEX diagnoses_pseudonym_idx ON clinical.diagnoses USING btree (pseudonym, visit_key);
 -- grants on table clinical.diagnoses (besides its owner): none
 
 CREATE TABLE clinical.patients (
@@ -308,7 +307,7 @@ CREATE TABLE clinical.patients (
   content_sha256 bytea NOT NULL,
   batch_id bigint NOT NULL,
   loaded_at timestamp with time zone DEFAULT now() NOT NULL,
-  pseudonym text NOT NULL,
+  pseudonym uuid NOT NULL,
   CONSTRAINT patients_pkey PRIMARY KEY (patient_key),
   CONSTRAINT patients_sex_check CHECK ((sex = ANY (ARRAY['female'::text, 'male'::text, 'other'::text, 'unknown'::text])))
 );
@@ -326,10 +325,12 @@ CREATE TABLE clinical.provider_notes (
   author text,
   written_at timestamp with time zone,
   note_text text NOT NULL,
+  pseudonym uuid NOT NULL,
   note_text_redacted text,
   CONSTRAINT provider_notes_pkey PRIMARY KEY (patient_key, note_key)
 );
 CREATE UNIQUE INDEX provider_notes_pkey ON clinical.provider_notes USING btree (patient_key, note_key);
+CREATE INDEX provider_notes_pseudonym_idx ON clinical.provider_notes USING btree (pseudonym, visit_key);
 -- grants on table clinical.provider_notes (besides its owner): none
 
 CREATE TABLE clinical.treatments (
@@ -348,11 +349,13 @@ CREATE TABLE clinical.treatments (
   frequency text,
   start_date date,
   end_date date,
+  pseudonym uuid NOT NULL,
   CONSTRAINT treatments_pkey PRIMARY KEY (patient_key, treatment_key),
   CONSTRAINT treatments_treatment_type_check CHECK ((treatment_type = ANY (ARRAY['medication'::text, 'procedure'::text])))
 );
 CREATE INDEX treatments_name_idx ON clinical.treatments USING btree (name);
 CREATE UNIQUE INDEX treatments_pkey ON clinical.treatments USING btree (patient_key, treatment_key);
+CREATE INDEX treatments_pseudonym_idx ON clinical.treatments USING btree (pseudonym, visit_key);
 -- grants on table clinical.treatments (besides its owner): none
 
 CREATE TABLE clinical.visits (
@@ -368,6 +371,7 @@ CREATE TABLE clinical.visits (
   provider_npi text,
   provider_name text,
   position integer NOT NULL,
+  pseudonym uuid NOT NULL,
   CONSTRAINT visits_patient_key_source_visit_id_visit_date_key UNIQUE (patient_key, source_visit_id, visit_date),
   CONSTRAINT visits_pkey PRIMARY KEY (patient_key, visit_key, visit_date),
   CONSTRAINT visits_visit_type_check CHECK ((visit_type = ANY (ARRAY['outpatient'::text, 'inpatient'::text, 'emergency'::text, 'telehealth'::text, 'other'::text])))
@@ -375,6 +379,7 @@ CREATE TABLE clinical.visits (
 CREATE INDEX visits_date_type_idx ON ONLY clinical.visits USING btree (visit_date, visit_type);
 CREATE UNIQUE INDEX visits_patient_key_source_visit_id_visit_date_key ON ONLY clinical.visits USING btree (patient_key, source_visit_id, visit_date);
 CREATE UNIQUE INDEX visits_pkey ON ONLY clinical.visits USING btree (patient_key, visit_key, visit_date);
+CREATE INDEX visits_pseudonym_idx ON ONLY clinical.visits USING btree (pseudonym);
 -- grants on table clinical.visits (besides its owner): none
 
 CREATE SEQUENCE clinical.diagnoses_diagnosis_key_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
@@ -725,7 +730,7 @@ AS $function$
   SELECT dq.measure_rows(format(
     $q$SELECT p.patient_key, p.patient_key AS key,
               NOT (p.birth_date <= current_date AND date_part('year', age(current_date, p.birth_date)) BETWEEN %s AND %s) AS failing
-       FROM clinical.patients p WHERE p.birth_date IS NOT NULL AND ($1 IS NULL OR p.patient_key = ANY ($1))$q$,
+       FROM clinical.patients p WHERE p.birth_date IS NOT NULL AND ($1 IS NULL OR p.patient_key IN (SELECT unnest($1::bigint[])))$q$,
     (c.params ->> 'min')::int, (c.params ->> 'max')::int), p_patients)
 $function$;
 -- grants on function dq.check_age_range(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
@@ -761,7 +766,7 @@ AS $function$
   SELECT dq.measure_rows(
     $q$SELECT v.patient_key, v.visit_key AS key,
               NOT EXISTS (SELECT 1 FROM clinical.patients p WHERE p.patient_key = v.patient_key) AS failing
-       FROM clinical.visits v WHERE $1 IS NULL OR v.patient_key = ANY ($1)$q$, p_patients)
+       FROM clinical.visits v WHERE $1 IS NULL OR v.patient_key IN (SELECT unnest($1::bigint[]))$q$, p_patients)
 $function$;
 -- grants on function dq.check_has_patient(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
@@ -775,7 +780,7 @@ BEGIN
     'SELECT t.patient_key, t.%2$I AS key,
             NOT EXISTS (SELECT 1 FROM clinical.visits v
                         WHERE v.patient_key = t.patient_key AND v.visit_key = t.visit_key AND v.visit_date = t.visit_date) AS failing
-     FROM %1$s t WHERE $1 IS NULL OR t.patient_key = ANY ($1)',
+     FROM %1$s t WHERE $1 IS NULL OR t.patient_key IN (SELECT unnest($1::bigint[]))',
     c.relation::regclass, c.params ->> 'key'), p_patients);
 END
 $function$;
@@ -788,7 +793,7 @@ CREATE OR REPLACE FUNCTION dq.check_icd10cm_shape(c dq.checks, p_patients bigint
 AS $function$
   SELECT dq.measure_rows(
     $q$SELECT d.patient_key, d.diagnosis_key AS key, d.code !~ '^[A-TV-Z][0-9][0-9AB](\.[0-9A-TV-Z]{1,4})?$' AS failing
-       FROM clinical.diagnoses d WHERE d.code_system = 'ICD-10-CM' AND ($1 IS NULL OR d.patient_key = ANY ($1))$q$, p_patients)
+       FROM clinical.diagnoses d WHERE d.code_system = 'ICD-10-CM' AND ($1 IS NULL OR d.patient_key IN (SELECT unnest($1::bigint[])))$q$, p_patients)
 $function$;
 -- grants on function dq.check_icd10cm_shape(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
@@ -800,7 +805,7 @@ AS $function$
 BEGIN
   RETURN dq.measure_rows(format(
     'SELECT t.patient_key, t.%2$I AS key, t.%4$I < t.%3$I AS failing FROM %1$s t
-     WHERE t.%3$I IS NOT NULL AND t.%4$I IS NOT NULL AND ($1 IS NULL OR t.patient_key = ANY ($1))',
+     WHERE t.%3$I IS NOT NULL AND t.%4$I IS NOT NULL AND ($1 IS NULL OR t.patient_key IN (SELECT unnest($1::bigint[])))',
     c.relation::regclass, c.params ->> 'key', c.params ->> 'earlier', c.params ->> 'later'), p_patients);
 END
 $function$;
@@ -814,7 +819,7 @@ AS $function$
 BEGIN
   RETURN dq.measure_rows(format(
     'SELECT t.patient_key, t.%2$I AS key, coalesce(greatest(%3$s) > current_date + 1, false) AS failing
-     FROM %1$s t WHERE $1 IS NULL OR t.patient_key = ANY ($1)',
+     FROM %1$s t WHERE $1 IS NULL OR t.patient_key IN (SELECT unnest($1::bigint[]))',
     c.relation::regclass, c.params ->> 'key',
     (SELECT string_agg(format('t.%I::date', col), ', ') FROM jsonb_array_elements_text(c.params -> 'columns') AS col)), p_patients);
 END
@@ -828,7 +833,7 @@ CREATE OR REPLACE FUNCTION dq.check_not_null(c dq.checks, p_patients bigint[], p
 AS $function$
 BEGIN
   RETURN dq.measure_rows(format(
-    'SELECT t.patient_key, t.%2$I AS key, t.%3$I IS NULL AS failing FROM %1$s t WHERE $1 IS NULL OR t.patient_key = ANY ($1)',
+    'SELECT t.patient_key, t.%2$I AS key, t.%3$I IS NULL AS failing FROM %1$s t WHERE $1 IS NULL OR t.patient_key IN (SELECT unnest($1::bigint[]))',
     c.relation::regclass, c.params ->> 'key', c.params ->> 'column'), p_patients);
 END
 $function$;
@@ -841,7 +846,7 @@ CREATE OR REPLACE FUNCTION dq.check_npi_luhn(c dq.checks, p_patients bigint[], p
 AS $function$
   SELECT dq.measure_rows(
     $q$SELECT v.patient_key, v.visit_key AS key, NOT dq.npi_ok(v.provider_npi) AS failing
-       FROM clinical.visits v WHERE v.provider_npi IS NOT NULL AND ($1 IS NULL OR v.patient_key = ANY ($1))$q$, p_patients)
+       FROM clinical.visits v WHERE v.provider_npi IS NOT NULL AND ($1 IS NULL OR v.patient_key IN (SELECT unnest($1::bigint[])))$q$, p_patients)
 $function$;
 -- grants on function dq.check_npi_luhn(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
@@ -856,7 +861,7 @@ AS $function$
                     count(*) OVER (PARTITION BY p.birth_date,
                                    regexp_replace(lower(concat_ws(' ', p.given_name, p.family_name)), '[^[:alpha:]]+', '', 'g')) AS twins
              FROM clinical.patients p WHERE p.birth_date IS NOT NULL AND p.family_name IS NOT NULL) x
-       WHERE $1 IS NULL OR x.patient_key = ANY ($1)$q$, p_patients)
+       WHERE $1 IS NULL OR x.patient_key IN (SELECT unnest($1::bigint[]))$q$, p_patients)
 $function$;
 -- grants on function dq.check_probable_duplicates(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
@@ -883,7 +888,7 @@ AS $function$
   SELECT dq.measure_rows(
     $q$SELECT p.patient_key, p.patient_key AS key,
               EXISTS (SELECT 1 FROM etl.document_problems x WHERE x.document_id = p.document_id AND x.field = 'sex') AS failing
-       FROM clinical.patients p WHERE $1 IS NULL OR p.patient_key = ANY ($1)$q$, p_patients)
+       FROM clinical.patients p WHERE $1 IS NULL OR p.patient_key IN (SELECT unnest($1::bigint[]))$q$, p_patients)
 $function$;
 -- grants on function dq.check_sex_code(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
@@ -895,7 +900,7 @@ AS $function$
   SELECT dq.measure_rows(
     $q$SELECT v.patient_key, v.visit_key AS key, v.visit_date < p.birth_date AS failing
        FROM clinical.visits v JOIN clinical.patients p ON p.patient_key = v.patient_key
-       WHERE p.birth_date IS NOT NULL AND ($1 IS NULL OR v.patient_key = ANY ($1))$q$, p_patients)
+       WHERE p.birth_date IS NOT NULL AND ($1 IS NULL OR v.patient_key IN (SELECT unnest($1::bigint[])))$q$, p_patients)
 $function$;
 -- grants on function dq.check_visit_after_birth(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
@@ -1664,6 +1669,13 @@ CREATE OR REPLACE FUNCTION etl.keyed_hash(p_key bytea, p_source_system text, p_p
 RETURN encode(crypto.hmac(convert_to((((length(p_source_system) || ':'::text) || p_source_system) || p_patient_id), 'UTF8'::name), p_key, 'sha256'::text), 'hex'::text);
 -- grants on function etl.keyed_hash(p_key bytea, p_source_system text, p_patient_id text) (besides its owner): none
 
+CREATE OR REPLACE FUNCTION etl.keyed_uuid(p_key bytea, p_source_system text, p_patient_id text)
+ RETURNS uuid
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+RETURN ("left"(etl.keyed_hash(p_key, p_source_system, p_patient_id), 32))::uuid;
+-- grants on function etl.keyed_uuid(p_key bytea, p_source_system text, p_patient_id text) (besides its owner): none
+
 CREATE OR REPLACE FUNCTION etl.lift_erasure(p_source_system text, p_patient_id text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -1843,42 +1855,56 @@ CREATE OR REPLACE FUNCTION etl.redact_note(p_text text, p_mrn text, p_birth_date
 AS $function$
 DECLARE
   t text := p_text;
+  v_lower text;
   -- not after or before a letter or digit
   b text := '(?<![[:alnum:]])';
   a text := '(?![[:alnum:]])';
   v_names text;
+  w text;
   y text; m text; d text;
   v_month text;
 BEGIN
   IF t IS NULL THEN
     RETURN NULL;
   END IF;
-  t := regexp_replace(t, '[[:alnum:]._%+-]+@[[:alnum:]-]+(\.[[:alnum:]-]+)*\.[[:alpha:]]{2,}', '[EMAIL]', 'g');
-  -- a separator before the last four digits: a bare 10-digit number may be an NPI
-  t := regexp_replace(t, '(?<![[:alnum:]+])(\+?1[ .-]?)?(\(\d{3}\) ?|\d{3}[ .-]?)\d{3}[ .-]\d{4}' || a, '[PHONE]', 'g');
-  t := regexp_replace(t, b || '\d{3}([- ]?)\d{2}\1\d{4}' || a, '[SSN]', 'g');
-  IF length(btrim(p_mrn)) >= 2 THEN
+  IF strpos(t, '@') > 0 THEN
+    t := regexp_replace(t, '[[:alnum:]._%+-]+@[[:alnum:]-]+(\.[[:alnum:]-]+)*\.[[:alpha:]]{2,}', '[EMAIL]', 'g');
+  END IF;
+  IF t ~ '[0-9]{3}' THEN
+    -- a separator before the last four digits: a bare 10-digit number may be an NPI
+    t := regexp_replace(t, '(?<![[:alnum:]+])(\+?1[ .-]?)?(\(\d{3}\) ?|\d{3}[ .-]?)\d{3}[ .-]\d{4}' || a, '[PHONE]', 'g');
+    t := regexp_replace(t, b || '\d{3}([- ]?)\d{2}\1\d{4}' || a, '[SSN]', 'g');
+  END IF;
+  v_lower := lower(t);
+  IF length(btrim(p_mrn)) >= 2 AND strpos(v_lower, lower(btrim(p_mrn))) > 0 THEN
     -- every character that is not a letter or digit is escaped: the MRN is matched literally
     t := regexp_replace(t, b || regexp_replace(btrim(p_mrn), '([^[:alnum:]])', '\\\1', 'g') || a, '[MRN]', 'gi');
   END IF;
   IF p_birth_date IS NOT NULL THEN
     y := extract(year FROM p_birth_date)::text;
-    m := extract(month FROM p_birth_date)::text;
-    d := extract(day FROM p_birth_date)::text;
-    v_month := format('(%s|%s)\.?', to_char(p_birth_date, 'FMMonth'), to_char(p_birth_date, 'Mon'));
-    t := regexp_replace(t, b || '(' || concat_ws('|',
-           format('%s[/.-]0?%s[/.-]0?%s', y, m, d),                                  -- 1980-03-15
-           format('0?%s[/.-]0?%s[/.-](%s|%s)', m, d, y, right(y, 2)),                 -- 3/15/1980, 03-15-80
-           format('0?%s[/.-]0?%s[/.-]%s', d, m, y),                                   -- 15.03.1980
-           to_char(p_birth_date, 'YYYYMMDD'),                                         -- 19800315
-           format('%s 0?%s(st|nd|rd|th)?,? %s', v_month, d, y),                       -- March 15, 1980
-           format('0?%s(st|nd|rd|th)? (of )?%s,? %s', d, v_month, y)) || ')' || a,   -- 15 March 1980
-         '[DOB]', 'gi');
+    -- the year, or its last two digits after a separator (3/15/80)
+    IF strpos(t, y) > 0 OR strpos(t, '/' || right(y, 2)) > 0 OR strpos(t, '-' || right(y, 2)) > 0
+       OR strpos(t, '.' || right(y, 2)) > 0 THEN
+      m := extract(month FROM p_birth_date)::text;
+      d := extract(day FROM p_birth_date)::text;
+      v_month := format('(%s|%s)\.?', to_char(p_birth_date, 'FMMonth'), to_char(p_birth_date, 'Mon'));
+      t := regexp_replace(t, b || '(' || concat_ws('|',
+             format('%s[/.-]0?%s[/.-]0?%s', y, m, d),                                  -- 1980-03-15
+             format('0?%s[/.-]0?%s[/.-](%s|%s)', m, d, y, right(y, 2)),                 -- 3/15/1980, 03-15-80
+             format('0?%s[/.-]0?%s[/.-]%s', d, m, y),                                   -- 15.03.1980
+             to_char(p_birth_date, 'YYYYMMDD'),                                         -- 19800315
+             format('%s 0?%s(st|nd|rd|th)?,? %s', v_month, d, y),                       -- March 15, 1980
+             format('0?%s(st|nd|rd|th)? (of )?%s,? %s', d, v_month, y)) || ')' || a,   -- 15 March 1980
+           '[DOB]', 'gi');
+    END IF;
   END IF;
-  -- names of two letters or more, each word on its own
-  SELECT string_agg(DISTINCT regexp_replace(w, '([^[:alnum:]])', '\\\1', 'g'), '|') INTO v_names
-  FROM regexp_split_to_table(coalesce(p_names, ''), '[[:space:],]+') AS w
-  WHERE length(w) >= 2;
+  -- names of two letters or more, each word on its own, only those the text holds (a loop, not a
+  -- query: this runs for every note)
+  FOREACH w IN ARRAY regexp_split_to_array(coalesce(p_names, ''), '[[:space:],]+') LOOP
+    IF length(w) >= 2 AND strpos(v_lower, lower(w)) > 0 THEN
+      v_names := concat_ws('|', v_names, regexp_replace(w, '([^[:alnum:]])', '\\\1', 'g'));
+    END IF;
+  END LOOP;
   IF v_names IS NOT NULL THEN
     t := regexp_replace(t, b || '(' || v_names || ')' || a, '[NAME]', 'gi');
   END IF;
@@ -1997,9 +2023,13 @@ DECLARE
 BEGIN
   PERFORM etl.lock_out_transforms();
   UPDATE etl.secret_keys SET key = crypto.gen_random_bytes(32), created_at = clock_timestamp() WHERE purpose = 'pseudonym';
-  UPDATE clinical.patients p SET pseudonym = etl.keyed_hash(k.key, p.source_system, p.source_patient_id)
+  UPDATE clinical.patients p SET pseudonym = etl.keyed_uuid(k.key, p.source_system, p.source_patient_id)
   FROM etl.secret_keys k WHERE k.purpose = 'pseudonym';
   GET DIAGNOSTICS v_n = ROW_COUNT;
+  UPDATE clinical.visits c SET pseudonym = p.pseudonym FROM clinical.patients p WHERE p.patient_key = c.patient_key;
+  UPDATE clinical.diagnoses c SET pseudonym = p.pseudonym FROM clinical.patients p WHERE p.patient_key = c.patient_key;
+  UPDATE clinical.treatments c SET pseudonym = p.pseudonym FROM clinical.patients p WHERE p.patient_key = c.patient_key;
+  UPDATE clinical.provider_notes c SET pseudonym = p.pseudonym FROM clinical.patients p WHERE p.patient_key = c.patient_key;
   RETURN v_n;
 END
 $function$;
@@ -2218,11 +2248,12 @@ BEGIN
     CROSS JOIN LATERAL ROWS FROM (jsonb_to_recordset(etl.jarr(tv.v -> 'diagnoses'))
       AS (code jsonb, system jsonb, description jsonb, "primary" jsonb)) WITH ORDINALITY AS x(code, system, description, "primary", ord)
   ), ins AS (
-    INSERT INTO clinical.diagnoses (patient_key, visit_key, visit_date, position, code, code_system, description, is_primary)
+    INSERT INTO clinical.diagnoses (patient_key, visit_key, visit_date, position, code, code_system, description, is_primary, pseudonym)
     SELECT s.patient_key, s.visit_key, s.visit_date, s.position,
            etl.jtext(s.code), coalesce(etl.jtext(s.system), 'ICD-10-CM'), etl.jtext(s.description),
-           CASE WHEN jsonb_typeof(s."primary") = 'boolean' THEN s."primary"::boolean END
+           CASE WHEN jsonb_typeof(s."primary") = 'boolean' THEN s."primary"::boolean END, p.pseudonym
     FROM src s
+    JOIN clinical.patients p ON p.patient_key = s.patient_key
   )
   INSERT INTO etl.document_problems (document_id, batch_id, field, problem)
   SELECT s.document_id, p_batch_id, format('visits[%s].diagnoses[%s].primary', s.vpos, s.position), 'not a boolean'
@@ -2332,16 +2363,17 @@ CREATE OR REPLACE FUNCTION etl.step_insert_visits()
 AS $function$
 BEGIN
   INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, visit_start, discharge_date,
-                               visit_type, facility_id, facility_name, provider_npi, provider_name, position)
+                               visit_type, facility_id, facility_name, provider_npi, provider_name, position, pseudonym)
   SELECT a.patient_key, tv.visit_key, tv.visit_date, tv.vid,
          CASE WHEN NOT etl.is_ymd(tv.vdate_raw) THEN etl.to_timestamptz(tv.vdate_raw) END,
          etl.to_visit_date(tv.discharge_raw),
          etl.visit_type_of(tv.type_raw),
          etl.jtext(tv.facility -> 'id'), etl.jtext(tv.facility -> 'name'),
          etl.jtext(tv.provider -> 'npi'), etl.jtext(tv.provider -> 'name'),
-         tv.position
+         tv.position, p.pseudonym
   FROM t_visits tv
-  JOIN t_apply a ON a.document_id = tv.document_id;
+  JOIN t_apply a ON a.document_id = tv.document_id
+  JOIN clinical.patients p ON p.patient_key = a.patient_key;
 END
 $function$;
 -- grants on function etl.step_insert_visits() (besides its owner): none
@@ -2463,7 +2495,7 @@ BEGIN
          etl.jtext(d.address -> 'city'), etl.jtext(d.address -> 'state'),
          etl.jtext(d.address -> 'postal_code'), etl.jtext(d.address -> 'country'),
          a.updated_at, a.document_id, a.content_sha256, p_batch_id, now(),
-         etl.keyed_hash(k.key, a.source_system, a.source_patient_id)
+         etl.keyed_uuid(k.key, a.source_system, a.source_patient_id)
   FROM t_apply a
   JOIN t_docs d ON d.document_id = a.document_id
   CROSS JOIN (SELECT s.key FROM etl.secret_keys s WHERE s.purpose = 'pseudonym') k
@@ -2557,10 +2589,11 @@ BEGIN
       AS (note_id jsonb, author jsonb, written_at jsonb, text jsonb)) WITH ORDINALITY AS x(note_id, author, written_at, text, ord)
   ), ins AS (
     INSERT INTO clinical.provider_notes (patient_key, visit_key, visit_date, position, source_note_id, author, written_at,
-                                         note_text, note_text_redacted)
+                                         note_text, note_text_redacted, pseudonym)
     SELECT s.patient_key, s.visit_key, s.visit_date, s.position,
            etl.jtext(s.note_id), etl.jtext(s.author), s.written_ts, etl.jtext(s.text),
-           etl.redact_note(etl.jtext(s.text), p.mrn, p.birth_date, concat_ws(' ', p.given_name, p.family_name))
+           etl.redact_note(etl.jtext(s.text), p.mrn, p.birth_date, concat_ws(' ', p.given_name, p.family_name)),
+           p.pseudonym
     FROM src s
     JOIN clinical.patients p ON p.patient_key = s.patient_key
   )
@@ -2673,11 +2706,12 @@ BEGIN
       WITH ORDINALITY AS x(treatment_id, type, code, system, name, dose, route, frequency, start_date, end_date, ord)
   ), ins AS (
     INSERT INTO clinical.treatments (patient_key, visit_key, visit_date, position, source_treatment_id, treatment_type,
-                                     code, code_system, name, dose, route, frequency, start_date, end_date)
+                                     code, code_system, name, dose, route, frequency, start_date, end_date, pseudonym)
     SELECT s.patient_key, s.visit_key, s.visit_date, s.position, etl.jtext(s.treatment_id), s.treatment_type,
            etl.jtext(s.code), etl.jtext(s.system), CASE WHEN s.name_too_long THEN NULL ELSE etl.jtext(s.name) END,
-           etl.jtext(s.dose), etl.jtext(s.route), etl.jtext(s.frequency), s.start_d, s.end_d
+           etl.jtext(s.dose), etl.jtext(s.route), etl.jtext(s.frequency), s.start_d, s.end_d, p.pseudonym
     FROM src s
+    JOIN clinical.patients p ON p.patient_key = s.patient_key
   )
   INSERT INTO etl.document_problems (document_id, batch_id, field, problem)
   SELECT s.document_id, p_batch_id, format('visits[%s].treatments[%s].%s', s.vpos, s.position, f.field), f.problem
