@@ -730,7 +730,7 @@ AS $function$
   SELECT dq.measure_rows(format(
     $q$SELECT p.patient_key, p.patient_key AS key,
               NOT (p.birth_date <= current_date AND date_part('year', age(current_date, p.birth_date)) BETWEEN %s AND %s) AS failing
-       FROM clinical.patients p WHERE p.birth_date IS NOT NULL AND ($1 IS NULL OR p.patient_key IN (SELECT unnest($1::bigint[])))$q$,
+       FROM clinical.patients p /*scope:p*/ WHERE p.birth_date IS NOT NULL$q$,
     (c.params ->> 'min')::int, (c.params ->> 'max')::int), p_patients)
 $function$;
 -- grants on function dq.check_age_range(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
@@ -764,9 +764,9 @@ CREATE OR REPLACE FUNCTION dq.check_has_patient(c dq.checks, p_patients bigint[]
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   SELECT dq.measure_rows(
-    $q$SELECT v.patient_key, v.visit_key AS key,
-              NOT EXISTS (SELECT 1 FROM clinical.patients p WHERE p.patient_key = v.patient_key) AS failing
-       FROM clinical.visits v WHERE $1 IS NULL OR v.patient_key IN (SELECT unnest($1::bigint[]))$q$, p_patients)
+    $q$SELECT v.patient_key, v.visit_key AS key, p.patient_key IS NULL AS failing
+       FROM clinical.visits v /*scope:v*/ LEFT JOIN clinical.patients p ON p.patient_key = v.patient_key
+       $q$, p_patients)
 $function$;
 -- grants on function dq.check_has_patient(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
@@ -777,10 +777,9 @@ CREATE OR REPLACE FUNCTION dq.check_has_visit(c dq.checks, p_patients bigint[], 
 AS $function$
 BEGIN
   RETURN dq.measure_rows(format(
-    'SELECT t.patient_key, t.%2$I AS key,
-            NOT EXISTS (SELECT 1 FROM clinical.visits v
-                        WHERE v.patient_key = t.patient_key AND v.visit_key = t.visit_key AND v.visit_date = t.visit_date) AS failing
-     FROM %1$s t WHERE $1 IS NULL OR t.patient_key IN (SELECT unnest($1::bigint[]))',
+    'SELECT t.patient_key, t.%2$I AS key, v.visit_key IS NULL AS failing
+     FROM %1$s t /*scope:t*/
+     LEFT JOIN clinical.visits v ON v.patient_key = t.patient_key AND v.visit_key = t.visit_key AND v.visit_date = t.visit_date',
     c.relation::regclass, c.params ->> 'key'), p_patients);
 END
 $function$;
@@ -793,7 +792,7 @@ CREATE OR REPLACE FUNCTION dq.check_icd10cm_shape(c dq.checks, p_patients bigint
 AS $function$
   SELECT dq.measure_rows(
     $q$SELECT d.patient_key, d.diagnosis_key AS key, d.code !~ '^[A-TV-Z][0-9][0-9AB](\.[0-9A-TV-Z]{1,4})?$' AS failing
-       FROM clinical.diagnoses d WHERE d.code_system = 'ICD-10-CM' AND ($1 IS NULL OR d.patient_key IN (SELECT unnest($1::bigint[])))$q$, p_patients)
+       FROM clinical.diagnoses d /*scope:d*/ WHERE d.code_system = 'ICD-10-CM'$q$, p_patients)
 $function$;
 -- grants on function dq.check_icd10cm_shape(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
@@ -804,8 +803,8 @@ CREATE OR REPLACE FUNCTION dq.check_not_before(c dq.checks, p_patients bigint[],
 AS $function$
 BEGIN
   RETURN dq.measure_rows(format(
-    'SELECT t.patient_key, t.%2$I AS key, t.%4$I < t.%3$I AS failing FROM %1$s t
-     WHERE t.%3$I IS NOT NULL AND t.%4$I IS NOT NULL AND ($1 IS NULL OR t.patient_key IN (SELECT unnest($1::bigint[])))',
+    'SELECT t.patient_key, t.%2$I AS key, t.%4$I < t.%3$I AS failing FROM %1$s t /*scope:t*/
+     WHERE t.%3$I IS NOT NULL AND t.%4$I IS NOT NULL',
     c.relation::regclass, c.params ->> 'key', c.params ->> 'earlier', c.params ->> 'later'), p_patients);
 END
 $function$;
@@ -819,7 +818,7 @@ AS $function$
 BEGIN
   RETURN dq.measure_rows(format(
     'SELECT t.patient_key, t.%2$I AS key, coalesce(greatest(%3$s) > current_date + 1, false) AS failing
-     FROM %1$s t WHERE $1 IS NULL OR t.patient_key IN (SELECT unnest($1::bigint[]))',
+     FROM %1$s t /*scope:t*/',
     c.relation::regclass, c.params ->> 'key',
     (SELECT string_agg(format('t.%I::date', col), ', ') FROM jsonb_array_elements_text(c.params -> 'columns') AS col)), p_patients);
 END
@@ -833,7 +832,7 @@ CREATE OR REPLACE FUNCTION dq.check_not_null(c dq.checks, p_patients bigint[], p
 AS $function$
 BEGIN
   RETURN dq.measure_rows(format(
-    'SELECT t.patient_key, t.%2$I AS key, t.%3$I IS NULL AS failing FROM %1$s t WHERE $1 IS NULL OR t.patient_key IN (SELECT unnest($1::bigint[]))',
+    'SELECT t.patient_key, t.%2$I AS key, t.%3$I IS NULL AS failing FROM %1$s t /*scope:t*/',
     c.relation::regclass, c.params ->> 'key', c.params ->> 'column'), p_patients);
 END
 $function$;
@@ -846,7 +845,7 @@ CREATE OR REPLACE FUNCTION dq.check_npi_luhn(c dq.checks, p_patients bigint[], p
 AS $function$
   SELECT dq.measure_rows(
     $q$SELECT v.patient_key, v.visit_key AS key, NOT dq.npi_ok(v.provider_npi) AS failing
-       FROM clinical.visits v WHERE v.provider_npi IS NOT NULL AND ($1 IS NULL OR v.patient_key IN (SELECT unnest($1::bigint[])))$q$, p_patients)
+       FROM clinical.visits v /*scope:v*/ WHERE v.provider_npi IS NOT NULL$q$, p_patients)
 $function$;
 -- grants on function dq.check_npi_luhn(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
@@ -861,7 +860,7 @@ AS $function$
                     count(*) OVER (PARTITION BY p.birth_date,
                                    regexp_replace(lower(concat_ws(' ', p.given_name, p.family_name)), '[^[:alpha:]]+', '', 'g')) AS twins
              FROM clinical.patients p WHERE p.birth_date IS NOT NULL AND p.family_name IS NOT NULL) x
-       WHERE $1 IS NULL OR x.patient_key IN (SELECT unnest($1::bigint[]))$q$, p_patients)
+       /*scope:x*/$q$, p_patients)
 $function$;
 -- grants on function dq.check_probable_duplicates(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
@@ -886,9 +885,9 @@ CREATE OR REPLACE FUNCTION dq.check_sex_code(c dq.checks, p_patients bigint[], p
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   SELECT dq.measure_rows(
-    $q$SELECT p.patient_key, p.patient_key AS key,
-              EXISTS (SELECT 1 FROM etl.document_problems x WHERE x.document_id = p.document_id AND x.field = 'sex') AS failing
-       FROM clinical.patients p WHERE $1 IS NULL OR p.patient_key IN (SELECT unnest($1::bigint[]))$q$, p_patients)
+    $q$SELECT p.patient_key, p.patient_key AS key, x.document_id IS NOT NULL AS failing
+       FROM clinical.patients p /*scope:p*/
+       LEFT JOIN etl.document_problems x ON x.document_id = p.document_id AND x.field = 'sex'$q$, p_patients)
 $function$;
 -- grants on function dq.check_sex_code(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
@@ -899,8 +898,8 @@ CREATE OR REPLACE FUNCTION dq.check_visit_after_birth(c dq.checks, p_patients bi
 AS $function$
   SELECT dq.measure_rows(
     $q$SELECT v.patient_key, v.visit_key AS key, v.visit_date < p.birth_date AS failing
-       FROM clinical.visits v JOIN clinical.patients p ON p.patient_key = v.patient_key
-       WHERE p.birth_date IS NOT NULL AND ($1 IS NULL OR v.patient_key IN (SELECT unnest($1::bigint[])))$q$, p_patients)
+       FROM clinical.visits v /*scope:v*/ JOIN clinical.patients p ON p.patient_key = v.patient_key
+       WHERE p.birth_date IS NOT NULL$q$, p_patients)
 $function$;
 -- grants on function dq.check_visit_after_birth(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
@@ -934,13 +933,17 @@ CREATE OR REPLACE FUNCTION dq.measure_rows(p_query text, p_patients bigint[])
 AS $function$
 DECLARE
   m dq.measurement;
+  q text := regexp_replace(p_query, '/\*scope:(\w+)\*/',
+                           CASE WHEN p_patients IS NULL THEN ''
+                                ELSE 'JOIN t_dq_scope scope ON scope.patient_key = \1.patient_key' END);
 BEGIN
-  EXECUTE format('WITH x AS MATERIALIZED (%s)
-                  SELECT count(*), count(*) FILTER (WHERE x.failing), NULL::numeric,
-                         coalesce((SELECT jsonb_agg(jsonb_build_array(s.patient_key, s.key))
-                                   FROM (SELECT f.patient_key, f.key FROM x f WHERE f.failing ORDER BY f.patient_key, f.key LIMIT 20) s), ''[]'')
-                  FROM x', p_query)
+  EXECUTE format('SELECT count(*), count(*) FILTER (WHERE x.failing), NULL::numeric, ''[]''::jsonb FROM (%s) x', q)
   INTO m USING p_patients;
+  IF m.rows_failing > 0 THEN
+    EXECUTE format('SELECT coalesce(jsonb_agg(jsonb_build_array(s.patient_key, s.key)), ''[]'')
+                    FROM (SELECT x.patient_key, x.key FROM (%s) x WHERE x.failing ORDER BY x.patient_key, x.key LIMIT 20) s', q)
+    INTO m.samples USING p_patients;
+  END IF;
   RETURN m;
 END
 $function$;
@@ -950,7 +953,7 @@ CREATE OR REPLACE FUNCTION dq.npi_ok(npi text)
  RETURNS boolean
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-RETURN ((npi ~ '^[0-9]{10}$'::text) AND (SELECT ((((sum(CASE WHEN ((x.i % 2) = 1) THEN CASE WHEN ((2 * x.d) > 9) THEN ((2 * x.d) - 9) ELSE (2 * x.d) END ELSE x.d END) + 24) + (substr(npi_ok.npi, 10, 1))::integer) % (10)::bigint) = 0) FROM (SELECT (10 - i.i) AS i, (substr(npi_ok.npi, i.i, 1))::integer AS d FROM generate_series(1, 9) i(i)) x));
+RETURN ((npi ~ '^[0-9]{10}$'::text) AND (((((((((((((((((24 + (2 * (substr(npi, 1, 1))::integer)) - (9 * ((substr(npi, 1, 1) >= '5'::text))::integer)) + (substr(npi, 2, 1))::integer) + (2 * (substr(npi, 3, 1))::integer)) - (9 * ((substr(npi, 3, 1) >= '5'::text))::integer)) + (substr(npi, 4, 1))::integer) + (2 * (substr(npi, 5, 1))::integer)) - (9 * ((substr(npi, 5, 1) >= '5'::text))::integer)) + (substr(npi, 6, 1))::integer) + (2 * (substr(npi, 7, 1))::integer)) - (9 * ((substr(npi, 7, 1) >= '5'::text))::integer)) + (substr(npi, 8, 1))::integer) + (2 * (substr(npi, 9, 1))::integer)) - (9 * ((substr(npi, 9, 1) >= '5'::text))::integer)) + (substr(npi, 10, 1))::integer) % 10) = 0));
 -- grants on function dq.npi_ok(npi text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION dq.record_check_change()
@@ -990,11 +993,16 @@ BEGIN
       RAISE EXCEPTION 'batch % does not exist', p_batch_id USING ERRCODE = 'HE001', HINT = 'Run "healthetl status" to list batches.';
     END IF;
     v_patients := ARRAY(SELECT p.patient_key FROM clinical.patients p WHERE p.batch_id = p_batch_id);
+    DROP TABLE IF EXISTS t_dq_scope;
+    CREATE TEMP TABLE t_dq_scope (patient_key bigint PRIMARY KEY) ON COMMIT DROP;
+    INSERT INTO t_dq_scope SELECT unnest(v_patients);
+    ANALYZE t_dq_scope;
   END IF;
   INSERT INTO dq.runs (batch_id) VALUES (p_batch_id) RETURNING run_id INTO v_run;
   FOR c IN SELECT * FROM dq.checks WHERE enabled ORDER BY check_name LOOP
     SELECT * INTO k FROM dq.check_kinds WHERE kind = c.kind;
-    EXECUTE format('SELECT (dq.%I($1, $2, $3)).*', 'check_' || c.kind) INTO m USING c, v_patients, p_batch_id;
+    -- FROM, not (f()).*, which would call the check once per column of its result
+    EXECUTE format('SELECT * FROM dq.%I($1, $2, $3)', 'check_' || c.kind) INTO m USING c, v_patients, p_batch_id;
     v_ratio := round(m.rows_failing::numeric / nullif(m.rows_checked, 0), 6);
     v_failed := CASE k.measure WHEN 'failing_ratio' THEN coalesce(v_ratio > c.threshold, false)
                                ELSE m.rows_failing > 0 END;
