@@ -157,8 +157,8 @@ function logQuality(o: Output, s: DqSummary): void {
 /**
  * Transforms (the given or every pending batch), then runs the data-quality checks on each batch it
  * transformed (dq.run(batch): that batch's patients only, so its cost follows the batch's size,
- * though probable duplicates are looked for among all patients: about half the time of the batch's
- * transform at 20,000 patients) and logs a one-line summary of each. A batch that failed to transform does not keep the others
+ * though probable duplicates are looked for among all patients: 1.7 s after a transform of 13 s
+ * for a batch of 20,000 patients) and logs a one-line summary of each. A batch that failed to transform does not keep the others
  * from being checked: its error is thrown after them (unless the session or the server went away,
  * when the checks would only fail the same way). `transform` and `run` both do this: whatever
  * transforms a batch checks it, so that the data-quality results always cover what was loaded.
