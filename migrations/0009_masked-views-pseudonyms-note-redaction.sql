@@ -38,10 +38,15 @@ FROM etl.secret_keys k WHERE k.purpose = 'pseudonym';
 ALTER TABLE clinical.patients ALTER COLUMN pseudonym SET NOT NULL;
 CREATE INDEX patients_pseudonym_idx ON clinical.patients (pseudonym);
 ALTER TABLE clinical.visits ADD COLUMN pseudonym uuid;
+-- The patient's age at the visit, fixed by the snapshot that wrote both (a new snapshot rewrites
+-- every visit): stored, so that analytics.visits needs no join to patients, and a date filter on it
+-- can still be answered from the (visit_date, visit_type) index alone.
+ALTER TABLE clinical.visits ADD COLUMN age_at_visit int;
 ALTER TABLE clinical.diagnoses ADD COLUMN pseudonym uuid;
 ALTER TABLE clinical.treatments ADD COLUMN pseudonym uuid;
 ALTER TABLE clinical.provider_notes ADD COLUMN pseudonym uuid;
-UPDATE clinical.visits c SET pseudonym = p.pseudonym FROM clinical.patients p WHERE p.patient_key = c.patient_key;
+UPDATE clinical.visits c SET pseudonym = p.pseudonym, age_at_visit = date_part('year', age(c.visit_date, p.birth_date))::int
+FROM clinical.patients p WHERE p.patient_key = c.patient_key;
 UPDATE clinical.diagnoses c SET pseudonym = p.pseudonym FROM clinical.patients p WHERE p.patient_key = c.patient_key;
 UPDATE clinical.treatments c SET pseudonym = p.pseudonym FROM clinical.patients p WHERE p.patient_key = c.patient_key;
 UPDATE clinical.provider_notes c SET pseudonym = p.pseudonym FROM clinical.patients p WHERE p.patient_key = c.patient_key;
@@ -194,19 +199,21 @@ END
 $$;
 
 -- Reads t_visits, t_apply, clinical.patients (written by etl.step_patients); writes clinical.visits
--- (keys assigned by etl.step_visits) with the patient's pseudonym. Restated from 0005: the pseudonym.
+-- (keys assigned by etl.step_visits) with the patient's pseudonym and age at the visit. Restated
+-- from 0005: the pseudonym, the age.
 CREATE OR REPLACE FUNCTION etl.step_insert_visits() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, visit_start, discharge_date,
-                               visit_type, facility_id, facility_name, provider_npi, provider_name, position, pseudonym)
+                               visit_type, facility_id, facility_name, provider_npi, provider_name, position, pseudonym,
+                               age_at_visit)
   SELECT a.patient_key, tv.visit_key, tv.visit_date, tv.vid,
          CASE WHEN NOT etl.is_ymd(tv.vdate_raw) THEN etl.to_timestamptz(tv.vdate_raw) END,
          etl.to_visit_date(tv.discharge_raw),
          etl.visit_type_of(tv.type_raw),
          etl.jtext(tv.facility -> 'id'), etl.jtext(tv.facility -> 'name'),
          etl.jtext(tv.provider -> 'npi'), etl.jtext(tv.provider -> 'name'),
-         tv.position, p.pseudonym
+         tv.position, p.pseudonym, date_part('year', age(tv.visit_date, p.birth_date))::int
   FROM t_visits tv
   JOIN t_apply a ON a.document_id = tv.document_id
   JOIN clinical.patients p ON p.patient_key = a.patient_key;
@@ -364,10 +371,8 @@ SELECT v.pseudonym AS patient_pseudonym,
        v.facility_name,
        v.provider_npi,
        v.provider_name,
-       date_part('year', age(v.visit_date, p.birth_date))::int AS age_at_visit,
-       p.sex
-FROM clinical.visits v
-LEFT JOIN clinical.patients p ON p.patient_key = v.patient_key;
+       v.age_at_visit
+FROM clinical.visits v;
 
 CREATE VIEW analytics.diagnoses AS
 SELECT d.pseudonym AS patient_pseudonym, d.visit_key, d.visit_date, d.position,
@@ -445,7 +450,7 @@ COMMENT ON COLUMN analytics.patients.country IS 'Country of residence as sent.';
 COMMENT ON COLUMN analytics.patients.record_updated_at IS 'When the source last updated the record (its updated_at).';
 COMMENT ON COLUMN analytics.patients.loaded_at IS 'When healthetl loaded the current record.';
 
-COMMENT ON VIEW analytics.visits IS 'One row per visit, with the patient''s age at the visit (limited data set: dates of service kept; no visit ids from the source).';
+COMMENT ON VIEW analytics.visits IS 'One row per visit, with the patient''s age at the visit (limited data set: dates of service kept; no visit ids from the source). Join analytics.patients on patient_pseudonym for sex or residence.';
 COMMENT ON COLUMN analytics.visits.patient_pseudonym IS 'The patient''s keyed pseudonym (as in analytics.patients).';
 COMMENT ON COLUMN analytics.visits.visit_key IS 'Surrogate key of the visit, assigned by healthetl (not from the source); joins diagnoses, treatments and notes.';
 COMMENT ON COLUMN analytics.visits.visit_date IS 'Date of the visit (admission for a stay).';
@@ -458,7 +463,6 @@ COMMENT ON COLUMN analytics.visits.facility_name IS 'Facility name.';
 COMMENT ON COLUMN analytics.visits.provider_npi IS 'The provider''s National Provider Identifier (a provider, not the patient).';
 COMMENT ON COLUMN analytics.visits.provider_name IS 'The provider''s name (a provider, not the patient).';
 COMMENT ON COLUMN analytics.visits.age_at_visit IS 'The patient''s age in whole years on the visit date.';
-COMMENT ON COLUMN analytics.visits.sex IS 'The patient''s sex.';
 
 COMMENT ON VIEW analytics.diagnoses IS 'One row per diagnosis of a visit (limited data set).';
 COMMENT ON COLUMN analytics.diagnoses.patient_pseudonym IS 'The patient''s keyed pseudonym.';
@@ -718,6 +722,7 @@ ALTER TABLE etl.patient_keys DROP COLUMN research_id;
 ALTER TABLE clinical.provider_notes DROP COLUMN pseudonym;
 ALTER TABLE clinical.treatments DROP COLUMN pseudonym;
 ALTER TABLE clinical.diagnoses DROP COLUMN pseudonym;
+ALTER TABLE clinical.visits DROP COLUMN age_at_visit;
 ALTER TABLE clinical.visits DROP COLUMN pseudonym;
 ALTER TABLE clinical.patients DROP COLUMN pseudonym;
 DROP FUNCTION etl.keyed_uuid(bytea, text, text);

@@ -226,7 +226,6 @@ COMMENT ON COLUMN analytics.treatments.duration_days IS 'end_date - start_date, 
 --   provider_npi text
 --   provider_name text
 --   age_at_visit integer
---   sex text
 CREATE VIEW analytics.visits AS
  SELECT v.pseudonym AS patient_pseudonym,
     v.visit_key,
@@ -239,11 +238,9 @@ CREATE VIEW analytics.visits AS
     v.facility_name,
     v.provider_npi,
     v.provider_name,
-    (date_part('year'::text, age((v.visit_date)::timestamp with time zone, (p.birth_date)::timestamp with time zone)))::integer AS age_at_visit,
-    p.sex
-   FROM (clinical.visits v
-     LEFT JOIN clinical.patients p ON ((p.patient_key = v.patient_key)));
-COMMENT ON VIEW analytics.visits IS 'One row per visit, with the patient''s age at the visit (limited data set: dates of service kept; no visit ids from the source).';
+    v.age_at_visit
+   FROM clinical.visits v;
+COMMENT ON VIEW analytics.visits IS 'One row per visit, with the patient''s age at the visit (limited data set: dates of service kept; no visit ids from the source). Join analytics.patients on patient_pseudonym for sex or residence.';
 COMMENT ON COLUMN analytics.visits.patient_pseudonym IS 'The patient''s keyed pseudonym (as in analytics.patients).';
 COMMENT ON COLUMN analytics.visits.visit_key IS 'Surrogate key of the visit, assigned by healthetl (not from the source); joins diagnoses, treatments and notes.';
 COMMENT ON COLUMN analytics.visits.visit_date IS 'Date of the visit (admission for a stay).';
@@ -256,7 +253,6 @@ COMMENT ON COLUMN analytics.visits.facility_name IS 'Facility name.';
 COMMENT ON COLUMN analytics.visits.provider_npi IS 'The provider''s National Provider Identifier (a provider, not the patient).';
 COMMENT ON COLUMN analytics.visits.provider_name IS 'The provider''s name (a provider, not the patient).';
 COMMENT ON COLUMN analytics.visits.age_at_visit IS 'The patient''s age in whole years on the visit date.';
-COMMENT ON COLUMN analytics.visits.sex IS 'The patient''s sex.';
 -- grants on view analytics.visits (besides its owner): healthetl_analyst SELECT
 
 -- ==== schema clinical ===========================================================================
@@ -372,6 +368,7 @@ CREATE TABLE clinical.visits (
   provider_name text,
   position integer NOT NULL,
   pseudonym uuid NOT NULL,
+  age_at_visit integer,
   CONSTRAINT visits_patient_key_source_visit_id_visit_date_key UNIQUE (patient_key, source_visit_id, visit_date),
   CONSTRAINT visits_pkey PRIMARY KEY (patient_key, visit_key, visit_date),
   CONSTRAINT visits_visit_type_check CHECK ((visit_type = ANY (ARRAY['outpatient'::text, 'inpatient'::text, 'emergency'::text, 'telehealth'::text, 'other'::text])))
@@ -2371,14 +2368,15 @@ CREATE OR REPLACE FUNCTION etl.step_insert_visits()
 AS $function$
 BEGIN
   INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, visit_start, discharge_date,
-                               visit_type, facility_id, facility_name, provider_npi, provider_name, position, pseudonym)
+                               visit_type, facility_id, facility_name, provider_npi, provider_name, position, pseudonym,
+                               age_at_visit)
   SELECT a.patient_key, tv.visit_key, tv.visit_date, tv.vid,
          CASE WHEN NOT etl.is_ymd(tv.vdate_raw) THEN etl.to_timestamptz(tv.vdate_raw) END,
          etl.to_visit_date(tv.discharge_raw),
          etl.visit_type_of(tv.type_raw),
          etl.jtext(tv.facility -> 'id'), etl.jtext(tv.facility -> 'name'),
          etl.jtext(tv.provider -> 'npi'), etl.jtext(tv.provider -> 'name'),
-         tv.position, p.pseudonym
+         tv.position, p.pseudonym, date_part('year', age(tv.visit_date, p.birth_date))::int
   FROM t_visits tv
   JOIN t_apply a ON a.document_id = tv.document_id
   JOIN clinical.patients p ON p.patient_key = a.patient_key;
