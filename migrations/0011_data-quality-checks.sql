@@ -354,8 +354,9 @@ $$;
 
 -- ---- reading the results ------------------------------------------------------------------------
 
--- Each check's latest result, with since when it has not passed (the first run of its current
--- streak of warn/fail; NULL when it passes) and its description.
+-- Each enabled check's latest result, with since when it has not passed (the first run of its
+-- current streak of warn/fail; NULL when it passes) and its description. A check disabled while it
+-- failed drops out, so that it no longer holds the overall status at fail.
 CREATE VIEW dq.latest_results AS
 WITH r AS (
   SELECT res.*, run.batch_id, run.started_at AS checked_at,
@@ -372,8 +373,9 @@ SELECT c.check_name, c.dimension, c.relation, c.description, k.measure, k.thresh
          AS failing_since
 FROM dq.checks c
 JOIN dq.check_kinds k USING (kind)
-JOIN r ON r.check_name = c.check_name AND r.age = 1;
-COMMENT ON VIEW dq.latest_results IS 'Each check''s latest result, failing ones with the time of the first run of the current failing streak.';
+JOIN r ON r.check_name = c.check_name AND r.age = 1
+WHERE c.enabled;
+COMMENT ON VIEW dq.latest_results IS 'Each enabled check''s latest result, failing ones with the time of the first run of the current failing streak (a disabled check''s old result no longer counts).';
 
 INSERT INTO dq.check_kinds (kind, measure, threshold_meaning) VALUES
   ('not_null', 'failing_ratio', 'the largest share of rows allowed to miss the value (0: none)'),

@@ -87,10 +87,24 @@ export async function catalogSnapshot(url: string): Promise<Catalog> {
   try {
     const out: Catalog = {};
     for (const [k, q] of Object.entries(QUERIES)) out[k] = (await c.query(q, [SCHEMAS])).rows;
+    out.views = out.views.map((v) => ({ ...v, definition: unqualifySingleRelation(v.definition) }));
     return out;
   } finally {
     await c.end();
   }
+}
+
+/**
+ * A view over one relation is printed with its columns qualified by the alias on PostgreSQL 15
+ * (`SELECT d.code ... FROM clinical.diagnoses d`) and without on 16 and later (`SELECT code ...`):
+ * the same view either way, so the alias is taken off. Views with more than one relation (a JOIN,
+ * a comma, a subquery) are left as they are.
+ */
+export function unqualifySingleRelation(def: string): string {
+  const from = [...def.matchAll(/\b(?:FROM|JOIN)\s+([\w.]+)\s+(\w+)/g)];
+  if (from.length !== 1 || /\bJOIN\b|\(\s*SELECT\b/i.test(def) || /FROM\s+[\w.]+\s+\w+\s*,/.test(def)) return def;
+  const alias = from[0][2];
+  return def.replace(new RegExp(`\\b${alias}\\.`, 'g'), '');
 }
 
 // ---- rendering ------------------------------------------------------------------------------

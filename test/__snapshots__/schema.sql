@@ -46,14 +46,14 @@ COMMENT ON COLUMN analytics.data_freshness.quality_status IS 'ok, warn, fail (th
 --   checked_at timestamp with time zone
 --   failing_since timestamp with time zone
 CREATE VIEW analytics.data_quality AS
- SELECT l.check_name,
-    l.dimension,
-    l.description,
-    l.severity,
-    l.status,
-    l.failing_ratio,
-    l.checked_at,
-    l.failing_since
+ SELECT check_name,
+    dimension,
+    description,
+    severity,
+    status,
+    failing_ratio,
+    checked_at,
+    failing_since
    FROM dq.latest_results l;
 COMMENT ON VIEW analytics.data_quality IS 'Each data-quality check''s latest status (no PHI: counts and ratios only).';
 COMMENT ON COLUMN analytics.data_quality.check_name IS 'Name of the check.';
@@ -76,14 +76,14 @@ COMMENT ON COLUMN analytics.data_quality.failing_since IS 'Since when it has not
 --   description text
 --   is_primary boolean
 CREATE VIEW analytics.diagnoses AS
- SELECT d.pseudonym AS patient_pseudonym,
-    d.visit_key,
-    d.visit_date,
-    d."position",
-    d.code,
-    d.code_system,
-    d.description,
-    d.is_primary
+ SELECT pseudonym AS patient_pseudonym,
+    visit_key,
+    visit_date,
+    "position",
+    code,
+    code_system,
+    description,
+    is_primary
    FROM clinical.diagnoses d;
 COMMENT ON VIEW analytics.diagnoses IS 'One row per diagnosis of a visit (limited data set).';
 COMMENT ON COLUMN analytics.diagnoses.patient_pseudonym IS 'The patient''s keyed pseudonym.';
@@ -109,20 +109,20 @@ COMMENT ON COLUMN analytics.diagnoses.is_primary IS 'Whether this is the visit''
 --   record_updated_at timestamp with time zone
 --   loaded_at timestamp with time zone
 CREATE VIEW analytics.patients AS
- SELECT p.pseudonym AS patient_pseudonym,
-    p.source_system,
-    p.birth_date,
-    (date_part('year'::text, age((CURRENT_DATE)::timestamp with time zone, (p.birth_date)::timestamp with time zone)))::integer AS age_years,
-    p.sex,
-    p.city,
-    p.state,
+ SELECT pseudonym AS patient_pseudonym,
+    source_system,
+    birth_date,
+    (date_part('year'::text, age((CURRENT_DATE)::timestamp with time zone, (birth_date)::timestamp with time zone)))::integer AS age_years,
+    sex,
+    city,
+    state,
         CASE
-            WHEN ((p.postal_code ~ '^[0-9]{5}(-?[0-9]{4})?$'::text) AND (COALESCE(upper(p.country), 'US'::text) = ANY (ARRAY['US'::text, 'USA'::text, 'UNITED STATES'::text, 'UNITED STATES OF AMERICA'::text]))) THEN "left"(p.postal_code, 5)
+            WHEN ((postal_code ~ '^[0-9]{5}(-?[0-9]{4})?$'::text) AND (COALESCE(upper(country), 'US'::text) = ANY (ARRAY['US'::text, 'USA'::text, 'UNITED STATES'::text, 'UNITED STATES OF AMERICA'::text]))) THEN "left"(postal_code, 5)
             ELSE NULL::text
         END AS zip5,
-    p.country,
-    p.source_updated_at AS record_updated_at,
-    p.loaded_at
+    country,
+    source_updated_at AS record_updated_at,
+    loaded_at
    FROM clinical.patients p;
 COMMENT ON VIEW analytics.patients IS 'One row per patient (HIPAA limited data set): no names, SSN, MRN, phone, email, street lines or source ids.';
 COMMENT ON COLUMN analytics.patients.patient_pseudonym IS 'Keyed pseudonym (uuid): the first 128 bits of an HMAC-SHA256 of source system and patient id under a secret key; stable across loads, changes only when the key is rotated.';
@@ -147,13 +147,13 @@ COMMENT ON COLUMN analytics.patients.loaded_at IS 'When healthetl loaded the cur
 --   written_at timestamp with time zone
 --   note_text text
 CREATE VIEW analytics.provider_notes AS
- SELECT n.pseudonym AS patient_pseudonym,
-    n.visit_key,
-    n.visit_date,
-    n."position",
-    n.author,
-    n.written_at,
-    n.note_text_redacted AS note_text
+ SELECT pseudonym AS patient_pseudonym,
+    visit_key,
+    visit_date,
+    "position",
+    author,
+    written_at,
+    note_text_redacted AS note_text
    FROM clinical.provider_notes n;
 COMMENT ON VIEW analytics.provider_notes IS 'One row per provider note, its text redacted at load time (limited data set).';
 COMMENT ON COLUMN analytics.provider_notes.patient_pseudonym IS 'The patient''s keyed pseudonym.';
@@ -181,20 +181,20 @@ COMMENT ON COLUMN analytics.provider_notes.note_text IS 'Note text with SSNs, ph
 --   end_date date
 --   duration_days integer
 CREATE VIEW analytics.treatments AS
- SELECT t.pseudonym AS patient_pseudonym,
-    t.visit_key,
-    t.visit_date,
-    t."position",
-    t.treatment_type,
-    t.code,
-    t.code_system,
-    t.name,
-    t.dose,
-    t.route,
-    t.frequency,
-    t.start_date,
-    t.end_date,
-    (t.end_date - t.start_date) AS duration_days
+ SELECT pseudonym AS patient_pseudonym,
+    visit_key,
+    visit_date,
+    "position",
+    treatment_type,
+    code,
+    code_system,
+    name,
+    dose,
+    route,
+    frequency,
+    start_date,
+    end_date,
+    (end_date - start_date) AS duration_days
    FROM clinical.treatments t;
 COMMENT ON VIEW analytics.treatments IS 'One row per medication or procedure of a visit (limited data set).';
 COMMENT ON COLUMN analytics.treatments.patient_pseudonym IS 'The patient''s keyed pseudonym.';
@@ -227,18 +227,18 @@ COMMENT ON COLUMN analytics.treatments.duration_days IS 'end_date - start_date, 
 --   provider_name text
 --   age_at_visit integer
 CREATE VIEW analytics.visits AS
- SELECT v.pseudonym AS patient_pseudonym,
-    v.visit_key,
-    v.visit_date,
-    v.visit_start,
-    v.discharge_date,
-    (v.discharge_date - v.visit_date) AS length_of_stay_days,
-    v.visit_type,
-    v.facility_id,
-    v.facility_name,
-    v.provider_npi,
-    v.provider_name,
-    v.age_at_visit
+ SELECT pseudonym AS patient_pseudonym,
+    visit_key,
+    visit_date,
+    visit_start,
+    discharge_date,
+    (discharge_date - visit_date) AS length_of_stay_days,
+    visit_type,
+    facility_id,
+    facility_name,
+    provider_npi,
+    provider_name,
+    age_at_visit
    FROM clinical.visits v;
 COMMENT ON VIEW analytics.visits IS 'One row per visit, with the patient''s age at the visit (limited data set: dates of service kept; no visit ids from the source). Join analytics.patients on patient_pseudonym for sex or residence.';
 COMMENT ON COLUMN analytics.visits.patient_pseudonym IS 'The patient''s keyed pseudonym (as in analytics.patients).';
@@ -715,8 +715,9 @@ CREATE VIEW dq.latest_results AS
         END AS failing_since
    FROM ((dq.checks c
      JOIN dq.check_kinds k USING (kind))
-     JOIN r ON (((r.check_name = c.check_name) AND (r.age = 1))));
-COMMENT ON VIEW dq.latest_results IS 'Each check''s latest result, failing ones with the time of the first run of the current failing streak.';
+     JOIN r ON (((r.check_name = c.check_name) AND (r.age = 1))))
+  WHERE c.enabled;
+COMMENT ON VIEW dq.latest_results IS 'Each enabled check''s latest result, failing ones with the time of the first run of the current failing streak (a disabled check''s old result no longer counts).';
 -- grants on view dq.latest_results (besides its owner): healthetl_loader SELECT
 
 CREATE OR REPLACE FUNCTION dq.check_age_range(c dq.checks, p_patients bigint[], p_batch_id bigint)
