@@ -372,6 +372,13 @@ async function main(): Promise<void> {
         throw new Error(`second run: exit ${again.value.code}, duplicates ${again.value.last?.duplicate} (expected ${args.patients})`);
       }
 
+      // (7) the data-quality checks on the rows of (1): the batch's patients (what `run` did after its
+      // transform, included in (1)) and the whole database (the nightly `healthetl dq --all`).
+      log('7. data-quality checks (dq.run): the batch of (1), then the whole database');
+      const [first] = await queryOn(c, sql.type(z.object({ b: z.coerce.number() }))`SELECT min(batch_id) AS b FROM etl.batches`);
+      const dqBatch = await timed(() => queryOn(c, sql.unsafe`SELECT dq.run(${first.b})`));
+      const dqAll = await timed(() => queryOn(c, sql.unsafe`SELECT dq.run()`));
+
       // (6) analyst queries, on the rows of (1), before (3) empties the tables. Statistics and the
       // visibility map first, as after a nightly load's vacuum: the same for both sides.
       let analyst: AnalystReport | undefined;
@@ -401,6 +408,8 @@ async function main(): Promise<void> {
         rate('2. COPY of flattened CSV (lower bound)', lower.seconds),
         rate('3. row by row (extrapolated)', rbSeconds, `${k} patients measured in ${round(rb.seconds)} s`),
         rate('4. second run, all duplicates', again.seconds),
+        rate('7. dq checks, the batch of (1)', dqBatch.seconds, `${round(dqBatch.seconds / phases.transform)} x the transform of (1)`),
+        rate('7. dq checks, whole database', dqAll.seconds, `${round(dqAll.seconds / phases.transform)} x the transform of (1)`),
       );
 
       // (5) loader peak RSS on a large file, both forms.
@@ -429,6 +438,8 @@ async function main(): Promise<void> {
         // the landing table, before any transform) measured against the same lower bound.
         stage_over_lower_bound: round(phases.stage / lower.seconds),
         row_by_row_over_lower_bound: round(rbSeconds / lower.seconds),
+        dq_batch_over_transform: round(dqBatch.seconds / phases.transform),
+        dq_all_over_transform: round(dqAll.seconds / phases.transform),
       };
       const result = {
         date: new Date().toISOString(),
