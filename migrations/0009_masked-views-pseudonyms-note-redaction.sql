@@ -9,8 +9,8 @@
 --   for the restricted prefixes), no free text; the patient is a random research id, not derived
 --   from any identifier (45 CFR 164.514(c)), which the analytics tier does not show.
 -- Everything the views show is stored by the transform (pseudonym, redacted note, research id): a
--- view calls no hash and no regular expression per row, and none of our functions (analysts may
--- execute none). The pseudonym is stored on every clinical table, so that the child views need no
+-- view calls no hash and no redaction per row (date arithmetic and a ZIP-shape test only), and none
+-- of our functions (analysts may execute none). The pseudonym is stored on every clinical table, so that the child views need no
 -- join to patients: with the join, a top-diagnoses query took 1.4-1.7 times the base tables' time
 -- (a hash of all patients, a wide sort); without it, 1.0 (measured on 50,000 patients). No view filters rows, so none needs security_barrier (which would stop the planner
 -- pushing BI filters down, and so partition pruning).
