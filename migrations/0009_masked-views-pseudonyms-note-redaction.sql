@@ -62,6 +62,10 @@ CREATE INDEX provider_notes_pseudonym_idx ON clinical.provider_notes (pseudonym,
 
 -- A random research id per patient identity, given once (a volatile default: one value per row).
 ALTER TABLE etl.patient_keys ADD COLUMN research_id uuid NOT NULL DEFAULT gen_random_uuid();
+-- And one per visit: deid shows it instead of visit_key, which analytics shows, so that the tiers
+-- share no key (through visit_key, a deid row could be joined to the limited data set's dates). A
+-- visit written again by a newer snapshot gets a new one.
+ALTER TABLE clinical.visits ADD COLUMN research_visit_id uuid NOT NULL DEFAULT gen_random_uuid();
 ALTER TABLE etl.patient_keys ADD CONSTRAINT patient_keys_research_id_key UNIQUE (research_id);
 
 -- HIPAA Safe Harbor's restricted 3-digit ZIP prefixes (populations of 20,000 or fewer), as data with
@@ -411,7 +415,7 @@ CROSS JOIN LATERAL (SELECT date_part('year', age(current_date, p.birth_date))::i
 -- give the birth year that deid.patients suppresses).
 CREATE VIEW deid.visits AS
 SELECT k.research_id,
-       v.visit_key,
+       v.research_visit_id,
        extract(year FROM v.visit_date)::int AS visit_year,
        CASE WHEN x.age_now >= 90 OR x.age_then >= 90 THEN '90+' ELSE x.age_then::text END AS age_at_visit,
        v.discharge_date - v.visit_date AS length_of_stay_days,
@@ -423,18 +427,20 @@ CROSS JOIN LATERAL (SELECT date_part('year', age(current_date, p.birth_date))::i
                            date_part('year', age(v.visit_date, p.birth_date))::int AS age_then) x;
 
 CREATE VIEW deid.diagnoses AS
-SELECT k.research_id, d.visit_key, extract(year FROM d.visit_date)::int AS visit_year, d.position,
+SELECT k.research_id, v.research_visit_id, extract(year FROM d.visit_date)::int AS visit_year, d.position,
        d.code, d.code_system, d.is_primary
 FROM clinical.diagnoses d
-LEFT JOIN etl.patient_keys k ON k.patient_key = d.patient_key;
+LEFT JOIN etl.patient_keys k ON k.patient_key = d.patient_key
+LEFT JOIN clinical.visits v ON v.patient_key = d.patient_key AND v.visit_key = d.visit_key AND v.visit_date = d.visit_date;
 
 CREATE VIEW deid.treatments AS
-SELECT k.research_id, t.visit_key, extract(year FROM t.visit_date)::int AS visit_year, t.position,
+SELECT k.research_id, v.research_visit_id, extract(year FROM t.visit_date)::int AS visit_year, t.position,
        t.treatment_type, t.code, t.code_system, t.route,
        extract(year FROM t.start_date)::int AS start_year, extract(year FROM t.end_date)::int AS end_year,
        t.end_date - t.start_date AS duration_days
 FROM clinical.treatments t
-LEFT JOIN etl.patient_keys k ON k.patient_key = t.patient_key;
+LEFT JOIN etl.patient_keys k ON k.patient_key = t.patient_key
+LEFT JOIN clinical.visits v ON v.patient_key = t.patient_key AND v.visit_key = t.visit_key AND v.visit_date = t.visit_date;
 
 -- ---- what each view and column holds, and how it is masked (docs/data-dictionary.md is made from these)
 COMMENT ON VIEW analytics.patients IS 'One row per patient (HIPAA limited data set): no names, SSN, MRN, phone, email, street lines or source ids.';
@@ -509,7 +515,7 @@ COMMENT ON COLUMN deid.patients.zip3 IS 'First 3 digits of a US ZIP code; 000 fo
 
 COMMENT ON VIEW deid.visits IS 'One row per visit (Safe Harbor): the year only.';
 COMMENT ON COLUMN deid.visits.research_id IS 'The patient''s research id (deid.patients).';
-COMMENT ON COLUMN deid.visits.visit_key IS 'Surrogate key of the visit, assigned by healthetl; joins deid.diagnoses and deid.treatments.';
+COMMENT ON COLUMN deid.visits.research_visit_id IS 'Random id of the visit (not the analytics visit_key, so the tiers share no key; new when a newer record of the patient arrives); joins deid.diagnoses and deid.treatments.';
 COMMENT ON COLUMN deid.visits.visit_year IS 'Year of the visit.';
 COMMENT ON COLUMN deid.visits.age_at_visit IS 'Age in whole years at the visit, as text; 90+ for ages over 89 and for every visit of a patient who is 90 or over today.';
 COMMENT ON COLUMN deid.visits.length_of_stay_days IS 'Length of stay in days (a duration, not a date).';
@@ -517,7 +523,7 @@ COMMENT ON COLUMN deid.visits.visit_type IS 'outpatient, inpatient, emergency, t
 
 COMMENT ON VIEW deid.diagnoses IS 'One row per diagnosis (Safe Harbor): codes only, no description text.';
 COMMENT ON COLUMN deid.diagnoses.research_id IS 'The patient''s research id.';
-COMMENT ON COLUMN deid.diagnoses.visit_key IS 'The visit (deid.visits.visit_key).';
+COMMENT ON COLUMN deid.diagnoses.research_visit_id IS 'The visit (deid.visits.research_visit_id).';
 COMMENT ON COLUMN deid.diagnoses.visit_year IS 'Year of the visit.';
 COMMENT ON COLUMN deid.diagnoses.position IS 'Order of the diagnosis in the visit (0-based).';
 COMMENT ON COLUMN deid.diagnoses.code IS 'Diagnosis code.';
@@ -526,7 +532,7 @@ COMMENT ON COLUMN deid.diagnoses.is_primary IS 'Whether this is the visit''s pri
 
 COMMENT ON VIEW deid.treatments IS 'One row per medication or procedure (Safe Harbor): codes and years only, no free text.';
 COMMENT ON COLUMN deid.treatments.research_id IS 'The patient''s research id.';
-COMMENT ON COLUMN deid.treatments.visit_key IS 'The visit (deid.visits.visit_key).';
+COMMENT ON COLUMN deid.treatments.research_visit_id IS 'The visit (deid.visits.research_visit_id).';
 COMMENT ON COLUMN deid.treatments.visit_year IS 'Year of the visit.';
 COMMENT ON COLUMN deid.treatments.position IS 'Order of the treatment in the visit (0-based).';
 COMMENT ON COLUMN deid.treatments.treatment_type IS 'medication or procedure.';
@@ -722,6 +728,7 @@ ALTER TABLE etl.patient_keys DROP COLUMN research_id;
 ALTER TABLE clinical.provider_notes DROP COLUMN pseudonym;
 ALTER TABLE clinical.treatments DROP COLUMN pseudonym;
 ALTER TABLE clinical.diagnoses DROP COLUMN pseudonym;
+ALTER TABLE clinical.visits DROP COLUMN research_visit_id;
 ALTER TABLE clinical.visits DROP COLUMN age_at_visit;
 ALTER TABLE clinical.visits DROP COLUMN pseudonym;
 ALTER TABLE clinical.patients DROP COLUMN pseudonym;

@@ -337,10 +337,24 @@ describe('nothing planted leaks into the tiers', () => {
     ).toEqual([{ visit_year: 2024, age_at_visit: '90+', length_of_stay_days: 3 }]);
   });
 
-  test('the tiers cannot be linked: research ids are not the pseudonyms', async () => {
+  test('the tiers cannot be linked: research ids are not the pseudonyms, research visit ids not the visit keys', async () => {
     const pseud = (await as(analyst(), 'SELECT patient_pseudonym AS id FROM analytics.patients')).map((r) => r.id);
     const research = (await as(researcher(), 'SELECT research_id::text AS id FROM deid.patients')).map((r) => r.id);
     expect(pseud.filter((p) => research.includes(p))).toEqual([]);
+    // Nor through the visits: deid has its own random visit ids, and no column the other tier has but the codes.
+    const cols = async (schema: string) =>
+      (await db.query(`SELECT DISTINCT column_name AS c FROM information_schema.columns WHERE table_schema = $1`, [schema])).map(
+        (r) => r.c,
+      );
+    expect((await cols('deid')).filter((c) => /key|pseudonym|_id$/.test(c)).sort()).toEqual(['research_id', 'research_visit_id']);
+    const visitKeys = (await as(analyst(), 'SELECT visit_key::text AS k FROM analytics.visits')).map((r) => r.k);
+    const researchVisits = (await as(researcher(), 'SELECT research_visit_id::text AS k FROM deid.visits')).map((r) => r.k);
+    expect(researchVisits).toHaveLength(visitKeys.length);
+    expect(researchVisits.filter((k) => visitKeys.includes(k))).toEqual([]);
+    // A researcher's visits still join their diagnoses: I10 of PHI-A-01 and E11.9 of PHI-B-02.
+    expect(
+      await as(researcher(), `SELECT count(*)::int AS n FROM deid.diagnoses d JOIN deid.visits v USING (research_id, research_visit_id)`),
+    ).toEqual([{ n: 2 }]);
     expect(pseud.every((p) => /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(p))).toBe(true);
   });
 });

@@ -369,6 +369,7 @@ CREATE TABLE clinical.visits (
   position integer NOT NULL,
   pseudonym uuid NOT NULL,
   age_at_visit integer,
+  research_visit_id uuid DEFAULT gen_random_uuid() NOT NULL,
   CONSTRAINT visits_patient_key_source_visit_id_visit_date_key UNIQUE (patient_key, source_visit_id, visit_date),
   CONSTRAINT visits_pkey PRIMARY KEY (patient_key, visit_key, visit_date),
   CONSTRAINT visits_visit_type_check CHECK ((visit_type = ANY (ARRAY['outpatient'::text, 'inpatient'::text, 'emergency'::text, 'telehealth'::text, 'other'::text])))
@@ -405,7 +406,7 @@ COMMENT ON SCHEMA deid IS 'De-identified views for researchers (HIPAA Safe Harbo
 
 -- view deid.diagnoses columns:
 --   research_id uuid
---   visit_key bigint
+--   research_visit_id uuid
 --   visit_year integer
 --   position integer
 --   code text
@@ -413,17 +414,18 @@ COMMENT ON SCHEMA deid IS 'De-identified views for researchers (HIPAA Safe Harbo
 --   is_primary boolean
 CREATE VIEW deid.diagnoses AS
  SELECT k.research_id,
-    d.visit_key,
+    v.research_visit_id,
     (EXTRACT(year FROM d.visit_date))::integer AS visit_year,
     d."position",
     d.code,
     d.code_system,
     d.is_primary
-   FROM (clinical.diagnoses d
-     LEFT JOIN etl.patient_keys k ON ((k.patient_key = d.patient_key)));
+   FROM ((clinical.diagnoses d
+     LEFT JOIN etl.patient_keys k ON ((k.patient_key = d.patient_key)))
+     LEFT JOIN clinical.visits v ON (((v.patient_key = d.patient_key) AND (v.visit_key = d.visit_key) AND (v.visit_date = d.visit_date))));
 COMMENT ON VIEW deid.diagnoses IS 'One row per diagnosis (Safe Harbor): codes only, no description text.';
 COMMENT ON COLUMN deid.diagnoses.research_id IS 'The patient''s research id.';
-COMMENT ON COLUMN deid.diagnoses.visit_key IS 'The visit (deid.visits.visit_key).';
+COMMENT ON COLUMN deid.diagnoses.research_visit_id IS 'The visit (deid.visits.research_visit_id).';
 COMMENT ON COLUMN deid.diagnoses.visit_year IS 'Year of the visit.';
 COMMENT ON COLUMN deid.diagnoses.position IS 'Order of the diagnosis in the visit (0-based).';
 COMMENT ON COLUMN deid.diagnoses.code IS 'Diagnosis code.';
@@ -474,7 +476,7 @@ COMMENT ON COLUMN deid.patients.zip3 IS 'First 3 digits of a US ZIP code; 000 fo
 
 -- view deid.treatments columns:
 --   research_id uuid
---   visit_key bigint
+--   research_visit_id uuid
 --   visit_year integer
 --   position integer
 --   treatment_type text
@@ -486,7 +488,7 @@ COMMENT ON COLUMN deid.patients.zip3 IS 'First 3 digits of a US ZIP code; 000 fo
 --   duration_days integer
 CREATE VIEW deid.treatments AS
  SELECT k.research_id,
-    t.visit_key,
+    v.research_visit_id,
     (EXTRACT(year FROM t.visit_date))::integer AS visit_year,
     t."position",
     t.treatment_type,
@@ -496,11 +498,12 @@ CREATE VIEW deid.treatments AS
     (EXTRACT(year FROM t.start_date))::integer AS start_year,
     (EXTRACT(year FROM t.end_date))::integer AS end_year,
     (t.end_date - t.start_date) AS duration_days
-   FROM (clinical.treatments t
-     LEFT JOIN etl.patient_keys k ON ((k.patient_key = t.patient_key)));
+   FROM ((clinical.treatments t
+     LEFT JOIN etl.patient_keys k ON ((k.patient_key = t.patient_key)))
+     LEFT JOIN clinical.visits v ON (((v.patient_key = t.patient_key) AND (v.visit_key = t.visit_key) AND (v.visit_date = t.visit_date))));
 COMMENT ON VIEW deid.treatments IS 'One row per medication or procedure (Safe Harbor): codes and years only, no free text.';
 COMMENT ON COLUMN deid.treatments.research_id IS 'The patient''s research id.';
-COMMENT ON COLUMN deid.treatments.visit_key IS 'The visit (deid.visits.visit_key).';
+COMMENT ON COLUMN deid.treatments.research_visit_id IS 'The visit (deid.visits.research_visit_id).';
 COMMENT ON COLUMN deid.treatments.visit_year IS 'Year of the visit.';
 COMMENT ON COLUMN deid.treatments.position IS 'Order of the treatment in the visit (0-based).';
 COMMENT ON COLUMN deid.treatments.treatment_type IS 'medication or procedure.';
@@ -514,14 +517,14 @@ COMMENT ON COLUMN deid.treatments.duration_days IS 'Duration in days (a duration
 
 -- view deid.visits columns:
 --   research_id uuid
---   visit_key bigint
+--   research_visit_id uuid
 --   visit_year integer
 --   age_at_visit text
 --   length_of_stay_days integer
 --   visit_type text
 CREATE VIEW deid.visits AS
  SELECT k.research_id,
-    v.visit_key,
+    v.research_visit_id,
     (EXTRACT(year FROM v.visit_date))::integer AS visit_year,
         CASE
             WHEN ((x.age_now >= 90) OR (x.age_then >= 90)) THEN '90+'::text
@@ -536,7 +539,7 @@ CREATE VIEW deid.visits AS
             (date_part('year'::text, age((v.visit_date)::timestamp with time zone, (p.birth_date)::timestamp with time zone)))::integer AS age_then) x);
 COMMENT ON VIEW deid.visits IS 'One row per visit (Safe Harbor): the year only.';
 COMMENT ON COLUMN deid.visits.research_id IS 'The patient''s research id (deid.patients).';
-COMMENT ON COLUMN deid.visits.visit_key IS 'Surrogate key of the visit, assigned by healthetl; joins deid.diagnoses and deid.treatments.';
+COMMENT ON COLUMN deid.visits.research_visit_id IS 'Random id of the visit (not the analytics visit_key, so the tiers share no key; new when a newer record of the patient arrives); joins deid.diagnoses and deid.treatments.';
 COMMENT ON COLUMN deid.visits.visit_year IS 'Year of the visit.';
 COMMENT ON COLUMN deid.visits.age_at_visit IS 'Age in whole years at the visit, as text; 90+ for ages over 89 and for every visit of a patient who is 90 or over today.';
 COMMENT ON COLUMN deid.visits.length_of_stay_days IS 'Length of stay in days (a duration, not a date).';
