@@ -21,6 +21,7 @@ import pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
 import { z } from 'zod';
 import { analystQueries, analystTable, DEFAULT_ANALYST_RUNS, type AnalystReport } from './bench-analyst.ts';
+import { biQueries, biTable, type BiQueryResult } from './bench-bi.ts';
 import { queryOn, sql } from './db.ts';
 import { migrate } from './migrate.ts';
 import { DEFAULT_SHARDS } from './transform.ts';
@@ -389,6 +390,9 @@ async function main(): Promise<void> {
         );
         analyst = await analystQueries(url, { runs: args.analystRuns, year: args.analystYear, log });
       }
+      // (8) the bi/ query pack, each file as its role, on the same rows.
+      let bi: BiQueryResult[] | undefined;
+      if (args.analystRuns > 0) bi = await biQueries(url, { runs: args.analystRuns, log });
 
       // (3) row by row on a sample, extrapolated to N.
       const k = Math.min(args.rowSample, args.patients);
@@ -460,6 +464,8 @@ async function main(): Promise<void> {
         loader_peak_rss: rss,
         ratios,
         analyst_queries: analyst,
+        bi_queries: bi,
+        analyst_runs: args.analystRuns,
         targets: {
           e2e_over_lower_bound: '<= 1.5',
           row_by_row_over_e2e: '>= 30',
@@ -467,7 +473,6 @@ async function main(): Promise<void> {
           loader_peak_rss_mb_for_2gb: '< 300',
           analyst_masked_over_base: '<= 1.2 (each query)',
         },
-        not_measured_yet: ['bi/ queries (they do not exist yet; analyst queries on the masked views are step 6)'],
       };
       printTable(result);
       if (args.json === true) process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
@@ -516,6 +521,8 @@ function printTable(r: {
   loader_peak_rss: Record<string, { mb: number; peak_rss_mb: number; seconds: number }>;
   ratios: Record<string, number>;
   analyst_queries?: AnalystReport;
+  bi_queries?: BiQueryResult[];
+  analyst_runs: number;
   date: string;
 }): void {
   const w = (s: string, n: number) => s.padEnd(n);
@@ -535,6 +542,7 @@ function printTable(r: {
     `ratios: end to end / lower bound = ${r.ratios.e2e_over_lower_bound} (target <= 1.5); row by row / end to end = ${r.ratios.row_by_row_over_e2e} (target >= 30); first run / second run = ${r.ratios.e2e_over_second_run} (target >= 10)`,
     `floors: staging alone / lower bound = ${r.ratios.stage_over_lower_bound}; row by row / lower bound = ${r.ratios.row_by_row_over_lower_bound}`,
     ...(r.analyst_queries ? ['', ...analystTable(r.analyst_queries)] : []),
+    ...(r.bi_queries ? ['', ...biTable(r.bi_queries, r.analyst_runs)] : []),
   ];
   process.stdout.write(`${lines.join('\n')}\n`);
 }
