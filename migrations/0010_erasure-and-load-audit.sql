@@ -68,6 +68,31 @@ BEGIN
 END
 $$;
 
+-- A patient id given as text (on a command line) in the canonical form of the documents' ids
+-- (etl.patient_id_of), or as given when it has none.
+CREATE FUNCTION etl.patient_id_from_text(p_patient_id text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN coalesce(nullif(etl.patient_id_of(to_jsonb(p_patient_id)), ''), p_patient_id);
+
+-- Deletes one patient's rows (clinical tables, then the identity: pseudonym and research id go
+-- with it) and what is derived from them; returns how many clinical rows went. The one place that
+-- knows what a patient's rows are: a migration adding something derived restates this function.
+CREATE FUNCTION etl.erase_patient_rows(p_patient_key bigint) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_rows bigint := 0;
+  v_n bigint;
+BEGIN
+  DELETE FROM clinical.provider_notes WHERE patient_key = p_patient_key; GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.treatments WHERE patient_key = p_patient_key;     GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.diagnoses WHERE patient_key = p_patient_key;      GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.visits WHERE patient_key = p_patient_key;         GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.patients WHERE patient_key = p_patient_key;       GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM etl.patient_keys WHERE patient_key = p_patient_key;
+  RETURN v_rows;
+END
+$$;
+
 -- Erases one patient (source system and id as in their documents) and blocks their later
 -- documents until etl.lift_erasure. Waits for running transforms. Idempotent: erasing again scrubs
 -- again under the same receipt. Returns the receipt and what went.
@@ -75,12 +100,11 @@ CREATE FUNCTION etl.erase_patient(p_source_system text, p_patient_id text)
 RETURNS TABLE (erasure_id bigint, documents bigint, clinical_rows bigint, files bigint)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_id text := coalesce(nullif(etl.patient_id_of(to_jsonb(p_patient_id)), ''), p_patient_id);
+  v_id text := etl.patient_id_from_text(p_patient_id);
   v_hash text;
   v_key bigint;
   v_docs bigint[];
   v_rows bigint := 0;
-  v_n bigint;
   v_files bigint;
 BEGIN
   IF p_source_system IS NULL OR p_patient_id IS NULL THEN
@@ -102,12 +126,7 @@ BEGIN
   v_docs := coalesce(v_docs, '{}');
 
   IF v_key IS NOT NULL THEN
-    DELETE FROM clinical.provider_notes WHERE patient_key = v_key; GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.treatments WHERE patient_key = v_key;     GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.diagnoses WHERE patient_key = v_key;      GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.visits WHERE patient_key = v_key;         GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.patients WHERE patient_key = v_key;       GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM etl.patient_keys WHERE patient_key = v_key;
+    v_rows := etl.erase_patient_rows(v_key);
   END IF;
   DELETE FROM etl.document_problems WHERE document_id = ANY (v_docs);
   DELETE FROM etl.rejected_documents r
@@ -137,7 +156,7 @@ DECLARE
 BEGIN
   UPDATE etl.erasures SET lifted_at = clock_timestamp(), lifted_by = session_user
   WHERE lifted_at IS NULL
-    AND subject_hash = etl.erasure_hash(p_source_system, coalesce(nullif(etl.patient_id_of(to_jsonb(p_patient_id)), ''), p_patient_id));
+    AND subject_hash = etl.erasure_hash(p_source_system, etl.patient_id_from_text(p_patient_id));
   GET DIAGNOSTICS v_n = ROW_COUNT;
   RETURN v_n;
 END
@@ -327,6 +346,8 @@ $$;
 DROP FUNCTION etl.step_erased();
 DROP FUNCTION etl.lift_erasure(text, text);
 DROP FUNCTION etl.erase_patient(text, text);
+DROP FUNCTION etl.erase_patient_rows(bigint);
+DROP FUNCTION etl.patient_id_from_text(text);
 DROP FUNCTION etl.forget_file_names(bigint[]);
 DROP FUNCTION etl.erasure_hash(text, text);
 DROP TABLE etl.erasures;

@@ -9,7 +9,7 @@
 -- * dq.run(batch_id) runs every enabled check on one batch's patients (NULL: the whole database)
 --   and keeps the results (dq.runs, dq.results) and up to 20 failing rows per check by surrogate
 --   key only (dq.result_samples): never names, ids from the source, or values.
--- Restated: etl.erase_patient (an erased patient's samples go too).
+-- Restated: etl.erase_patient_rows (an erased patient's samples go too).
 SET LOCAL search_path = pg_catalog, pg_temp;
 
 CREATE TABLE dq.check_kinds (
@@ -446,62 +446,24 @@ COMMENT ON COLUMN analytics.data_freshness.data_as_of IS 'When the last batch wa
 COMMENT ON COLUMN analytics.data_freshness.quality_checked_at IS 'When the data-quality checks last ran.';
 COMMENT ON COLUMN analytics.data_freshness.quality_status IS 'ok, warn, fail (the worst latest check) or not checked.';
 
--- Restated from 0010: the erased patient's data-quality samples go too.
-CREATE OR REPLACE FUNCTION etl.erase_patient(p_source_system text, p_patient_id text)
-RETURNS TABLE (erasure_id bigint, documents bigint, clinical_rows bigint, files bigint)
+-- Restated from 0010: the patient's data-quality samples go too.
+-- Deletes one patient's rows (clinical tables, then the identity: pseudonym and research id go
+-- with it) and what is derived from them; returns how many clinical rows went. The one place that
+-- knows what a patient's rows are: a migration adding something derived restates this function.
+CREATE OR REPLACE FUNCTION etl.erase_patient_rows(p_patient_key bigint) RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_id text := coalesce(nullif(etl.patient_id_of(to_jsonb(p_patient_id)), ''), p_patient_id);
-  v_hash text;
-  v_key bigint;
-  v_docs bigint[];
   v_rows bigint := 0;
   v_n bigint;
-  v_files bigint;
 BEGIN
-  IF p_source_system IS NULL OR p_patient_id IS NULL THEN
-    RAISE EXCEPTION 'erase needs a source system and a patient id' USING ERRCODE = 'HE010',
-      HINT = 'healthetl erase --patient-id ID [--source-system S] (the source system defaults to "default").';
-  END IF;
-  PERFORM etl.lock_out_transforms();
-  v_hash := etl.erasure_hash(p_source_system, v_id);
-  SELECT k.patient_key INTO v_key FROM etl.patient_keys k
-  WHERE k.source_system = p_source_system AND k.source_patient_id = v_id;
-
-  -- Their documents: those that name them, and every copy of the same bytes (duplicates keep no payload).
-  SELECT array_agg(d.document_id) INTO v_docs FROM landing.raw_documents d
-  WHERE d.content_sha256 IN (
-    SELECT r.content_sha256 FROM landing.raw_documents r
-    WHERE r.payload IS NOT NULL AND jsonb_typeof(r.payload) = 'object'
-      AND etl.source_system_of(r.payload -> 'source_system') = p_source_system
-      AND etl.patient_id_of(r.payload -> 'patient_id') = v_id);
-  v_docs := coalesce(v_docs, '{}');
-
-  IF v_key IS NOT NULL THEN
-    DELETE FROM clinical.provider_notes WHERE patient_key = v_key; GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.treatments WHERE patient_key = v_key;     GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.diagnoses WHERE patient_key = v_key;      GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.visits WHERE patient_key = v_key;         GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.patients WHERE patient_key = v_key;       GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM etl.patient_keys WHERE patient_key = v_key;
-    DELETE FROM dq.result_samples WHERE patient_key = v_key;
-  END IF;
-  DELETE FROM etl.document_problems WHERE document_id = ANY (v_docs);
-  DELETE FROM etl.rejected_documents r
-  WHERE r.content_sha256 IN (SELECT d.content_sha256 FROM landing.raw_documents d WHERE d.document_id = ANY (v_docs));
-  v_files := etl.forget_file_names(v_docs);
-  -- The landing rows stay (every received document is accounted for), without payload or fingerprint.
-  UPDATE landing.raw_documents d
-  SET payload = NULL, status = CASE WHEN d.status = 'staged' THEN 'staged' ELSE 'erased' END,
-      content_sha256 = sha256(convert_to('erased document ' || d.document_id, 'UTF8'))
-  WHERE d.document_id = ANY (v_docs) AND d.status <> 'staged';
-
-  INSERT INTO etl.erasures AS e (subject_hash, documents, clinical_rows)
-  VALUES (v_hash, cardinality(v_docs), v_rows)
-  ON CONFLICT (subject_hash) WHERE lifted_at IS NULL
-  DO UPDATE SET documents = e.documents + excluded.documents, clinical_rows = e.clinical_rows + excluded.clinical_rows;
-  RETURN QUERY SELECT e.erasure_id, cardinality(v_docs)::bigint, v_rows, v_files
-  FROM etl.erasures e WHERE e.subject_hash = v_hash AND e.lifted_at IS NULL;
+  DELETE FROM clinical.provider_notes WHERE patient_key = p_patient_key; GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.treatments WHERE patient_key = p_patient_key;     GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.diagnoses WHERE patient_key = p_patient_key;      GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.visits WHERE patient_key = p_patient_key;         GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.patients WHERE patient_key = p_patient_key;       GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM etl.patient_keys WHERE patient_key = p_patient_key;
+  DELETE FROM dq.result_samples WHERE patient_key = p_patient_key;
+  RETURN v_rows;
 END
 $$;
 
@@ -533,60 +495,22 @@ DROP TRIGGER checks_record_change ON dq.checks;
 DROP FUNCTION dq.record_check_change();
 DROP TABLE dq.check_changes, dq.checks, dq.check_kinds;
 
--- 0010's erase_patient, whole.
-CREATE OR REPLACE FUNCTION etl.erase_patient(p_source_system text, p_patient_id text)
-RETURNS TABLE (erasure_id bigint, documents bigint, clinical_rows bigint, files bigint)
+-- 0010's erase_patient_rows, whole.
+-- Deletes one patient's rows (clinical tables, then the identity: pseudonym and research id go
+-- with it) and what is derived from them; returns how many clinical rows went. The one place that
+-- knows what a patient's rows are: a migration adding something derived restates this function.
+CREATE OR REPLACE FUNCTION etl.erase_patient_rows(p_patient_key bigint) RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_id text := coalesce(nullif(etl.patient_id_of(to_jsonb(p_patient_id)), ''), p_patient_id);
-  v_hash text;
-  v_key bigint;
-  v_docs bigint[];
   v_rows bigint := 0;
   v_n bigint;
-  v_files bigint;
 BEGIN
-  IF p_source_system IS NULL OR p_patient_id IS NULL THEN
-    RAISE EXCEPTION 'erase needs a source system and a patient id' USING ERRCODE = 'HE010',
-      HINT = 'healthetl erase --patient-id ID [--source-system S] (the source system defaults to "default").';
-  END IF;
-  PERFORM etl.lock_out_transforms();
-  v_hash := etl.erasure_hash(p_source_system, v_id);
-  SELECT k.patient_key INTO v_key FROM etl.patient_keys k
-  WHERE k.source_system = p_source_system AND k.source_patient_id = v_id;
-
-  -- Their documents: those that name them, and every copy of the same bytes (duplicates keep no payload).
-  SELECT array_agg(d.document_id) INTO v_docs FROM landing.raw_documents d
-  WHERE d.content_sha256 IN (
-    SELECT r.content_sha256 FROM landing.raw_documents r
-    WHERE r.payload IS NOT NULL AND jsonb_typeof(r.payload) = 'object'
-      AND etl.source_system_of(r.payload -> 'source_system') = p_source_system
-      AND etl.patient_id_of(r.payload -> 'patient_id') = v_id);
-  v_docs := coalesce(v_docs, '{}');
-
-  IF v_key IS NOT NULL THEN
-    DELETE FROM clinical.provider_notes WHERE patient_key = v_key; GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.treatments WHERE patient_key = v_key;     GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.diagnoses WHERE patient_key = v_key;      GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.visits WHERE patient_key = v_key;         GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.patients WHERE patient_key = v_key;       GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM etl.patient_keys WHERE patient_key = v_key;
-  END IF;
-  DELETE FROM etl.document_problems WHERE document_id = ANY (v_docs);
-  DELETE FROM etl.rejected_documents r
-  WHERE r.content_sha256 IN (SELECT d.content_sha256 FROM landing.raw_documents d WHERE d.document_id = ANY (v_docs));
-  v_files := etl.forget_file_names(v_docs);
-  -- The landing rows stay (every received document is accounted for), without payload or fingerprint.
-  UPDATE landing.raw_documents d
-  SET payload = NULL, status = CASE WHEN d.status = 'staged' THEN 'staged' ELSE 'erased' END,
-      content_sha256 = sha256(convert_to('erased document ' || d.document_id, 'UTF8'))
-  WHERE d.document_id = ANY (v_docs) AND d.status <> 'staged';
-
-  INSERT INTO etl.erasures AS e (subject_hash, documents, clinical_rows)
-  VALUES (v_hash, cardinality(v_docs), v_rows)
-  ON CONFLICT (subject_hash) WHERE lifted_at IS NULL
-  DO UPDATE SET documents = e.documents + excluded.documents, clinical_rows = e.clinical_rows + excluded.clinical_rows;
-  RETURN QUERY SELECT e.erasure_id, cardinality(v_docs)::bigint, v_rows, v_files
-  FROM etl.erasures e WHERE e.subject_hash = v_hash AND e.lifted_at IS NULL;
+  DELETE FROM clinical.provider_notes WHERE patient_key = p_patient_key; GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.treatments WHERE patient_key = p_patient_key;     GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.diagnoses WHERE patient_key = p_patient_key;      GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.visits WHERE patient_key = p_patient_key;         GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.patients WHERE patient_key = p_patient_key;       GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM etl.patient_keys WHERE patient_key = p_patient_key;
+  RETURN v_rows;
 END
 $$;

@@ -162,6 +162,14 @@ export async function connectPg(databaseUrl: string, timeouts: Timeouts = DEFAUL
   return client;
 }
 
+/**
+ * `lock_timeout` for the rest of the caller's transaction: a session that waits for the transform
+ * lock (a transform, an erasure, a key rotation) gets a clear error (55P03), not a hang.
+ */
+export function localLockTimeout(timeouts: Timeouts = DEFAULT_TIMEOUTS) {
+  return sql.unsafe`SELECT set_config('lock_timeout', ${String(timeouts.lockTimeoutMs)}, true)`;
+}
+
 /** The row type of a call whose result is not read (a function returning void). */
 export const NoResult = z.object({});
 

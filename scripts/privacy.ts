@@ -3,8 +3,8 @@
 // privacy-report` (etl.privacy_report: 0009). Each is one transaction; what comes back is counts and
 // a receipt number, never an identity: the patient id goes to the server as a parameter and nowhere else.
 import { z } from 'zod';
-import type { DatabasePool, DatabaseTransactionConnection } from 'slonik';
-import { DEFAULT_TIMEOUTS, sql, type Timeouts } from './db.ts';
+import type { DatabasePool } from 'slonik';
+import { DEFAULT_TIMEOUTS, localLockTimeout, sql, type Timeouts } from './db.ts';
 
 /** A patient as their documents name them: the source system (default `default`) and the patient id (PHI). */
 export type PatientIdentity = { sourceSystem: string; patientId: string };
@@ -13,17 +13,8 @@ export type PatientIdentity = { sourceSystem: string; patientId: string };
 export const ROTATE_WARNING =
   'rotate-pseudonym-key gives every patient a new pseudonym in the analytics views: saved reports, extracts and joins keyed by the old pseudonyms stop matching, and the old key is gone (it cannot be undone); run it again with --yes to do it';
 
-/**
- * erase_patient and rotate_pseudonym_key first wait for running transforms (etl.lock_out_transforms):
- * as the loader's sessions do, a stuck lock becomes an error (55P03) after lock_timeout, not a hang.
- */
-async function lockTimeout(tx: DatabaseTransactionConnection, timeouts: Timeouts): Promise<void> {
-  await tx.query(
-    sql.type(
-      z.object({ lock_timeout: z.string() }),
-    )`SELECT set_config('lock_timeout', ${String(timeouts.lockTimeoutMs)}, true) AS lock_timeout`,
-  );
-}
+// erase_patient and rotate_pseudonym_key first wait for running transforms (etl.lock_out_transforms):
+// as the loader's sessions do, they set lock_timeout (db.ts localLockTimeout) so a stuck lock is an error.
 
 const Receipt = z.object({
   erasure_id: z.coerce.number(),
@@ -40,7 +31,7 @@ export async function erasePatient(
   timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ): Promise<ErasureReceipt> {
   return pool.transaction(async (tx) => {
-    await lockTimeout(tx, timeouts);
+    await tx.query(localLockTimeout(timeouts));
     return tx.one(sql.type(Receipt)`
       SELECT erasure_id, documents, clinical_rows, files FROM etl.erase_patient(${who.sourceSystem}, ${who.patientId})`);
   });
@@ -58,7 +49,7 @@ export async function liftErasure(pool: DatabasePool, who: PatientIdentity): Pro
 /** A new pseudonym key and every patient's pseudonym under it (etl.rotate_pseudonym_key), in one transaction: how many patients. */
 export async function rotatePseudonymKey(pool: DatabasePool, timeouts: Timeouts = DEFAULT_TIMEOUTS): Promise<number> {
   return pool.transaction(async (tx) => {
-    await lockTimeout(tx, timeouts);
+    await tx.query(localLockTimeout(timeouts));
     return tx.oneFirst(sql.type(z.object({ patients: z.coerce.number() }))`SELECT etl.rotate_pseudonym_key() AS patients`);
   });
 }

@@ -3,7 +3,7 @@
 // one coordinator transaction that holds the transform lock (migrations/0004).
 import { z } from 'zod';
 import type { DatabasePool } from 'slonik';
-import { DEFAULT_TIMEOUTS, NoResult, sql } from './db.ts';
+import { localLockTimeout, NoResult, sql } from './db.ts';
 import { batchFailure, failsOnlyTheBatch, isBatchStillLoading, isTooManyConnections } from './errors.ts';
 
 const TransformCounts = z.object({
@@ -166,7 +166,7 @@ const NO_DOCUMENTS: TransformCounts = {
   deleted_children: 0,
 };
 
-const lockTimeout = sql.unsafe`SELECT set_config('lock_timeout', ${String(DEFAULT_TIMEOUTS.lockTimeoutMs)}, true)`;
+const lockTimeout = localLockTimeout();
 
 const BeginTransform = z.object({
   waiting: z.enum(['transform', 'shards']).nullable(),

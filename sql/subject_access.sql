@@ -26,7 +26,7 @@
 WITH k AS (
   SELECT k.patient_key FROM etl.patient_keys k
   WHERE k.source_system = :'source_system'
-    AND k.source_patient_id = coalesce(nullif(etl.patient_id_of(to_jsonb(:'patient_id'::text)), ''), :'patient_id')
+    AND k.source_patient_id = etl.patient_id_from_text(:'patient_id')
 )
 SELECT jsonb_pretty(jsonb_build_object(
   'source_system', :'source_system',
@@ -48,5 +48,5 @@ SELECT jsonb_pretty(jsonb_build_object(
     WHERE d.payload IS NOT NULL AND jsonb_typeof(d.payload) = 'object'
       AND etl.source_system_of(d.payload -> 'source_system') = :'source_system'
       AND etl.patient_id_of(d.payload -> 'patient_id')
-          = coalesce(nullif(etl.patient_id_of(to_jsonb(:'patient_id'::text)), ''), :'patient_id'))
+          = etl.patient_id_from_text(:'patient_id'))
 ));

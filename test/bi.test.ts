@@ -11,7 +11,7 @@ import { beforeAll, describe, expect, test } from 'vitest';
 import { expandInputs } from '../scripts/inputs.ts';
 import { loadBatch } from '../scripts/stage.ts';
 import { transformPending } from '../scripts/transform.ts';
-import { useLogin, usePool, useTestDatabase } from './db.ts';
+import { failureAs, queryAs, useLogin, usePool, useTestDatabase } from './db.ts';
 
 const Y = new Date().getUTCFullYear();
 const Y1 = Y - 1;
@@ -146,24 +146,7 @@ const types = {
   },
 };
 
-async function as<T = any>(url: string, text: string): Promise<T[]> {
-  const c = new pg.Client({ connectionString: url, types });
-  await c.connect();
-  try {
-    return (await c.query(text)).rows;
-  } finally {
-    await c.end();
-  }
-}
-
-async function failure(url: string, text: string): Promise<string> {
-  try {
-    await as(url, text);
-    return '';
-  } catch (e) {
-    return (e as Error).message;
-  }
-}
+const as = <T = any>(url: string, text: string): Promise<T[]> => queryAs<T>(url, text, undefined, types);
 
 const sql = (file: string) => readFileSync(path.join(BI, file), 'utf8');
 const run = (file: string) => as(TIER[file] === 'deid' ? researcher() : analyst(), sql(file));
@@ -347,7 +330,7 @@ describe('each bi/ query as its role, compared with the answer worked out by han
 describe('each bi/ query stays inside its tier', () => {
   test.each(Object.entries(TIER))("%s run as the other tier's role is refused", async (file, tier) => {
     const other = tier === 'deid' ? analyst() : researcher();
-    expect(await failure(other, sql(file))).toContain(`permission denied for schema ${tier}`);
+    expect(await failureAs(other, sql(file))).toContain(`permission denied for schema ${tier}`);
   });
 
   test.each(Object.keys(TIER))('%s names no base-table schema and uses no psql variables', (file) => {
@@ -363,6 +346,6 @@ describe('each bi/ query stays inside its tier', () => {
 
   test('a base table is refused to both roles with permission denied, not answered', async () => {
     for (const url of [analyst(), researcher()])
-      expect(await failure(url, 'SELECT count(*) FROM clinical.visits')).toContain('permission denied for schema clinical');
+      expect(await failureAs(url, 'SELECT count(*) FROM clinical.visits')).toContain('permission denied for schema clinical');
   });
 });

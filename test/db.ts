@@ -89,3 +89,24 @@ export function useLogin(db: { url: () => string }, group: string): () => string
     return u.toString();
   };
 }
+
+/** The rows of one statement, run on a connection of its own at url (a role's login) and closed after. */
+export async function queryAs<T = any>(url: string, text: string, values?: unknown[], types?: pg.CustomTypesConfig): Promise<T[]> {
+  const c = new pg.Client({ connectionString: url, types });
+  await c.connect();
+  try {
+    return (await c.query(text, values as unknown[])).rows;
+  } finally {
+    await c.end();
+  }
+}
+
+/** The error message a statement fails with at url ('' when it succeeds). */
+export async function failureAs(url: string, text: string): Promise<string> {
+  try {
+    await queryAs(url, text);
+    return '';
+  } catch (e) {
+    return (e as Error).message;
+  }
+}

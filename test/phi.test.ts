@@ -9,7 +9,7 @@ import { beforeAll, describe, expect, test } from 'vitest';
 import { expandInputs } from '../scripts/inputs.ts';
 import { loadBatch } from '../scripts/stage.ts';
 import { transformPending } from '../scripts/transform.ts';
-import { useLogin, usePool, useTestDatabase } from './db.ts';
+import { failureAs, queryAs, useLogin, usePool, useTestDatabase } from './db.ts';
 
 const db = useTestDatabase();
 const loader = useLogin(db, 'healthetl_loader');
@@ -78,28 +78,9 @@ async function connect(url: string): Promise<pg.Client> {
   return c;
 }
 
-async function as<T = any>(url: string, text: string, values?: unknown[]): Promise<T[]> {
-  const c = await connect(url);
-  try {
-    return (await c.query(text, values)).rows;
-  } finally {
-    await c.end();
-  }
-}
-
-/** The error message a statement fails with as url's role ('' when it succeeds). */
-async function failure(url: string, text: string): Promise<string> {
-  try {
-    await as(url, text);
-    return '';
-  } catch (e) {
-    return (e as Error).message;
-  }
-}
-
 /** Every relation (outside pg_catalog and information_schema) the role may SELECT from, by name. */
 async function readable(url: string): Promise<string[]> {
-  const rows = await as<{ name: string }>(
+  const rows = await queryAs<{ name: string }>(
     url,
     `SELECT n.nspname || '.' || c.relname AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -172,12 +153,12 @@ describe('who can read what', () => {
     ['etl.rejected_documents', 'permission denied for schema etl'],
     ['etl.batches', 'permission denied for schema etl'],
   ])('analyst and researcher: SELECT from %s is refused', async (rel, message) => {
-    for (const url of [analyst(), researcher()]) expect(await failure(url, `SELECT * FROM ${rel} LIMIT 1`)).toContain(message);
+    for (const url of [analyst(), researcher()]) expect(await failureAs(url, `SELECT * FROM ${rel} LIMIT 1`)).toContain(message);
   });
 
   test("each analyst role is refused the other tier's views", async () => {
-    expect(await failure(analyst(), 'SELECT * FROM deid.patients')).toContain('permission denied for schema deid');
-    expect(await failure(researcher(), 'SELECT * FROM analytics.patients')).toContain('permission denied for schema analytics');
+    expect(await failureAs(analyst(), 'SELECT * FROM deid.patients')).toContain('permission denied for schema deid');
+    expect(await failureAs(researcher(), 'SELECT * FROM analytics.patients')).toContain('permission denied for schema analytics');
   });
 
   test("search_path tricks do not help: an unqualified name finds nothing the role can't read", async () => {
@@ -196,32 +177,34 @@ describe('who can read what', () => {
 
   test("analysts cannot execute the owner's functions, nor create anything anywhere (no TEMP either)", async () => {
     for (const url of [analyst(), researcher()]) {
-      expect(await failure(url, `SELECT etl.keyed_hash('\\x00'::bytea, 'a', 'b')`)).toContain('permission denied for schema etl');
-      expect(await failure(url, `SELECT * FROM etl.privacy_report()`)).toContain('permission denied for schema etl');
-      expect(await failure(url, `SELECT etl.erase_patient('phi-test', 'PHI-A-01')`)).toContain('permission denied for schema etl');
-      expect(await failure(url, 'CREATE TEMP TABLE watch (x text)')).toContain('permission denied to create temporary tables');
-      expect(await failure(url, 'CREATE TABLE public.watch (x text)')).toContain('permission denied for schema public');
-      expect(await failure(url, 'CREATE VIEW analytics.watch AS SELECT 1 AS x')).toContain('permission denied for schema analytics');
-      expect(await failure(url, 'CREATE FUNCTION public.watch(text) RETURNS boolean LANGUAGE sql AS $$ SELECT true $$')).toContain(
+      expect(await failureAs(url, `SELECT etl.keyed_hash('\\x00'::bytea, 'a', 'b')`)).toContain('permission denied for schema etl');
+      expect(await failureAs(url, `SELECT * FROM etl.privacy_report()`)).toContain('permission denied for schema etl');
+      expect(await failureAs(url, `SELECT etl.erase_patient('phi-test', 'PHI-A-01')`)).toContain('permission denied for schema etl');
+      expect(await failureAs(url, 'CREATE TEMP TABLE watch (x text)')).toContain('permission denied to create temporary tables');
+      expect(await failureAs(url, 'CREATE TABLE public.watch (x text)')).toContain('permission denied for schema public');
+      expect(await failureAs(url, 'CREATE VIEW analytics.watch AS SELECT 1 AS x')).toContain('permission denied for schema analytics');
+      expect(await failureAs(url, 'CREATE FUNCTION public.watch(text) RETURNS boolean LANGUAGE sql AS $$ SELECT true $$')).toContain(
         'permission denied for schema public',
       );
     }
-    expect(await failure(researcher(), 'CREATE VIEW deid.watch AS SELECT 1 AS x')).toContain('permission denied for schema deid');
+    expect(await failureAs(researcher(), 'CREATE VIEW deid.watch AS SELECT 1 AS x')).toContain('permission denied for schema deid');
   });
 
   test('the loader reads no clinical or landing data, and cannot call the owner-only functions', async () => {
-    expect(await failure(loader(), 'SELECT * FROM clinical.patients LIMIT 1')).toContain('permission denied for schema clinical');
-    expect(await failure(loader(), 'SELECT payload FROM landing.raw_documents LIMIT 1')).toContain(
+    expect(await failureAs(loader(), 'SELECT * FROM clinical.patients LIMIT 1')).toContain('permission denied for schema clinical');
+    expect(await failureAs(loader(), 'SELECT payload FROM landing.raw_documents LIMIT 1')).toContain(
       'permission denied for table raw_documents',
     );
-    expect(await failure(loader(), 'SELECT * FROM etl.secret_keys')).toContain('permission denied for table secret_keys');
-    expect(await failure(loader(), `SELECT * FROM etl.erase_patient('phi-test', 'PHI-A-01')`)).toContain('permission denied for function');
-    expect(await failure(loader(), 'SELECT etl.rotate_pseudonym_key()')).toContain('permission denied for function');
-    expect(await failure(loader(), `SELECT crypto.digest('x', 'sha256')`)).toContain('permission denied for schema crypto');
-    expect(await failure(loader(), 'SELECT * FROM etl.replay_patients(ARRAY[1]::bigint[])')).toContain('permission denied for function');
-    expect(await failure(loader(), 'SELECT * FROM analytics.patients')).toContain('permission denied for schema analytics');
+    expect(await failureAs(loader(), 'SELECT * FROM etl.secret_keys')).toContain('permission denied for table secret_keys');
+    expect(await failureAs(loader(), `SELECT * FROM etl.erase_patient('phi-test', 'PHI-A-01')`)).toContain(
+      'permission denied for function',
+    );
+    expect(await failureAs(loader(), 'SELECT etl.rotate_pseudonym_key()')).toContain('permission denied for function');
+    expect(await failureAs(loader(), `SELECT crypto.digest('x', 'sha256')`)).toContain('permission denied for schema crypto');
+    expect(await failureAs(loader(), 'SELECT * FROM etl.replay_patients(ARRAY[1]::bigint[])')).toContain('permission denied for function');
+    expect(await failureAs(loader(), 'SELECT * FROM analytics.patients')).toContain('permission denied for schema analytics');
     // What it does need: the bookkeeping.
-    expect(await as(loader(), 'SELECT count(*)::int AS n FROM etl.batch_summary')).toEqual([{ n: 1 }]);
+    expect(await queryAs(loader(), 'SELECT count(*)::int AS n FROM etl.batch_summary')).toEqual([{ n: 1 }]);
   });
 
   test('the catalog: healthetl_owner owns every object; PUBLIC may execute no function and use no schema of ours', async () => {
@@ -288,7 +271,7 @@ describe('who can read what', () => {
 
   test('a date filter on analytics.visits still prunes partitions (the views are not security barriers)', async () => {
     // Partitions for 2023 and 2024 exist (fixtures/phi).
-    const plan = (await as(analyst(), `EXPLAIN SELECT count(*) FROM analytics.visits WHERE visit_date >= '2024-01-01'`))
+    const plan = (await queryAs(analyst(), `EXPLAIN SELECT count(*) FROM analytics.visits WHERE visit_date >= '2024-01-01'`))
       .map((r) => r['QUERY PLAN'])
       .join('\n');
     expect(plan).toMatch(/visits_y2024/);
@@ -302,13 +285,13 @@ describe('nothing planted leaks into the tiers', () => {
     expect(data.get('analytics.patients')).toHaveLength(3);
     expect(leaks(data, DIRECT)).toEqual([]);
     // What the limited data set keeps: dates of service and birth, city, state, 5-digit ZIP.
-    const [a] = await as(
+    const [a] = await queryAs(
       analyst(),
       `SELECT p.birth_date::text, p.city, p.state, p.zip5, p.age_years FROM analytics.patients p
                                      JOIN analytics.visits v USING (patient_pseudonym) WHERE v.visit_date = '2024-05-06'`,
     );
     expect(a).toEqual({ birth_date: '1931-02-17', city: 'Springfield', state: 'NH', zip5: '03601', age_years: 95 });
-    const paris = await as(analyst(), `SELECT zip5 FROM analytics.patients WHERE city = 'Paris'`);
+    const paris = await queryAs(analyst(), `SELECT zip5 FROM analytics.patients WHERE city = 'Paris'`);
     expect(paris).toEqual([{ zip5: null }]);
   });
 
@@ -326,20 +309,20 @@ describe('nothing planted leaks into the tiers', () => {
       SELECT table_schema || '.' || table_name || '.' || column_name AS col FROM information_schema.columns
       WHERE table_schema = 'deid' AND (data_type LIKE 'date%' OR data_type LIKE 'time%')`);
     expect(dateColumns).toEqual([]);
-    expect(await as(researcher(), `SELECT birth_year, age, sex, state, zip3 FROM deid.patients ORDER BY sex, age`)).toEqual([
+    expect(await queryAs(researcher(), `SELECT birth_year, age, sex, state, zip3 FROM deid.patients ORDER BY sex, age`)).toEqual([
       { birth_year: 1990, age: '36', sex: 'female', state: null, zip3: null }, // Paris: non-US, dropped
       { birth_year: 1980, age: '46', sex: 'female', state: 'NY', zip3: '100' },
       { birth_year: null, age: '90+', sex: 'male', state: 'NH', zip3: '000' }, // 95, restricted 036
     ]);
     // 92 at a visit in 2024 and 95 today: 90+, never an exact age that gives the birth year away.
     expect(
-      await as(researcher(), `SELECT visit_year, age_at_visit, length_of_stay_days FROM deid.visits WHERE visit_type = 'inpatient'`),
+      await queryAs(researcher(), `SELECT visit_year, age_at_visit, length_of_stay_days FROM deid.visits WHERE visit_type = 'inpatient'`),
     ).toEqual([{ visit_year: 2024, age_at_visit: '90+', length_of_stay_days: 3 }]);
   });
 
   test('the tiers cannot be linked: research ids are not the pseudonyms, research visit ids not the visit keys', async () => {
-    const pseud = (await as(analyst(), 'SELECT patient_pseudonym AS id FROM analytics.patients')).map((r) => r.id);
-    const research = (await as(researcher(), 'SELECT research_id::text AS id FROM deid.patients')).map((r) => r.id);
+    const pseud = (await queryAs(analyst(), 'SELECT patient_pseudonym AS id FROM analytics.patients')).map((r) => r.id);
+    const research = (await queryAs(researcher(), 'SELECT research_id::text AS id FROM deid.patients')).map((r) => r.id);
     expect(pseud.filter((p) => research.includes(p))).toEqual([]);
     // Nor through the visits: deid has its own random visit ids, and no column the other tier has but the codes.
     const cols = async (schema: string) =>
@@ -347,13 +330,16 @@ describe('nothing planted leaks into the tiers', () => {
         (r) => r.c,
       );
     expect((await cols('deid')).filter((c) => /key|pseudonym|_id$/.test(c)).sort()).toEqual(['research_id', 'research_visit_id']);
-    const visitKeys = (await as(analyst(), 'SELECT visit_key::text AS k FROM analytics.visits')).map((r) => r.k);
-    const researchVisits = (await as(researcher(), 'SELECT research_visit_id::text AS k FROM deid.visits')).map((r) => r.k);
+    const visitKeys = (await queryAs(analyst(), 'SELECT visit_key::text AS k FROM analytics.visits')).map((r) => r.k);
+    const researchVisits = (await queryAs(researcher(), 'SELECT research_visit_id::text AS k FROM deid.visits')).map((r) => r.k);
     expect(researchVisits).toHaveLength(visitKeys.length);
     expect(researchVisits.filter((k) => visitKeys.includes(k))).toEqual([]);
     // A researcher's visits still join their diagnoses: I10 of PHI-A-01 and E11.9 of PHI-B-02.
     expect(
-      await as(researcher(), `SELECT count(*)::int AS n FROM deid.diagnoses d JOIN deid.visits v USING (research_id, research_visit_id)`),
+      await queryAs(
+        researcher(),
+        `SELECT count(*)::int AS n FROM deid.diagnoses d JOIN deid.visits v USING (research_id, research_visit_id)`,
+      ),
     ).toEqual([{ n: 2 }]);
     expect(pseud.every((p) => /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(p))).toBe(true);
   });
@@ -361,7 +347,9 @@ describe('nothing planted leaks into the tiers', () => {
 
 describe('note redaction', () => {
   test('identifiers in note text, in their usual spellings, are replaced by markers; dates of service stay', async () => {
-    const notes = (await as(analyst(), `SELECT note_text FROM analytics.provider_notes ORDER BY visit_date DESC`)).map((r) => r.note_text);
+    const notes = (await queryAs(analyst(), `SELECT note_text FROM analytics.provider_notes ORDER BY visit_date DESC`)).map(
+      (r) => r.note_text,
+    );
     expect(notes).toEqual([
       '[NAME] [NAME] ([MRN], DOB [DOB], born [DOB], [DOB]) seen 2024-05-06. Phone [PHONE] or [PHONE]. SSN [SSN], also [SSN]. Email [EMAIL]. mr. [NAME] is stable.',
       '[NAME] called from [PHONE] on 2024-02-01; dob [DOB], [DOB], [DOB]. Reach her at [EMAIL]. SSN [SSN]. Ms. [NAME] agrees.',
@@ -435,7 +423,7 @@ describe('pseudonyms, rotation and erasure', () => {
   });
 
   test('rotating the key changes every pseudonym at once and keeps them distinct', async () => {
-    const [r] = await as(migrator(), 'SELECT etl.rotate_pseudonym_key() AS n');
+    const [r] = await queryAs(migrator(), 'SELECT etl.rotate_pseudonym_key() AS n');
     expect(Number(r.n)).toBe(3);
     const after = (await db.query(`SELECT pseudonym FROM clinical.patients ORDER BY patient_key`)).map((x) => x.pseudonym);
     expect(after.filter((p, i) => p === before[i])).toEqual([]);
@@ -453,7 +441,7 @@ describe('pseudonyms, rotation and erasure', () => {
   });
 
   test('erasure leaves no trace of the patient in any table, keeps a receipt without PHI, and blocks a re-delivery', async () => {
-    const [receipt] = await as(migrator(), `SELECT * FROM etl.erase_patient('phi-test', 'PHI-A-01')`);
+    const [receipt] = await queryAs(migrator(), `SELECT * FROM etl.erase_patient('phi-test', 'PHI-A-01')`);
     expect({ ...receipt, erasure_id: undefined }).toEqual({ erasure_id: undefined, documents: '1', clinical_rows: '5', files: '1' });
     // Every table of every schema of ours, read whole as the superuser.
     const tables = await db.query(`SELECT c.oid::regclass::text AS rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -468,9 +456,9 @@ describe('pseudonyms, rotation and erasure', () => {
     expect(found).toEqual([]);
     const [e] = await db.query(`SELECT erased_by, documents::int, lifted_at FROM etl.erasures`);
     expect(e).toEqual({ erased_by: new URL(migrator()).username, documents: 1, lifted_at: null });
-    expect(await as(analyst(), `SELECT count(*)::int AS n FROM analytics.patients`)).toEqual([{ n: 2 }]);
+    expect(await queryAs(analyst(), `SELECT count(*)::int AS n FROM analytics.patients`)).toEqual([{ n: 2 }]);
     // A rotation of the pseudonym key does not lift it (the erasure key is another, never rotated).
-    expect(await as(migrator(), 'SELECT etl.rotate_pseudonym_key()::int AS n')).toEqual([{ n: 2 }]);
+    expect(await queryAs(migrator(), 'SELECT etl.rotate_pseudonym_key()::int AS n')).toEqual([{ n: 2 }]);
 
     // A later, newer document of the same patient (other bytes, another file) is counted erased.
     const { mkdtemp, writeFile } = await import('node:fs/promises');
@@ -491,7 +479,7 @@ describe('pseudonyms, rotation and erasure', () => {
     ]);
 
     // Lifted on purpose, the next delivery loads.
-    expect(await as(migrator(), `SELECT etl.lift_erasure('phi-test', 'PHI-A-01') AS n`)).toEqual([{ n: '1' }]);
+    expect(await queryAs(migrator(), `SELECT etl.lift_erasure('phi-test', 'PHI-A-01') AS n`)).toEqual([{ n: '1' }]);
     doc.updated_at = '2025-02-01T00:00:00Z';
     await writeFile(path.join(dir, 'again.json'), JSON.stringify(doc));
     await loadBatch(loader(), expandInputs([dir], 'ndjson'), {});

@@ -1417,12 +1417,11 @@ CREATE OR REPLACE FUNCTION etl.erase_patient(p_source_system text, p_patient_id 
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
-  v_id text := coalesce(nullif(etl.patient_id_of(to_jsonb(p_patient_id)), ''), p_patient_id);
+  v_id text := etl.patient_id_from_text(p_patient_id);
   v_hash text;
   v_key bigint;
   v_docs bigint[];
   v_rows bigint := 0;
-  v_n bigint;
   v_files bigint;
 BEGIN
   IF p_source_system IS NULL OR p_patient_id IS NULL THEN
@@ -1444,13 +1443,7 @@ BEGIN
   v_docs := coalesce(v_docs, '{}');
 
   IF v_key IS NOT NULL THEN
-    DELETE FROM clinical.provider_notes WHERE patient_key = v_key; GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.treatments WHERE patient_key = v_key;     GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.diagnoses WHERE patient_key = v_key;      GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.visits WHERE patient_key = v_key;         GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM clinical.patients WHERE patient_key = v_key;       GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
-    DELETE FROM etl.patient_keys WHERE patient_key = v_key;
-    DELETE FROM dq.result_samples WHERE patient_key = v_key;
+    v_rows := etl.erase_patient_rows(v_key);
   END IF;
   DELETE FROM etl.document_problems WHERE document_id = ANY (v_docs);
   DELETE FROM etl.rejected_documents r
@@ -1471,6 +1464,27 @@ BEGIN
 END
 $function$;
 -- grants on function etl.erase_patient(p_source_system text, p_patient_id text) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.erase_patient_rows(p_patient_key bigint)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_rows bigint := 0;
+  v_n bigint;
+BEGIN
+  DELETE FROM clinical.provider_notes WHERE patient_key = p_patient_key; GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.treatments WHERE patient_key = p_patient_key;     GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.diagnoses WHERE patient_key = p_patient_key;      GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.visits WHERE patient_key = p_patient_key;         GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM clinical.patients WHERE patient_key = p_patient_key;       GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM etl.patient_keys WHERE patient_key = p_patient_key;
+  DELETE FROM dq.result_samples WHERE patient_key = p_patient_key;
+  RETURN v_rows;
+END
+$function$;
+-- grants on function etl.erase_patient_rows(p_patient_key bigint) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.erasure_hash(p_source_system text, p_patient_id text)
  RETURNS text
@@ -1695,7 +1709,7 @@ DECLARE
 BEGIN
   UPDATE etl.erasures SET lifted_at = clock_timestamp(), lifted_by = session_user
   WHERE lifted_at IS NULL
-    AND subject_hash = etl.erasure_hash(p_source_system, coalesce(nullif(etl.patient_id_of(to_jsonb(p_patient_id)), ''), p_patient_id));
+    AND subject_hash = etl.erasure_hash(p_source_system, etl.patient_id_from_text(p_patient_id));
   GET DIAGNOSTICS v_n = ROW_COUNT;
   RETURN v_n;
 END
@@ -1729,6 +1743,13 @@ CREATE OR REPLACE FUNCTION etl.max_key_bytes()
  IMMUTABLE PARALLEL SAFE
 RETURN 1000;
 -- grants on function etl.max_key_bytes() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.patient_id_from_text(p_patient_id text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN COALESCE(NULLIF(etl.patient_id_of(to_jsonb(p_patient_id)), ''::text), p_patient_id);
+-- grants on function etl.patient_id_from_text(p_patient_id text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.patient_id_of(j jsonb)
  RETURNS text
