@@ -11,8 +11,16 @@ import { expandInputs } from './inputs.ts';
 import { chooseFormat, createOutput, visible, type LogStream, type Output } from './log.ts';
 import { migrate, migrationStatus } from './migrate.ts';
 import type { DocumentFormat } from './split-documents.ts';
-import { loadBatch, REDACT_FILE_NAMES_SETTING, redactFileNamesSetting, type FileOutcome, type LoadResult } from './stage.ts';
-import { batchOutcomeOf, batchSummaries, failedToTransform, rejectedDocuments, type BatchOutcome } from './status.ts';
+import {
+  DEFAULT_FHIR_SOURCE_SYSTEM,
+  loadBatch,
+  REDACT_FILE_NAMES_SETTING,
+  redactFileNamesSetting,
+  type FileOutcome,
+  type LoadResult,
+} from './stage.ts';
+import type { FhirMode } from './fhir-split.ts';
+import { batchOutcomeOf, batchSummaries, failedToTransform, fhirCounts, rejectedDocuments, type BatchOutcome } from './status.ts';
 import { DEFAULT_SHARD_MIN_DOCUMENTS, DEFAULT_SHARDS, transformPending, type BatchTransform } from './transform.ts';
 import { checkDemoTarget, demoTarget, showDemo } from './demo.ts';
 import { purge, replay, type ReplaySelector } from './maintenance.ts';
@@ -41,6 +49,8 @@ type LoadArgs = Common & {
   'max-document-mb': number;
   'stdin-format': DocumentFormat;
   'redact-file-names'?: boolean;
+  format?: FhirMode;
+  'source-system'?: string;
 };
 
 function out(argv: Common, logStream: LogStream): Output {
@@ -97,6 +107,8 @@ async function load(o: Output, url: string, argv: LoadArgs, demo = false): Promi
   const result = await loadBatch(url, expandInputs(paths, argv['stdin-format']), {
     maxDocumentBytes: Math.round(argv['max-document-mb'] * 1024 * 1024),
     stdinFormat: argv['stdin-format'],
+    format: argv.format,
+    sourceSystem: argv['source-system'],
     demo,
     redactFileNames,
     onProgress: (p) => o.progress(p),
@@ -263,6 +275,18 @@ const loadOptions = <T>(y: Argv<T>) =>
       default: 'ndjson' as const,
       describe: 'what - (standard input) contains',
     })
+    .option('format', {
+      choices: ['auto', 'fhir-r4'] as const,
+      default: 'auto' as const,
+      describe:
+        'auto: a document with a top-level resourceType is FHIR R4 (a Bundle is split into its entries); fhir-r4: every document must be',
+    })
+    .option('source-system', {
+      type: 'string',
+      default: DEFAULT_FHIR_SOURCE_SYSTEM,
+      describe:
+        'the source system FHIR resources are loaded under (their patients are Patient.id within it); patient documents name their own',
+    })
     .option('redact-file-names', {
       type: 'boolean',
       describe: `store and log each file as sha256:<first 16 hex of its sha256>, never its name (names can be PHI); also ${REDACT_FILE_NAMES_SETTING}=1`,
@@ -403,6 +427,7 @@ export function buildCli(args: string[]) {
                 superseded: c.superseded,
                 erased: c.erased,
                 staged: c.staged,
+                waiting: c.waiting,
                 problems: c.problems,
                 failed_files: fileProblems(loaded.files),
               },
@@ -419,7 +444,7 @@ export function buildCli(args: string[]) {
       )
       .command(
         'status',
-        'batches with counts of received, staged, loaded, rejected, duplicate, superseded and erased documents',
+        'batches with counts of received, staged, loaded, rejected, duplicate, superseded, erased and waiting documents (FHIR: resources), and FHIR resources by type',
         (y) => y.option('batch', { type: 'number', describe: 'one batch' }).option('limit', { type: 'number', default: 20 }),
         (argv) =>
           guarded(argv, async (o, url) => {
@@ -428,11 +453,28 @@ export function buildCli(args: string[]) {
               const rows = await batchSummaries(pool, { batchId: argv.batch, limit: argv.limit });
               if (argv.batch !== undefined && rows.length === 0)
                 throw new UserError(`batch ${argv.batch} does not exist: run "healthetl status" to list batches`, EXIT.USAGE);
+              const fhir = await fhirCounts(pool);
               if (o.format === 'pretty') {
-                console.table(rows.map(({ started_at, error: _e, ...r }) => ({ ...r, started_at: started_at.slice(0, 19) })));
+                console.table(
+                  rows.map(({ started_at, error: _e, waiting_since: _w, ...r }) => ({ ...r, started_at: started_at.slice(0, 19) })),
+                );
                 for (const r of rows) if (r.error) o.print(`batch ${r.batch_id}: ${r.error}`);
+                if (fhir.length > 0) {
+                  o.print('FHIR resources by type (all batches):');
+                  console.table(fhir.map((f) => ({ ...f, oldest_received_at: f.oldest_received_at.slice(0, 19) })));
+                }
               } else {
                 for (const r of rows) o.log.info(r, 'batch');
+                for (const f of fhir) o.log.info(f, 'fhir resources');
+              }
+              const waiting = fhir.filter((f) => f.status === 'waiting');
+              if (waiting.length > 0) {
+                const n = waiting.reduce((sum, f) => sum + f.resources, 0);
+                const since = waiting.map((f) => f.oldest_received_at).sort()[0];
+                o.log.info(
+                  { waiting: n, since },
+                  `${n} FHIR resources are waiting for their Patient or Encounter (the oldest since ${since}); every transform looks at them again`,
+                );
               }
               const unbalanced = rows.filter((r) => !r.balanced).map((r) => r.batch_id);
               if (unbalanced.length > 0) logUnbalanced(o, unbalanced);

@@ -9,8 +9,11 @@ const COPY_HEADER = Buffer.concat([COPY_SIGNATURE, Buffer.alloc(8)]);
 const COPY_TRAILER = Buffer.from([0xff, 0xff]);
 const NULL_FIELD = Buffer.from([0xff, 0xff, 0xff, 0xff]);
 const JSONB_VERSION = Buffer.from([1]);
-const COPY_SQL =
-  'COPY landing.raw_documents (batch_id, source_file, line, item, byte_offset, content_sha256, format, payload) FROM STDIN (FORMAT binary)';
+const COPY_COLUMNS = 'batch_id, source_file, line, item, byte_offset, content_sha256, format, payload';
+const COPY_SQL = `COPY landing.raw_documents (${COPY_COLUMNS}) FROM STDIN (FORMAT binary)`;
+// Chunks with FHIR resources only: patient documents load as before (and into a schema before 0012).
+const COPY_FHIR_SQL = `COPY landing.raw_documents (${COPY_COLUMNS}, resource_type, source_system) FROM STDIN (FORMAT binary)`;
+const FHIR_FORMAT = Buffer.from('fhir-r4', 'utf8');
 
 function int8Field(n: number | null): Buffer {
   if (n === null) return NULL_FIELD;
@@ -28,10 +31,22 @@ function bytesField(b: Buffer): Buffer[] {
   return [lengthOf(b.length), b];
 }
 
-export type StagedDoc = { line: number | null; item: number | null; byteOffset: number; bytes: Buffer; sha256: Buffer };
+/** A FHIR resource's landing columns: its resourceType and the source system it is loaded under. */
+export type FhirColumns = { resourceType: Buffer; sourceSystem: Buffer };
 
-export function encodeRow(batchId: number, file: Buffer, format: Buffer, d: StagedDoc): Buffer[] {
-  const count = Buffer.from([0, 8]);
+export type StagedDoc = {
+  line: number | null;
+  item: number | null;
+  byteOffset: number;
+  bytes: Buffer;
+  sha256: Buffer;
+  /** Set for a FHIR resource (format fhir-r4); a patient document has none. */
+  fhir?: FhirColumns;
+};
+
+/** One row; `withFhir`: the two FHIR columns too (NULL for a patient document), for COPY_FHIR_SQL. */
+export function encodeRow(batchId: number, file: Buffer, format: Buffer, d: StagedDoc, withFhir: boolean): Buffer[] {
+  const count = Buffer.from([0, withFhir ? 10 : 8]);
   return [
     count,
     int8Field(batchId),
@@ -40,16 +55,17 @@ export function encodeRow(batchId: number, file: Buffer, format: Buffer, d: Stag
     int8Field(d.item),
     int8Field(d.byteOffset),
     ...bytesField(d.sha256),
-    ...bytesField(format),
+    ...bytesField(d.fhir ? FHIR_FORMAT : format),
     lengthOf(d.bytes.length + 1),
     JSONB_VERSION,
     d.bytes,
+    ...(!withFhir ? [] : d.fhir ? [...bytesField(d.fhir.resourceType), ...bytesField(d.fhir.sourceSystem)] : [NULL_FIELD, NULL_FIELD]),
   ];
 }
 
-/** One COPY statement of rows encoded by encodeRow. */
-export async function copyRows(client: pg.Client, parts: Buffer[]): Promise<void> {
-  const stream = client.query(copyFrom(COPY_SQL));
+/** One COPY statement of rows encoded by encodeRow (with the FHIR columns when `withFhir`). */
+export async function copyRows(client: pg.Client, parts: Buffer[], withFhir: boolean): Promise<void> {
+  const stream = client.query(copyFrom(withFhir ? COPY_FHIR_SQL : COPY_SQL));
   await new Promise<void>((resolve, reject) => {
     stream.on('error', reject);
     stream.on('finish', resolve);

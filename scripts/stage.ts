@@ -9,7 +9,8 @@ import { Readable } from 'node:stream';
 import { createGunzip } from 'node:zlib';
 import type pg from 'pg';
 import { z } from 'zod';
-import { copyRows, encodeRow, type StagedDoc } from './copy-binary.ts';
+import { copyRows, encodeRow, type FhirColumns, type StagedDoc } from './copy-binary.ts';
+import { fhirPieces, type FhirMode } from './fhir-split.ts';
 import { connectPg, NoResult, queryOn, sql, type Timeouts, DEFAULT_TIMEOUTS } from './db.ts';
 import { fileErrorText, isConnectionError, isDataError, isServerError, serverRefusedReason } from './errors.ts';
 import { maybeGunzip, type Input } from './inputs.ts';
@@ -37,6 +38,10 @@ export type LoadOptions = {
   onWait?: (message: string) => void;
   /** The demo's batches say so in etl.batches.loader: it writes only where every batch is its own. */
   demo?: boolean;
+  /** 'auto' (default): a document with a top-level resourceType is FHIR R4; 'fhir-r4': every document must be. */
+  format?: FhirMode;
+  /** The source system FHIR resources are loaded under (default 'fhir'); patient documents name their own. */
+  sourceSystem?: string;
   /**
    * Store and report every file as `sha256:<first 16 hex of its sha256>` instead of its name, which
    * can be PHI (Synthea names a bundle after its patient): in landing.raw_documents, etl.batch_files,
@@ -102,7 +107,10 @@ export class FileNames {
 
 export type LoadResult = { batchId: number; files: FileOutcome[]; documents: number; rejected: number };
 
-type Reject = { line: number | null; item: number | null; byteOffset: number; sha256: string; reason: string };
+type Reject = { line: number | null; item: number | null; byteOffset: number; sha256: string; reason: string; fhir?: boolean };
+
+/** The source system FHIR resources are loaded under when --source-system is not given. */
+export const DEFAULT_FHIR_SOURCE_SYSTEM = 'fhir';
 
 const ZERO_SHA = '0'.repeat(64);
 
@@ -123,14 +131,51 @@ class FileStager {
     private readonly sourceFile: string,
     private readonly format: DocumentFormat,
     private readonly chunkBytes: number,
+    private readonly fhirMode: FhirMode,
+    sourceSystem: string,
   ) {
     this.file = Buffer.from(sourceFile, 'utf8');
     this.fmt = Buffer.from(format, 'utf8');
+    this.sourceSystem = Buffer.from(sourceSystem, 'utf8');
+  }
+  private readonly sourceSystem: Buffer;
+  private readonly resourceTypes = new Map<string, FhirColumns>();
+
+  /** A document that is FHIR: one landing row per resource (a Bundle's entries), each with its position. */
+  private async addFhir(ev: Extract<ReadEvent, { kind: 'document' }>): Promise<boolean> {
+    const pieces = fhirPieces(ev.bytes, this.fhirMode, ev.item);
+    if (pieces === null) return false;
+    this.documents += pieces.length - 1;
+    for (const piece of pieces) {
+      const sha = piece.bytes ? createHash('sha256').update(piece.bytes).digest() : null;
+      if (piece.kind === 'reject') {
+        this.rejects.push({
+          line: ev.line,
+          item: piece.item,
+          byteOffset: ev.byteOffset,
+          sha256: sha ? sha.toString('hex') : ZERO_SHA,
+          reason: piece.reason,
+          fhir: true,
+        });
+        continue;
+      }
+      let fhir = this.resourceTypes.get(piece.resourceType);
+      if (!fhir) {
+        fhir = { resourceType: Buffer.from(piece.resourceType, 'utf8'), sourceSystem: this.sourceSystem };
+        this.resourceTypes.set(piece.resourceType, fhir);
+      }
+      this.docs.push({ line: ev.line, item: piece.item, byteOffset: ev.byteOffset, bytes: piece.bytes, sha256: sha!, fhir });
+      this.bytes += piece.bytes.length;
+    }
+    if (this.rejects.length >= 1000) await this.flushRejects();
+    if (this.bytes >= this.chunkBytes) await this.flushDocs();
+    return true;
   }
 
   async add(ev: ReadEvent): Promise<void> {
     if (ev.kind === 'file-error') throw new Error('file errors are handled by the caller');
     this.documents++;
+    if (ev.kind === 'document' && (await this.addFhir(ev))) return;
     const sha = ev.bytes ? createHash('sha256').update(ev.bytes).digest() : null;
     if (ev.kind === 'reject') {
       this.rejects.push({
@@ -161,9 +206,11 @@ class FileStager {
     const sp = sql.identifier([`chunk_${++this.chunkNo}`]);
     await queryOn(this.client, sql.unsafe`SAVEPOINT ${sp}`);
     try {
+      const withFhir = docs.some((d) => d.fhir !== undefined);
       await copyRows(
         this.client,
-        docs.flatMap((d) => encodeRow(this.batchId, this.file, this.fmt, d)),
+        docs.flatMap((d) => encodeRow(this.batchId, this.file, this.fmt, d, withFhir)),
+        withFhir,
       );
       await queryOn(this.client, sql.unsafe`RELEASE SAVEPOINT ${sp}`);
       return;
@@ -175,7 +222,7 @@ class FileStager {
     for (const d of docs) {
       await queryOn(this.client, sql.unsafe`SAVEPOINT one`);
       try {
-        await copyRows(this.client, encodeRow(this.batchId, this.file, this.fmt, d));
+        await copyRows(this.client, encodeRow(this.batchId, this.file, this.fmt, d, d.fhir !== undefined), d.fhir !== undefined);
         await queryOn(this.client, sql.unsafe`RELEASE SAVEPOINT one`);
       } catch (err) {
         if (!isDataError(err)) throw err;
@@ -199,7 +246,7 @@ class FileStager {
       item: r.item,
       byte_offset: r.byteOffset,
       sha256: r.sha256,
-      format: this.format,
+      format: r.fhir ? ('fhir-r4' as const) : this.format,
       reason: r.reason,
     }));
     this.rejected += this.rejects.length;
@@ -368,7 +415,15 @@ async function stageFile(
   // flight) must not crash the process: the stream keeps it and the loop throws it.
   source.on('error', () => undefined);
   const events = input.format === 'json' ? readJson(source, maxDoc) : readNdjson(source, maxDoc);
-  const stager = new FileStager(client, batchId, sourceFile, input.format, chunkBytes);
+  const stager = new FileStager(
+    client,
+    batchId,
+    sourceFile,
+    input.format,
+    chunkBytes,
+    opts.format ?? 'auto',
+    opts.sourceSystem ?? DEFAULT_FHIR_SOURCE_SYSTEM,
+  );
   const baseBytes = progress.bytes;
   await queryOn(client, sql.unsafe`BEGIN`);
   try {
@@ -459,7 +514,7 @@ type RejectRow = {
   item: number | null;
   byte_offset: number;
   sha256: string;
-  format: DocumentFormat;
+  format: DocumentFormat | 'fhir-r4';
   reason: string;
 };
 

@@ -25,6 +25,13 @@ const BatchSummary = z.object({
   deleted_children: z.coerce.number(),
   // The database login that started the batch (session_user; migrations/0010).
   db_user: z.string().nullable(),
+  // FHIR resources whose Patient or Encounter has not arrived yet, and since when (migrations/0012):
+  // not a failure; every later transform looks at them again.
+  waiting: z.coerce.number(),
+  waiting_since: z.coerce
+    .number()
+    .nullable()
+    .transform((ms) => (ms === null ? null : new Date(ms).toISOString())),
 });
 export type BatchSummary = z.infer<typeof BatchSummary>;
 
@@ -32,7 +39,7 @@ export type BatchSummary = z.infer<typeof BatchSummary>;
  * Per batch: `received` is what the loader counted while reading the batch's files, `landed` the
  * batch's rows in landing.raw_documents, each with one outcome (staged, loaded, rejected, duplicate,
  * superseded, erased); `balanced` (etl.batch_summary, migrations/0004 and 0010) says received =
- * landed = the sum of the outcomes.
+ * landed = the sum of the outcomes (FHIR resources also waiting, migrations/0012).
  */
 export async function batchSummaries(pool: DatabasePool, opts: { batchId?: number; limit?: number } = {}): Promise<BatchSummary[]> {
   const where = opts.batchId === undefined ? sql.fragment`TRUE` : sql.fragment`batch_id = ${opts.batchId}`;
@@ -40,7 +47,7 @@ export async function batchSummaries(pool: DatabasePool, opts: { batchId?: numbe
     ...(await pool.any(sql.type(BatchSummary)`
       SELECT s.batch_id, s.status, s.started_at, s.loader_count AS received, s.received AS landed,
              s.staged, s.loaded, s.rejected, s.duplicate, s.superseded, s.erased, s.files, s.failed_files, s.balanced,
-             s.error, s.deleted_visits, s.deleted_children, s.db_user
+             s.error, s.deleted_visits, s.deleted_children, s.db_user, s.waiting, s.waiting_since
       FROM etl.batch_summary s WHERE ${where}
       ORDER BY batch_id DESC LIMIT ${opts.limit ?? 20}`)),
   ];
@@ -76,5 +83,22 @@ export async function rejectedDocuments(pool: DatabasePool, batchId: number, lim
     ...(await pool.any(sql.type(Rejected)`
       SELECT source_file, line, item, byte_offset, field FROM etl.batch_rejects
       WHERE batch_id = ${batchId} ORDER BY document_id LIMIT ${limit}`)),
+  ];
+}
+
+const FhirCount = z.object({
+  resource_type: z.string().nullable(),
+  status: z.string(),
+  resources: z.coerce.number(),
+  oldest_received_at: z.coerce.number().transform((ms) => new Date(ms).toISOString()),
+});
+export type FhirCount = z.infer<typeof FhirCount>;
+
+/** FHIR resources in landing by resourceType and status (etl.fhir_summary; no payload is read). */
+export async function fhirCounts(pool: DatabasePool): Promise<FhirCount[]> {
+  return [
+    ...(await pool.any(sql.type(FhirCount)`
+      SELECT resource_type, status, resources, oldest_received_at FROM etl.fhir_summary
+      ORDER BY resource_type COLLATE "C", status`)),
   ];
 }

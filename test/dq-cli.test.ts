@@ -102,7 +102,7 @@ describe('run checks each batch; dq shows and tunes the checks', () => {
       level: 30,
       batch: 1,
       dq_run: 1,
-      passed: 22,
+      passed: 23,
       warned: 1,
       failed: 0,
       warned_checks: ['patients_sex_present'],
@@ -123,7 +123,7 @@ describe('run checks each batch; dq shows and tunes the checks', () => {
     expect(quality(r)).toMatchObject({
       level: 50,
       batch: 2,
-      passed: 21,
+      passed: 22,
       warned: 1,
       failed: 1,
       failed_checks: ['patients_birth_date_not_future'],
@@ -154,7 +154,7 @@ describe('run checks each batch; dq shows and tunes the checks', () => {
     expect(r.code, r.stderr).toBe(EXIT.DQ_FAILED);
     const report = JSON.parse(r.stdout);
     expect(r.stdout.trim().split('\n')).toHaveLength(1);
-    expect(lineOf(r.stderr, /^data-quality checks ran on the whole database$/)).toMatchObject({ dq_run: 4, fail: 1, warn: 3, pass: 19 });
+    expect(lineOf(r.stderr, /^data-quality checks ran on the whole database$/)).toMatchObject({ dq_run: 4, fail: 1, warn: 3, pass: 20 });
 
     const [run] = await d.query(`SELECT run_id, batch_id, started_at FROM dq.runs ORDER BY run_id DESC LIMIT 1`);
     const [data] = await d.query(`SELECT max(transformed_at) AS at FROM etl.batches WHERE status = 'transformed'`);
@@ -164,7 +164,7 @@ describe('run checks each batch; dq shows and tunes the checks', () => {
       batch_id: null,
       checked_at: run.started_at.toISOString(),
       data_as_of: data.at.toISOString(),
-      summary: { checks: 23, fail: 1, warn: 3, pass: 19, not_run: 0 },
+      summary: { checks: 24, fail: 1, warn: 3, pass: 20, not_run: 0 },
     });
     expect(run).toMatchObject({ run_id: '4', batch_id: null });
     expect(report.checks.map((c: { check_name: string }) => c.check_name).sort()).toEqual(await checkNames());
@@ -172,7 +172,7 @@ describe('run checks each batch; dq shows and tunes the checks', () => {
     expect(report.checks.map((c: { status: string }) => c.status)).toEqual([
       'fail',
       ...Array<string>(3).fill('warn'),
-      ...Array<string>(19).fill('pass'),
+      ...Array<string>(20).fill('pass'),
     ]);
 
     const byName = Object.fromEntries(report.checks.map((c: { check_name: string }) => [c.check_name, c]));
@@ -236,7 +236,7 @@ describe('run checks each batch; dq shows and tunes the checks', () => {
 
     // Every field as dq.latest_results has it (failing_since worked out the same way).
     const view = await d.query(`SELECT * FROM dq.latest_results`);
-    expect(view).toHaveLength(23);
+    expect(view).toHaveLength(24);
     for (const v of view) {
       const c = byName[v.check_name];
       for (const [k, value] of Object.entries(v)) {
@@ -251,7 +251,7 @@ describe('run checks each batch; dq shows and tunes the checks', () => {
     const r = await runCli(at(loader(), 'dq', '--format', 'json'));
     expect(r.code, r.stderr).toBe(EXIT.DQ_FAILED);
     const report = JSON.parse(r.stdout);
-    expect(report).toMatchObject({ run_id: 5, scope: 'batch', batch_id: 3, summary: { fail: 1, warn: 2, pass: 20 } });
+    expect(report).toMatchObject({ run_id: 5, scope: 'batch', batch_id: 3, summary: { fail: 1, warn: 2, pass: 21 } });
     expect(report.checks.find((c: { check_name: string }) => c.check_name === 'patients_birth_date_not_future')).toMatchObject({
       rows_checked: 1,
       rows_failing: 1,
@@ -270,7 +270,7 @@ describe('run checks each batch; dq shows and tunes the checks', () => {
     expect(r.code, r.stderr).toBe(EXIT.OK); // batch 1: warn only
     const lines = r.stdout.split('\n');
     expect(lines[0]).toMatch(/^Data quality: run 6 of batch 1's patients, \d{4}-\d\d-\d\d \d\d:\d\d UTC; data as of \d{4}-/);
-    expect(lines[1]).toBe('23 checks: 0 failed (error), 1 warned, 22 passed');
+    expect(lines[1]).toBe('24 checks: 0 failed (error), 1 warned, 23 passed');
     expect(lines[3]).toMatch(/^STATUS +CHECK +DIMENSION +SEVERITY +FAILING\/CHECKED +MEASURED +ALLOWED +FAILING SINCE$/);
     expect(lines[4]).toMatch(/^WARN +patients_sex_present +completeness +warn +1\/2 +50 % +<= 1 % +\d{4}-\d\d-\d\d \d\d:\d\d UTC$/);
     for (const name of await checkNames()) expect(r.stdout, name).toMatch(new RegExp(`^(pass|WARN|FAIL) +${name} `, 'm'));
@@ -347,7 +347,7 @@ describe('run checks each batch; dq shows and tunes the checks', () => {
     const fail = await runCli(at(loader(), 'dq', '--all', '--format', 'json'));
     expect(fail.code, fail.stderr).toBe(EXIT.DQ_FAILED);
     const report = JSON.parse(fail.stdout);
-    expect(report.summary).toEqual({ checks: 23, fail: 1, warn: 2, pass: 19, not_run: 1 });
+    expect(report.summary).toEqual({ checks: 24, fail: 1, warn: 2, pass: 20, not_run: 1 });
     expect(report.checks.map((c: { check_name: string; status: string }) => `${c.status} ${c.check_name}`).slice(0, 1)).toEqual([
       'fail patients_sex_present',
     ]);

@@ -93,7 +93,7 @@ describe.skipIf(!HAVE_CHROMIUM)('the HTML report in a headless browser, network 
 
     expect(requested).toEqual([url]);
     expect(problems).toEqual([]);
-    expect(await page.title()).toBe('Data quality: 2 failing, 2 warning of 23 checks - healthetl');
+    expect(await page.title()).toBe('Data quality: 2 failing, 2 warning of 24 checks - healthetl');
 
     // "data as of" the last transformed batch.
     const [{ at: dataAsOf }] = await d.query(`SELECT max(transformed_at) AS at FROM etl.batches WHERE status = 'transformed'`);
@@ -102,7 +102,7 @@ describe.skipIf(!HAVE_CHROMIUM)('the HTML report in a headless browser, network 
 
     // Every check of dq.checks, once, by name as a person sees it.
     const names = (await d.query(`SELECT check_name FROM dq.checks ORDER BY 1`)).map((r) => r.check_name);
-    expect(names).toHaveLength(23);
+    expect(names).toHaveLength(24);
     expect((await page.locator('tbody tr .name').allInnerTexts()).sort()).toEqual(names);
     // Failing first.
     const order = { fail: 0, warn: 1, pass: 2, none: 3 } as Record<string, number>;
@@ -136,7 +136,7 @@ describe.skipIf(!HAVE_CHROMIUM)('the HTML report in a headless browser, network 
 
     // The trends: one chart per check, one bar per run (4 runs: 2 batches, 2 whole-database), each drawn with an area.
     const charts = page.locator('svg.trend');
-    expect(await charts.count()).toBe(23);
+    expect(await charts.count()).toBe(24);
     for (const box of await charts.evaluateAll((els) => els.map((e) => e.getBoundingClientRect().toJSON())))
       expect(box.width * box.height).toBeGreaterThan(0);
     const bars = await page
@@ -144,7 +144,7 @@ describe.skipIf(!HAVE_CHROMIUM)('the HTML report in a headless browser, network 
       .evaluateAll((els) =>
         els.map((e) => ({ w: e.getBoundingClientRect().width, h: e.getBoundingClientRect().height, c: e.getAttribute('class') })),
       );
-    expect(bars).toHaveLength(23 * 4);
+    expect(bars).toHaveLength(24 * 4);
     for (const b of bars) expect(b.w * b.h).toBeGreaterThan(0);
     const failBars = page.locator('tr[data-check="patients_birth_date_not_future"] svg rect.bar');
     expect(await failBars.evaluateAll((els) => els.map((e) => e.getAttribute('class')))).toEqual([

@@ -121,7 +121,7 @@ beforeAll(async () => {
 describe('checks', () => {
   test('a clean set passes every check', async () => {
     const r = await runChecks(null);
-    expect(Object.keys(r)).toHaveLength(23);
+    expect(Object.keys(r)).toHaveLength(24);
     expect(failing(r)).toEqual({});
     expect(r.diagnoses_have_visit).toMatchObject({ checked: 3, failing: 0 });
   });
@@ -262,5 +262,33 @@ describe('tuning and samples', () => {
     expect(analyst).toEqual({ dq: false, q: true, f: true });
     const [f] = await db.query(`SELECT quality_status, data_as_of IS NOT NULL AS has_date FROM analytics.data_freshness`);
     expect(f).toEqual({ quality_status: 'fail', has_date: true });
+  });
+});
+
+describe('FHIR resources waiting for what they reference', () => {
+  test('a resource waiting longer than the threshold (72 hours) warns; one waiting less does not', async () => {
+    // A Condition whose Encounter (and Patient) never arrive: it waits, which is not a failure.
+    const condition = (id: string) => ({
+      resourceType: 'Condition',
+      id,
+      subject: { reference: 'Patient/dq-waiting-patient' },
+      encounter: { reference: 'Encounter/dq-never-arrives' },
+      code: { coding: [{ system: 'http://snomed.info/sct', code: '44054006' }] },
+    });
+    const batch = await load('waiting.ndjson', [condition('dq-w-1'), condition('dq-w-2')]);
+    const [s] = await db.query(`SELECT waiting, balanced FROM etl.batch_summary WHERE batch_id = $1`, [batch]);
+    expect(s).toEqual({ waiting: '2', balanced: true });
+    let r = await runChecks(null);
+    expect(r.landing_fhir_waiting_too_long).toMatchObject({ status: 'pass', failing: 0, checked: 2 });
+    // One of them arrived 100 hours ago: 1 of the 2 waiting has waited more than 72 hours.
+    await db.query(
+      `UPDATE landing.raw_documents SET received_at = received_at - interval '100 hours'
+       WHERE batch_id = $1 AND status = 'waiting' AND payload ->> 'id' = 'dq-w-1'`,
+      [batch],
+    );
+    r = await runChecks(null);
+    expect(r.landing_fhir_waiting_too_long).toMatchObject({ status: 'warn', failing: 1, checked: 2 });
+    const [m] = await db.query(`SELECT measured FROM dq.latest_results WHERE check_name = 'landing_fhir_waiting_too_long'`);
+    expect(Number(m.measured)).toBeGreaterThanOrEqual(100);
   });
 });

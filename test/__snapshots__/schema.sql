@@ -75,6 +75,8 @@ COMMENT ON COLUMN analytics.data_quality.failing_since IS 'Since when it has not
 --   code_system text
 --   description text
 --   is_primary boolean
+--   onset_date date
+--   clinical_status text
 CREATE VIEW analytics.diagnoses AS
  SELECT pseudonym AS patient_pseudonym,
     visit_key,
@@ -83,7 +85,9 @@ CREATE VIEW analytics.diagnoses AS
     code,
     code_system,
     description,
-    is_primary
+    is_primary,
+    (onset_at)::date AS onset_date,
+    clinical_status
    FROM clinical.diagnoses d;
 COMMENT ON VIEW analytics.diagnoses IS 'One row per diagnosis of a visit (limited data set).';
 COMMENT ON COLUMN analytics.diagnoses.patient_pseudonym IS 'The patient''s keyed pseudonym.';
@@ -94,6 +98,8 @@ COMMENT ON COLUMN analytics.diagnoses.code IS 'Diagnosis code.';
 COMMENT ON COLUMN analytics.diagnoses.code_system IS 'Code system of code (for example ICD-10-CM, SNOMED CT).';
 COMMENT ON COLUMN analytics.diagnoses.description IS 'Description of the code as sent.';
 COMMENT ON COLUMN analytics.diagnoses.is_primary IS 'Whether this is the visit''s primary diagnosis.';
+COMMENT ON COLUMN analytics.diagnoses.onset_date IS 'When the condition began (FHIR Condition.onsetDateTime; NULL for patient documents).';
+COMMENT ON COLUMN analytics.diagnoses.clinical_status IS 'FHIR Condition.clinicalStatus code: active, recurrence, relapse, inactive, remission or resolved (NULL for patient documents).';
 -- grants on view analytics.diagnoses (besides its owner): healthetl_analyst SELECT
 
 -- view analytics.patients columns:
@@ -108,11 +114,13 @@ COMMENT ON COLUMN analytics.diagnoses.is_primary IS 'Whether this is the visit''
 --   country text
 --   record_updated_at timestamp with time zone
 --   loaded_at timestamp with time zone
+--   deceased boolean
+--   death_date date
 CREATE VIEW analytics.patients AS
  SELECT pseudonym AS patient_pseudonym,
     source_system,
     birth_date,
-    (date_part('year'::text, age((CURRENT_DATE)::timestamp with time zone, (birth_date)::timestamp with time zone)))::integer AS age_years,
+    (date_part('year'::text, age((COALESCE((deceased_at)::date, CURRENT_DATE))::timestamp with time zone, (birth_date)::timestamp with time zone)))::integer AS age_years,
     sex,
     city,
     state,
@@ -122,13 +130,15 @@ CREATE VIEW analytics.patients AS
         END AS zip5,
     country,
     source_updated_at AS record_updated_at,
-    loaded_at
+    loaded_at,
+    deceased,
+    (deceased_at)::date AS death_date
    FROM clinical.patients p;
 COMMENT ON VIEW analytics.patients IS 'One row per patient (HIPAA limited data set): no names, SSN, MRN, phone, email, street lines or source ids.';
 COMMENT ON COLUMN analytics.patients.patient_pseudonym IS 'Keyed pseudonym (uuid): the first 128 bits of an HMAC-SHA256 of source system and patient id under a secret key; stable across loads, changes only when the key is rotated.';
 COMMENT ON COLUMN analytics.patients.source_system IS 'The system the record came from (an organisation, not a person).';
 COMMENT ON COLUMN analytics.patients.birth_date IS 'Date of birth (kept in a limited data set).';
-COMMENT ON COLUMN analytics.patients.age_years IS 'Age in whole years today.';
+COMMENT ON COLUMN analytics.patients.age_years IS 'Age in whole years today, or at death for a patient who died.';
 COMMENT ON COLUMN analytics.patients.sex IS 'female, male, other or unknown.';
 COMMENT ON COLUMN analytics.patients.city IS 'City of residence (kept in a limited data set).';
 COMMENT ON COLUMN analytics.patients.state IS 'State of residence.';
@@ -136,6 +146,8 @@ COMMENT ON COLUMN analytics.patients.zip5 IS 'US 5-digit ZIP code (ZIP+4 cut to 
 COMMENT ON COLUMN analytics.patients.country IS 'Country of residence as sent.';
 COMMENT ON COLUMN analytics.patients.record_updated_at IS 'When the source last updated the record (its updated_at).';
 COMMENT ON COLUMN analytics.patients.loaded_at IS 'When healthetl loaded the current record.';
+COMMENT ON COLUMN analytics.patients.deceased IS 'Whether the source says the patient died (NULL: not stated).';
+COMMENT ON COLUMN analytics.patients.death_date IS 'Date of death (kept in a limited data set; FHIR Patient.deceasedDateTime).';
 -- grants on view analytics.patients (besides its owner): healthetl_analyst SELECT
 
 -- view analytics.provider_notes columns:
@@ -226,6 +238,7 @@ COMMENT ON COLUMN analytics.treatments.duration_days IS 'end_date - start_date, 
 --   provider_npi text
 --   provider_name text
 --   age_at_visit integer
+--   visit_end timestamp with time zone
 CREATE VIEW analytics.visits AS
  SELECT pseudonym AS patient_pseudonym,
     visit_key,
@@ -238,7 +251,8 @@ CREATE VIEW analytics.visits AS
     facility_name,
     provider_npi,
     provider_name,
-    age_at_visit
+    age_at_visit,
+    visit_end
    FROM clinical.visits v;
 COMMENT ON VIEW analytics.visits IS 'One row per visit, with the patient''s age at the visit (limited data set: dates of service kept; no visit ids from the source). Join analytics.patients on patient_pseudonym for sex or residence.';
 COMMENT ON COLUMN analytics.visits.patient_pseudonym IS 'The patient''s keyed pseudonym (as in analytics.patients).';
@@ -253,6 +267,7 @@ COMMENT ON COLUMN analytics.visits.facility_name IS 'Facility name.';
 COMMENT ON COLUMN analytics.visits.provider_npi IS 'The provider''s National Provider Identifier (a provider, not the patient).';
 COMMENT ON COLUMN analytics.visits.provider_name IS 'The provider''s name (a provider, not the patient).';
 COMMENT ON COLUMN analytics.visits.age_at_visit IS 'The patient''s age in whole years on the visit date.';
+COMMENT ON COLUMN analytics.visits.visit_end IS 'When the visit ended, when the source gives a time (FHIR Encounter.period.end).';
 -- grants on view analytics.visits (besides its owner): healthetl_analyst SELECT
 
 -- ==== schema clinical ===========================================================================
@@ -272,11 +287,15 @@ CREATE TABLE clinical.diagnoses (
   description text,
   is_primary boolean,
   pseudonym uuid NOT NULL,
+  source_diagnosis_id text,
+  onset_at timestamp with time zone,
+  clinical_status text,
   CONSTRAINT diagnoses_pkey PRIMARY KEY (patient_key, diagnosis_key)
 );
 CREATE INDEX diagnoses_code_idx ON clinical.diagnoses USING btree (code);
 CREATE UNIQUE INDEX diagnoses_pkey ON clinical.diagnoses USING btree (patient_key, diagnosis_key);
 CREATE INDEX diagnoses_pseudonym_idx ON clinical.diagnoses USING btree (pseudonym, visit_key);
+COMMENT ON COLUMN clinical.diagnoses.source_diagnosis_id IS 'FHIR Condition.id (patient documents have no diagnosis id).';
 -- grants on table clinical.diagnoses (besides its owner): none
 
 CREATE TABLE clinical.patients (
@@ -304,11 +323,15 @@ CREATE TABLE clinical.patients (
   batch_id bigint NOT NULL,
   loaded_at timestamp with time zone DEFAULT now() NOT NULL,
   pseudonym uuid NOT NULL,
+  deceased boolean,
+  deceased_at timestamp with time zone,
   CONSTRAINT patients_pkey PRIMARY KEY (patient_key),
   CONSTRAINT patients_sex_check CHECK ((sex = ANY (ARRAY['female'::text, 'male'::text, 'other'::text, 'unknown'::text])))
 );
 CREATE UNIQUE INDEX patients_pkey ON clinical.patients USING btree (patient_key);
 CREATE INDEX patients_pseudonym_idx ON clinical.patients USING btree (pseudonym);
+COMMENT ON COLUMN clinical.patients.deceased IS 'FHIR Patient.deceased[x]: true when deceasedBoolean is true or a deceasedDateTime is given.';
+COMMENT ON COLUMN clinical.patients.deceased_at IS 'FHIR Patient.deceasedDateTime.';
 -- grants on table clinical.patients (besides its owner): none
 
 CREATE TABLE clinical.provider_notes (
@@ -370,6 +393,7 @@ CREATE TABLE clinical.visits (
   pseudonym uuid NOT NULL,
   age_at_visit integer,
   research_visit_id uuid DEFAULT gen_random_uuid() NOT NULL,
+  visit_end timestamp with time zone,
   CONSTRAINT visits_patient_key_source_visit_id_visit_date_key UNIQUE (patient_key, source_visit_id, visit_date),
   CONSTRAINT visits_pkey PRIMARY KEY (patient_key, visit_key, visit_date),
   CONSTRAINT visits_visit_type_check CHECK ((visit_type = ANY (ARRAY['outpatient'::text, 'inpatient'::text, 'emergency'::text, 'telehealth'::text, 'other'::text])))
@@ -378,6 +402,7 @@ CREATE INDEX visits_date_type_idx ON ONLY clinical.visits USING btree (visit_dat
 CREATE UNIQUE INDEX visits_patient_key_source_visit_id_visit_date_key ON ONLY clinical.visits USING btree (patient_key, source_visit_id, visit_date);
 CREATE UNIQUE INDEX visits_pkey ON ONLY clinical.visits USING btree (patient_key, visit_key, visit_date);
 CREATE INDEX visits_pseudonym_idx ON ONLY clinical.visits USING btree (pseudonym);
+COMMENT ON COLUMN clinical.visits.visit_end IS 'FHIR Encounter.period.end.';
 -- grants on table clinical.visits (besides its owner): none
 
 CREATE SEQUENCE clinical.diagnoses_diagnosis_key_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
@@ -412,6 +437,8 @@ COMMENT ON SCHEMA deid IS 'De-identified views for researchers (HIPAA Safe Harbo
 --   code text
 --   code_system text
 --   is_primary boolean
+--   onset_year integer
+--   clinical_status text
 CREATE VIEW deid.diagnoses AS
  SELECT k.research_id,
     v.research_visit_id,
@@ -419,7 +446,9 @@ CREATE VIEW deid.diagnoses AS
     d."position",
     d.code,
     d.code_system,
-    d.is_primary
+    d.is_primary,
+    (EXTRACT(year FROM d.onset_at))::integer AS onset_year,
+    d.clinical_status
    FROM ((clinical.diagnoses d
      LEFT JOIN etl.patient_keys k ON ((k.patient_key = d.patient_key)))
      LEFT JOIN clinical.visits v ON (((v.patient_key = d.patient_key) AND (v.visit_key = d.visit_key) AND (v.visit_date = d.visit_date))));
@@ -431,6 +460,8 @@ COMMENT ON COLUMN deid.diagnoses.position IS 'Order of the diagnosis in the visi
 COMMENT ON COLUMN deid.diagnoses.code IS 'Diagnosis code.';
 COMMENT ON COLUMN deid.diagnoses.code_system IS 'Code system of code.';
 COMMENT ON COLUMN deid.diagnoses.is_primary IS 'Whether this is the visit''s primary diagnosis.';
+COMMENT ON COLUMN deid.diagnoses.onset_year IS 'Year the condition began (FHIR Condition.onsetDateTime; NULL for patient documents).';
+COMMENT ON COLUMN deid.diagnoses.clinical_status IS 'FHIR Condition.clinicalStatus code: active, recurrence, relapse, inactive, remission or resolved (NULL for patient documents).';
 -- grants on view deid.diagnoses (besides its owner): healthetl_researcher SELECT
 
 -- view deid.patients columns:
@@ -440,6 +471,8 @@ COMMENT ON COLUMN deid.diagnoses.is_primary IS 'Whether this is the visit''s pri
 --   sex text
 --   state text
 --   zip3 text
+--   deceased boolean
+--   death_year integer
 CREATE VIEW deid.patients AS
  SELECT k.research_id,
         CASE
@@ -461,7 +494,12 @@ CREATE VIEW deid.patients AS
                 ELSE "left"(p.postal_code, 3)
             END
             ELSE NULL::text
-        END AS zip3
+        END AS zip3,
+    p.deceased,
+        CASE
+            WHEN (x.age < 90) THEN (EXTRACT(year FROM p.deceased_at))::integer
+            ELSE NULL::integer
+        END AS death_year
    FROM ((clinical.patients p
      JOIN etl.patient_keys k ON ((k.patient_key = p.patient_key)))
      CROSS JOIN LATERAL ( SELECT (date_part('year'::text, age((CURRENT_DATE)::timestamp with time zone, (p.birth_date)::timestamp with time zone)))::integer AS age) x);
@@ -472,6 +510,8 @@ COMMENT ON COLUMN deid.patients.age IS 'Age in whole years today, as text; 90+ f
 COMMENT ON COLUMN deid.patients.sex IS 'female, male, other or unknown.';
 COMMENT ON COLUMN deid.patients.state IS 'State of residence.';
 COMMENT ON COLUMN deid.patients.zip3 IS 'First 3 digits of a US ZIP code; 000 for the restricted prefixes (etl.restricted_zip3); NULL for non-US postal codes.';
+COMMENT ON COLUMN deid.patients.deceased IS 'Whether the source says the patient died (NULL: not stated).';
+COMMENT ON COLUMN deid.patients.death_year IS 'Year of death; NULL when not stated, and for patients who would be 90 or over today.';
 -- grants on view deid.patients (besides its owner): healthetl_researcher SELECT
 
 -- view deid.treatments columns:
@@ -927,6 +967,17 @@ AS $function$
 $function$;
 -- grants on function dq.check_volume(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
 
+CREATE OR REPLACE FUNCTION dq.check_waiting_too_long(c dq.checks, p_patients bigint[], p_batch_id bigint)
+ RETURNS dq.measurement
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  SELECT count(*), count(*) FILTER (WHERE d.received_at < clock_timestamp() - make_interval(secs => c.threshold * 3600)),
+         round((extract(epoch FROM clock_timestamp() - min(d.received_at)) / 3600)::numeric, 2), '[]'::jsonb
+  FROM landing.raw_documents d WHERE d.status = 'waiting'
+$function$;
+-- grants on function dq.check_waiting_too_long(c dq.checks, p_patients bigint[], p_batch_id bigint) (besides its owner): none
+
 CREATE OR REPLACE FUNCTION dq.measure_rows(p_query text, p_patients bigint[])
  RETURNS dq.measurement
  LANGUAGE plpgsql
@@ -1102,6 +1153,23 @@ CREATE UNIQUE INDEX erasures_pkey ON etl.erasures USING btree (erasure_id);
 COMMENT ON TABLE etl.erasures IS 'Erasure receipts (no PHI): who erased which keyed identity hash when, and who lifted the block.';
 -- grants on table etl.erasures (besides its owner): none
 
+CREATE TABLE etl.fhir_resources (
+  source_system text NOT NULL,
+  resource_type text NOT NULL,
+  resource_id text NOT NULL,
+  document_id bigint NOT NULL,
+  last_updated timestamp with time zone,
+  patient_key bigint,
+  visit_key bigint,
+  visit_date date,
+  CONSTRAINT fhir_resources_pkey PRIMARY KEY (source_system, resource_type, resource_id)
+);
+CREATE INDEX fhir_resources_document_idx ON etl.fhir_resources USING btree (document_id);
+CREATE INDEX fhir_resources_patient_idx ON etl.fhir_resources USING btree (patient_key) WHERE (patient_key IS NOT NULL);
+CREATE UNIQUE INDEX fhir_resources_pkey ON etl.fhir_resources USING btree (source_system, resource_type, resource_id);
+COMMENT ON TABLE etl.fhir_resources IS 'Current version of each loaded FHIR resource (by source system, type and id) and the patient and visit it became.';
+-- grants on table etl.fhir_resources (besides its owner): none
+
 CREATE TABLE etl.patient_keys (
   patient_key bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
   source_system text NOT NULL,
@@ -1223,6 +1291,8 @@ COMMENT ON VIEW etl.batch_rejects IS 'Every rejected delivery of every batch (on
 --   deleted_children bigint
 --   erased bigint
 --   db_user text
+--   waiting bigint
+--   waiting_since timestamp with time zone
 CREATE VIEW etl.batch_summary AS
  SELECT b.batch_id,
     b.status,
@@ -1242,7 +1312,7 @@ CREATE VIEW etl.batch_summary AS
            FROM etl.batch_files f
           WHERE ((f.batch_id = b.batch_id) AND (f.status = ANY (ARRAY['unreadable'::text, 'rejected'::text])))) AS failed_files,
     lf.loader_count,
-    ((lf.loader_count = count(d.document_id)) AND (count(d.document_id) = count(d.document_id) FILTER (WHERE (d.status = ANY (ARRAY['staged'::text, 'loaded'::text, 'rejected'::text, 'duplicate'::text, 'superseded'::text, 'erased'::text]))))) AS balanced,
+    ((lf.loader_count = count(d.document_id)) AND (count(d.document_id) = count(d.document_id) FILTER (WHERE (d.status = ANY (ARRAY['staged'::text, 'loaded'::text, 'rejected'::text, 'duplicate'::text, 'superseded'::text, 'erased'::text, 'waiting'::text]))))) AS balanced,
     b.error,
     (( SELECT COALESCE(sum(x.visits), (0)::numeric) AS "coalesce"
            FROM etl.batch_deletes x
@@ -1251,15 +1321,33 @@ CREATE VIEW etl.batch_summary AS
            FROM etl.batch_deletes x
           WHERE (x.batch_id = b.batch_id)))::bigint AS deleted_children,
     count(d.document_id) FILTER (WHERE (d.status = 'erased'::text)) AS erased,
-    b.db_user
+    b.db_user,
+    count(d.document_id) FILTER (WHERE (d.status = 'waiting'::text)) AS waiting,
+    min(d.received_at) FILTER (WHERE (d.status = 'waiting'::text)) AS waiting_since
    FROM ((etl.batches b
      CROSS JOIN LATERAL ( SELECT (COALESCE(sum(f.documents), (0)::numeric))::bigint AS loader_count
            FROM etl.batch_files f
           WHERE (f.batch_id = b.batch_id)) lf)
      LEFT JOIN landing.raw_documents d ON ((d.batch_id = b.batch_id)))
   GROUP BY b.batch_id, lf.loader_count;
-COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents received and what became of them (erased: of a patient erased before or since); balanced says whether they add up; error, why its last transform failed; rows its snapshots deleted; who loaded it.';
+COMMENT ON VIEW etl.batch_summary IS 'One row per batch: documents (FHIR: resources) received and what became of them (erased: of a patient erased before or since; waiting: FHIR resources whose Patient or Encounter has not arrived); balanced says whether they add up; error, why its last transform failed; rows its snapshots deleted; who loaded it.';
 -- grants on view etl.batch_summary (besides its owner): healthetl_loader SELECT
+
+-- view etl.fhir_summary columns:
+--   resource_type text
+--   status text
+--   resources bigint
+--   oldest_received_at timestamp with time zone
+CREATE VIEW etl.fhir_summary AS
+ SELECT resource_type,
+    status,
+    count(*) AS resources,
+    min(received_at) AS oldest_received_at
+   FROM landing.raw_documents d
+  WHERE (format = 'fhir-r4'::text)
+  GROUP BY resource_type, status;
+COMMENT ON VIEW etl.fhir_summary IS 'FHIR resources in landing by resourceType and status (waiting: its Patient or Encounter has not arrived yet), with the oldest arrival.';
+-- grants on view etl.fhir_summary (besides its owner): healthetl_loader SELECT
 
 CREATE OR REPLACE FUNCTION etl.adopt_objects()
  RETURNS void
@@ -1361,12 +1449,19 @@ END
 $function$;
 -- grants on function etl.clear_new_rejects() (besides its owner): none
 
+CREATE OR REPLACE FUNCTION etl.code_system_of(p_uri text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE p_uri WHEN 'http://snomed.info/sct'::text THEN 'SNOMED-CT'::text WHEN 'http://hl7.org/fhir/sid/icd-10-cm'::text THEN 'ICD-10-CM'::text WHEN 'http://hl7.org/fhir/sid/icd-10'::text THEN 'ICD-10'::text WHEN 'http://www.nlm.nih.gov/research/umls/rxnorm'::text THEN 'RxNorm'::text ELSE p_uri END;
+-- grants on function etl.code_system_of(p_uri text) (besides its owner): none
+
 CREATE OR REPLACE FUNCTION etl.ensure_batch_partitions(p_batch_id bigint, p_shard integer DEFAULT 0, p_shards integer DEFAULT 1)
  RETURNS integer
  LANGUAGE sql
  SECURITY DEFINER
- SET jit TO 'off'
  SET search_path TO 'pg_catalog', 'pg_temp'
+ SET jit TO 'off'
 AS $function$
   SELECT etl.ensure_visit_partitions(ARRAY(
     SELECT DISTINCT extract(year FROM vd.d)::int
@@ -1375,10 +1470,17 @@ AS $function$
       AS x(source_system jsonb, patient_id jsonb, visits jsonb)
     CROSS JOIN LATERAL jsonb_path_query(x.visits, 'strict $[*].visit_date', '{}', true) AS v(d)
     CROSS JOIN LATERAL (SELECT etl.to_visit_date(v.d #>> '{}') AS d) vd
-    WHERE r.batch_id = p_batch_id AND r.status = 'staged'
+    WHERE r.batch_id = p_batch_id AND r.status = 'staged' AND r.format <> 'fhir-r4'
       AND etl.shard_of(x.source_system, x.patient_id, p_shards) = p_shard
       AND etl.patient_id_problem(x.patient_id) IS NULL AND etl.source_system_problem(x.source_system) IS NULL
-      AND etl.visit_year_ok(vd.d, r.received_at)))
+      AND etl.visit_year_ok(vd.d, r.received_at)
+    UNION
+    SELECT extract(year FROM etl.to_visit_date(r.payload #>> '{period,start}'))::int
+    FROM landing.raw_documents r
+    WHERE ((r.batch_id = p_batch_id AND r.status = 'staged') OR r.status = 'waiting')
+      AND r.format = 'fhir-r4' AND r.resource_type = 'Encounter'
+      AND etl.shard_of(to_jsonb(coalesce(r.source_system, 'fhir')), to_jsonb(etl.fhir_patient_id(r.resource_type, r.payload)), p_shards) = p_shard
+      AND etl.visit_year_ok(etl.to_visit_date(r.payload #>> '{period,start}'), r.received_at)))
 $function$;
 -- grants on function etl.ensure_batch_partitions(p_batch_id bigint, p_shard integer, p_shards integer) (besides its owner): healthetl_loader EXECUTE
 
@@ -1433,13 +1535,16 @@ BEGIN
   SELECT k.patient_key INTO v_key FROM etl.patient_keys k
   WHERE k.source_system = p_source_system AND k.source_patient_id = v_id;
 
-  -- Their documents: those that name them, and every copy of the same bytes (duplicates keep no payload).
+  -- Their documents and resources (waiting ones too): those that name them, and every copy of the
+  -- same bytes (duplicates keep no payload).
   SELECT array_agg(d.document_id) INTO v_docs FROM landing.raw_documents d
   WHERE d.content_sha256 IN (
     SELECT r.content_sha256 FROM landing.raw_documents r
     WHERE r.payload IS NOT NULL AND jsonb_typeof(r.payload) = 'object'
-      AND etl.source_system_of(r.payload -> 'source_system') = p_source_system
-      AND etl.patient_id_of(r.payload -> 'patient_id') = v_id);
+      AND CASE WHEN r.format = 'fhir-r4'
+               THEN coalesce(r.source_system, 'fhir') = p_source_system AND etl.fhir_patient_id(r.resource_type, r.payload) = v_id
+               ELSE etl.source_system_of(r.payload -> 'source_system') = p_source_system
+                    AND etl.patient_id_of(r.payload -> 'patient_id') = v_id END);
   v_docs := coalesce(v_docs, '{}');
 
   IF v_key IS NOT NULL THEN
@@ -1479,6 +1584,7 @@ BEGIN
   DELETE FROM clinical.diagnoses WHERE patient_key = p_patient_key;      GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
   DELETE FROM clinical.visits WHERE patient_key = p_patient_key;         GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
   DELETE FROM clinical.patients WHERE patient_key = p_patient_key;       GET DIAGNOSTICS v_n = ROW_COUNT; v_rows := v_rows + v_n;
+  DELETE FROM etl.fhir_resources WHERE patient_key = p_patient_key;
   DELETE FROM etl.patient_keys WHERE patient_key = p_patient_key;
   DELETE FROM dq.result_samples WHERE patient_key = p_patient_key;
   RETURN v_rows;
@@ -1495,6 +1601,74 @@ AS $function$
   SELECT etl.keyed_hash(k.key, p_source_system, p_patient_id) FROM etl.secret_keys k WHERE k.purpose = 'erasure'
 $function$;
 -- grants on function etl.erasure_hash(p_source_system text, p_patient_id text) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.fhir_coding(p_concept jsonb)
+ RETURNS jsonb
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN COALESCE(jsonb_path_query_first(p_concept, '$."coding"[*]?((@."system" == "http://snomed.info/sct" || @."system" == "http://hl7.org/fhir/sid/icd-10-cm") || @."system" == "http://www.nlm.nih.gov/research/umls/rxnorm")'::jsonpath), ((p_concept -> 'coding'::text) -> 0));
+-- grants on function etl.fhir_coding(p_concept jsonb) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.fhir_conditional_value(p_ref text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN "substring"(p_ref, '^[A-Za-z]+\?identifier=[^|]*\|(.+)$'::text);
+-- grants on function etl.fhir_conditional_value(p_ref text) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.fhir_encounter_id(p_type text, p jsonb)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN etl.fhir_ref_id(CASE WHEN (p_type = 'DocumentReference'::text) THEN COALESCE((p #>> '{context,encounter,0,reference}'::text[]), (p #>> '{context,encounter,reference}'::text[])) ELSE (p #>> '{encounter,reference}'::text[]) END, 'Encounter'::text);
+-- grants on function etl.fhir_encounter_id(p_type text, p jsonb) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.fhir_instant(t text)
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+RETURN CASE WHEN etl.is_ymd(t) THEN ((t || 'T00:00:00Z'::text))::timestamp with time zone ELSE etl.to_timestamptz(t) END;
+-- grants on function etl.fhir_instant(t text) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.fhir_name_text(n jsonb)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN NULLIF(concat_ws(' '::text, (SELECT string_agg(x.value, ' '::text) AS string_agg FROM jsonb_array_elements_text(CASE WHEN (jsonb_typeof((fhir_name_text.n -> 'prefix'::text)) = 'array'::text) THEN (fhir_name_text.n -> 'prefix'::text) ELSE '[]'::jsonb END) x(value)), (SELECT string_agg(x.value, ' '::text) AS string_agg FROM jsonb_array_elements_text(CASE WHEN (jsonb_typeof((fhir_name_text.n -> 'given'::text)) = 'array'::text) THEN (fhir_name_text.n -> 'given'::text) ELSE '[]'::jsonb END) x(value)), etl.jtext((n -> 'family'::text))), ''::text);
+-- grants on function etl.fhir_name_text(n jsonb) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.fhir_note_text(p jsonb)
+ RETURNS text
+ LANGUAGE plpgsql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_data text := jsonb_path_query_first(p, '$.content[*].attachment ? (@.contentType starts with "text/plain").data') #>> '{}';
+BEGIN
+  IF v_data IS NULL THEN
+    RETURN NULL;
+  END IF;
+  RETURN nullif(convert_from(decode(v_data, 'base64'), 'UTF8'), '');
+EXCEPTION WHEN invalid_parameter_value OR character_not_in_repertoire OR untranslatable_character THEN
+  RETURN '';
+END
+$function$;
+-- grants on function etl.fhir_note_text(p jsonb) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.fhir_patient_id(p_type text, p jsonb)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN (p_type = 'Patient'::text) THEN etl.jtext((p -> 'id'::text)) ELSE etl.fhir_ref_id(COALESCE((p #>> '{subject,reference}'::text[]), (p #>> '{patient,reference}'::text[])), 'Patient'::text) END;
+-- grants on function etl.fhir_patient_id(p_type text, p jsonb) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.fhir_ref_id(p_ref text, p_type text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN (p_ref ~~ 'urn:uuid:%'::text) THEN substr(p_ref, 10) ELSE "substring"(p_ref, (('(?:^|/)'::text || p_type) || '/([A-Za-z0-9.-]+)(?:/_history/[^/]*)?$'::text)) END;
+-- grants on function etl.fhir_ref_id(p_ref text, p_type text) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.find_poison(p_batch_id bigint, p_shard integer, p_shards integer, p_sqlstate text)
  RETURNS integer
@@ -1809,8 +1983,9 @@ BEGIN
   END IF;
   PERFORM etl.lock_out_transforms();
   UPDATE landing.raw_documents d SET payload = NULL
-  WHERE d.payload IS NOT NULL AND d.received_at < v_cutoff AND d.status <> 'staged'
-    AND NOT EXISTS (SELECT 1 FROM clinical.patients p WHERE p.document_id = d.document_id);
+  WHERE d.payload IS NOT NULL AND d.received_at < v_cutoff AND d.status NOT IN ('staged', 'waiting')
+    AND NOT EXISTS (SELECT 1 FROM clinical.patients p WHERE p.document_id = d.document_id)
+    AND NOT EXISTS (SELECT 1 FROM etl.fhir_resources x WHERE x.document_id = d.document_id);
   GET DIAGNOSTICS v_payloads = ROW_COUNT;
   DELETE FROM etl.rejected_documents r WHERE r.last_rejected_at < v_cutoff;
   GET DIAGNOSTICS v_rejects = ROW_COUNT;
@@ -2129,8 +2304,10 @@ BEGIN
   IF NOT FOUND THEN
     RETURN NULL;
   END IF;
-  INSERT INTO landing.raw_documents (batch_id, source_file, line, item, byte_offset, content_sha256, format, status, payload)
-  SELECT p_batch_id, p_source_file, d.line, d.item, d.byte_offset, d.content_sha256, d.format, 'duplicate', NULL
+  INSERT INTO landing.raw_documents (batch_id, source_file, line, item, byte_offset, content_sha256, format, status, payload,
+                                     resource_type, source_system)
+  SELECT p_batch_id, p_source_file, d.line, d.item, d.byte_offset, d.content_sha256, d.format, 'duplicate', NULL,
+         d.resource_type, d.source_system
   FROM landing.raw_documents d
   WHERE d.batch_id = v_of_batch AND d.source_file = v_of_file
   ORDER BY d.document_id;
@@ -2332,12 +2509,13 @@ BEGIN
   FROM (SELECT r.document_id, r.content_sha256, r.received_at, r.payload, jsonb_typeof(r.payload) AS doc_type,
                jsonb_typeof(r.payload -> 'visits') AS visits_type
         FROM landing.raw_documents r
-        WHERE r.batch_id = p_batch_id AND r.status = 'staged' AND (p_only IS NULL OR r.document_id = ANY (p_only))
+        WHERE r.batch_id = p_batch_id AND r.status = 'staged' AND r.format <> 'fhir-r4'
+          AND (p_only IS NULL OR r.document_id = ANY (p_only))
         UNION ALL
         SELECT r.document_id, r.content_sha256, r.received_at, r.payload, jsonb_typeof(r.payload) AS doc_type,
                jsonb_typeof(r.payload -> 'visits') AS visits_type
         FROM landing.raw_documents r
-        WHERE p_batch_id IS NULL AND r.document_id = ANY (p_only)
+        WHERE p_batch_id IS NULL AND r.document_id = ANY (p_only) AND r.format <> 'fhir-r4'
         OFFSET 0) d
   CROSS JOIN LATERAL jsonb_to_record(CASE WHEN d.doc_type = 'object' THEN d.payload ELSE '{}'::jsonb END)
     AS x(patient_id jsonb, source_system jsonb, updated_at jsonb, mrn jsonb, ssn jsonb, name jsonb,
@@ -2385,6 +2563,436 @@ BEGIN
 END
 $function$;
 -- grants on function etl.step_erased() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.step_fhir_conditions()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  INSERT INTO clinical.diagnoses (patient_key, visit_key, visit_date, position, code, code_system, description, is_primary,
+                                  pseudonym, source_diagnosis_id, onset_at, clinical_status)
+  SELECT a.patient_key, a.visit_key, a.visit_date, 0, etl.jtext(c.coding -> 'code'),
+         coalesce(etl.code_system_of(etl.jtext(c.coding -> 'system')), 'unknown'),
+         coalesce(etl.jtext(c.coding -> 'display'), etl.jtext(r.payload #> '{code,text}')), NULL,
+         p.pseudonym, a.rid, etl.fhir_instant(r.payload ->> 'onsetDateTime'),
+         etl.jtext(r.payload #> '{clinicalStatus,coding,0,code}')
+  FROM t_fhir_apply a
+  JOIN landing.raw_documents r ON r.document_id = a.document_id
+  JOIN clinical.patients p ON p.patient_key = a.patient_key
+  CROSS JOIN LATERAL (SELECT etl.fhir_coding(r.payload -> 'code') AS coding) c
+  WHERE a.rtype = 'Condition' AND a.outcome IS NULL;
+  UPDATE t_fhir_apply SET outcome = 'loaded' WHERE rtype = 'Condition' AND outcome IS NULL;
+END
+$function$;
+-- grants on function etl.step_fhir_conditions() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.step_fhir_documents(p_batch_id bigint, p_shard integer, p_shards integer, p_only bigint[])
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  CREATE TEMP TABLE t_fhir ON COMMIT DROP AS
+  SELECT r.document_id, r.batch_id, r.content_sha256, r.received_at, r.status AS was, r.resource_type AS rtype,
+         coalesce(r.source_system, 'fhir') AS ss, jsonb_typeof(r.payload) AS doc_type,
+         CASE WHEN jsonb_typeof(r.payload -> 'id') = 'string' THEN r.payload ->> 'id' END AS rid,
+         etl.fhir_patient_id(r.resource_type, r.payload) AS pid,
+         etl.fhir_encounter_id(r.resource_type, r.payload) AS eid,
+         etl.fhir_instant(r.payload #>> '{meta,lastUpdated}') AS last_updated
+  FROM (SELECT * FROM landing.raw_documents r
+        WHERE r.batch_id = p_batch_id AND r.status = 'staged' AND r.format = 'fhir-r4'
+          AND (p_only IS NULL OR r.document_id = ANY (p_only))
+        UNION ALL
+        SELECT * FROM landing.raw_documents r WHERE p_only IS NULL AND r.status = 'waiting'
+        UNION ALL
+        SELECT * FROM landing.raw_documents r
+        WHERE p_batch_id IS NULL AND r.document_id = ANY (p_only) AND r.format = 'fhir-r4'
+        OFFSET 0) r
+  WHERE p_shards = 1
+     OR etl.shard_of(to_jsonb(coalesce(r.source_system, 'fhir')), to_jsonb(etl.fhir_patient_id(r.resource_type, r.payload)), p_shards) = p_shard;
+  CREATE UNIQUE INDEX ON t_fhir (document_id);
+  ANALYZE t_fhir;
+  -- Decoded once: the rules reject undecodable notes, the notes step inserts the text.
+  CREATE TEMP TABLE t_fhir_notes ON COMMIT DROP AS
+  SELECT f.document_id, etl.fhir_note_text(r.payload) AS note_text
+  FROM t_fhir f JOIN landing.raw_documents r ON r.document_id = f.document_id
+  WHERE f.rtype = 'DocumentReference';
+  CREATE UNIQUE INDEX ON t_fhir_notes (document_id);
+END
+$function$;
+-- grants on function etl.step_fhir_documents(p_batch_id bigint, p_shard integer, p_shards integer, p_only bigint[]) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.step_fhir_duplicates()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  INSERT INTO t_outcome
+  SELECT f.document_id, 'duplicate'
+  FROM (SELECT t.document_id, t.was, t.content_sha256,
+               row_number() OVER (PARTITION BY t.content_sha256 ORDER BY t.document_id) AS copy_no
+        FROM t_fhir t) f
+  WHERE f.was = 'staged'
+    AND (f.copy_no > 1
+         OR EXISTS (SELECT 1 FROM landing.raw_documents o
+                    WHERE o.content_sha256 = f.content_sha256 AND o.document_id <> f.document_id
+                      AND o.status IN ('loaded', 'superseded', 'duplicate', 'waiting')));
+  IF EXISTS (SELECT 1 FROM etl.erasures e WHERE e.lifted_at IS NULL) THEN
+    INSERT INTO t_outcome
+    SELECT f.document_id, 'erased'
+    FROM t_fhir f
+    CROSS JOIN (SELECT s.key FROM etl.secret_keys s WHERE s.purpose = 'erasure') k
+    WHERE f.pid IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id)
+      AND etl.keyed_hash(k.key, f.ss, f.pid) IN (SELECT e.subject_hash FROM etl.erasures e WHERE e.lifted_at IS NULL);
+  END IF;
+END
+$function$;
+-- grants on function etl.step_fhir_duplicates() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.step_fhir_encounters(p_batch_id bigint, p_shard integer, p_shards integer)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_years int[];
+BEGIN
+  UPDATE t_fhir_apply a SET outcome = 'waiting'
+  WHERE a.rtype = 'Encounter' AND NOT EXISTS (SELECT 1 FROM clinical.patients p WHERE p.patient_key = a.patient_key);
+  CREATE TEMP TABLE t_fhir_visits ON COMMIT DROP AS
+  SELECT a.document_id, a.patient_key, coalesce(a.current_visit_key, nextval('clinical.visits_visit_key_seq')) AS visit_key,
+         etl.to_visit_date(r.payload #>> '{period,start}') AS visit_date, a.rid,
+         etl.to_timestamptz(r.payload #>> '{period,start}') AS visit_start,
+         etl.to_timestamptz(r.payload #>> '{period,end}') AS visit_end,
+         etl.to_visit_date(r.payload #>> '{period,end}') AS discharge_date,
+         r.payload #>> '{class,code}' AS class_code,
+         r.payload -> 'serviceProvider' AS org_ref,
+         (SELECT i FROM jsonb_path_query(r.payload, '$.participant[*].individual') i LIMIT 1) AS prac_ref,
+         a.current_visit_key, a.current_visit_date, a.ss
+  FROM t_fhir_apply a
+  JOIN landing.raw_documents r ON r.document_id = a.document_id
+  WHERE a.rtype = 'Encounter' AND a.outcome IS NULL;
+
+  DELETE FROM clinical.visits v USING t_fhir_visits t
+  WHERE t.current_visit_key IS NOT NULL AND v.patient_key = t.patient_key AND v.visit_key = t.current_visit_key
+    AND v.visit_date = t.current_visit_date;
+  SELECT array_agg(DISTINCT extract(year FROM t.visit_date)::int) INTO v_years FROM t_fhir_visits t;
+  IF p_shards = 1 THEN
+    PERFORM etl.ensure_visit_partitions(v_years);
+  ELSIF EXISTS (SELECT 1 FROM unnest(v_years) y
+                WHERE y IS NOT NULL AND to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL) THEN
+    RAISE EXCEPTION 'batch %, shard % of %: a visits partition it needs does not exist', p_batch_id, p_shard, p_shards
+      USING ERRCODE = 'HE005',
+            HINT = 'Run "healthetl transform" again (it creates them first); from SQL, call etl.ensure_batch_partitions(batch_id, shard, shards) in its own transaction before the shard.';
+  END IF;
+
+  INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, visit_start, visit_end, discharge_date,
+                               visit_type, facility_id, facility_name, provider_npi, provider_name, position, pseudonym,
+                               age_at_visit)
+  SELECT t.patient_key, t.visit_key, t.visit_date, t.rid, t.visit_start, t.visit_end, t.discharge_date,
+         etl.visit_type_of_class(t.class_code),
+         coalesce(etl.fhir_conditional_value(t.org_ref ->> 'reference'), org.payload ->> 'id'),
+         coalesce(etl.jtext(t.org_ref -> 'display'), etl.jtext(org.payload -> 'name')),
+         coalesce(CASE WHEN t.prac_ref ->> 'reference' LIKE '%us-npi|%' THEN etl.fhir_conditional_value(t.prac_ref ->> 'reference') END,
+                  jsonb_path_query_first(prac.payload, '$.identifier[*] ? (@.system == "http://hl7.org/fhir/sid/us-npi").value') #>> '{}'),
+         coalesce(etl.jtext(t.prac_ref -> 'display'), etl.fhir_name_text(prac.payload -> 'name' -> 0)),
+         0, p.pseudonym, date_part('year', age(t.visit_date, p.birth_date))::int
+  FROM t_fhir_visits t
+  JOIN clinical.patients p ON p.patient_key = t.patient_key
+  LEFT JOIN LATERAL (SELECT o.payload FROM landing.raw_documents o
+                     WHERE o.resource_type = 'Organization' AND o.payload ->> 'id' = etl.fhir_ref_id(t.org_ref ->> 'reference', 'Organization')
+                       AND o.status IN ('staged', 'loaded') AND coalesce(o.source_system, 'fhir') = t.ss
+                     ORDER BY o.document_id DESC LIMIT 1) org ON true
+  LEFT JOIN LATERAL (SELECT o.payload FROM landing.raw_documents o
+                     WHERE o.resource_type = 'Practitioner' AND o.payload ->> 'id' = etl.fhir_ref_id(t.prac_ref ->> 'reference', 'Practitioner')
+                       AND o.status IN ('staged', 'loaded') AND coalesce(o.source_system, 'fhir') = t.ss
+                     ORDER BY o.document_id DESC LIMIT 1) prac ON true;
+
+  -- A visit whose date moved takes its children along (they carry visit_date for pruning).
+  UPDATE clinical.diagnoses c SET visit_date = t.visit_date FROM t_fhir_visits t
+  WHERE t.current_visit_key IS NOT NULL AND t.visit_date <> t.current_visit_date AND c.patient_key = t.patient_key AND c.visit_key = t.visit_key;
+  UPDATE clinical.treatments c SET visit_date = t.visit_date FROM t_fhir_visits t
+  WHERE t.current_visit_key IS NOT NULL AND t.visit_date <> t.current_visit_date AND c.patient_key = t.patient_key AND c.visit_key = t.visit_key;
+  UPDATE clinical.provider_notes c SET visit_date = t.visit_date FROM t_fhir_visits t
+  WHERE t.current_visit_key IS NOT NULL AND t.visit_date <> t.current_visit_date AND c.patient_key = t.patient_key AND c.visit_key = t.visit_key;
+
+  UPDATE t_fhir_apply a SET outcome = 'loaded', visit_key = t.visit_key, visit_date = t.visit_date
+  FROM t_fhir_visits t WHERE t.document_id = a.document_id;
+END
+$function$;
+-- grants on function etl.step_fhir_encounters(p_batch_id bigint, p_shard integer, p_shards integer) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.step_fhir_links()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  UPDATE t_fhir_apply a SET visit_key = e.visit_key, visit_date = e.visit_date
+  FROM etl.fhir_resources e
+  WHERE a.rtype IN ('Condition', 'MedicationRequest', 'Procedure', 'DocumentReference')
+    AND e.source_system = a.ss AND e.resource_type = 'Encounter' AND e.resource_id = a.eid
+    AND e.patient_key = a.patient_key;
+  UPDATE t_fhir_apply a SET visit_key = e.visit_key, visit_date = e.visit_date
+  FROM t_fhir_apply e
+  WHERE a.rtype IN ('Condition', 'MedicationRequest', 'Procedure', 'DocumentReference') AND a.visit_key IS NULL
+    AND e.rtype = 'Encounter' AND e.outcome = 'loaded' AND e.ss = a.ss AND e.rid = a.eid AND e.patient_key = a.patient_key;
+  UPDATE t_fhir_apply a SET outcome = 'waiting'
+  WHERE a.rtype IN ('Condition', 'MedicationRequest', 'Procedure', 'DocumentReference') AND a.visit_key IS NULL;
+
+  DELETE FROM clinical.diagnoses c USING t_fhir_apply a
+  WHERE a.rtype = 'Condition' AND a.current_doc IS NOT NULL AND a.outcome IS NULL
+    AND c.patient_key = a.patient_key AND c.source_diagnosis_id = a.rid;
+  DELETE FROM clinical.treatments c USING t_fhir_apply a
+  WHERE a.rtype IN ('MedicationRequest', 'Procedure') AND a.current_doc IS NOT NULL AND a.outcome IS NULL
+    AND c.patient_key = a.patient_key AND c.source_treatment_id = a.rid
+    AND c.treatment_type = CASE a.rtype WHEN 'Procedure' THEN 'procedure' ELSE 'medication' END;
+  DELETE FROM clinical.provider_notes c USING t_fhir_apply a
+  WHERE a.rtype = 'DocumentReference' AND a.current_doc IS NOT NULL AND a.outcome IS NULL
+    AND c.patient_key = a.patient_key AND c.source_note_id = a.rid;
+END
+$function$;
+-- grants on function etl.step_fhir_links() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.step_fhir_notes()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  INSERT INTO clinical.provider_notes (patient_key, visit_key, visit_date, position, source_note_id, author, written_at,
+                                       note_text, note_text_redacted, pseudonym)
+  SELECT a.patient_key, a.visit_key, a.visit_date, 0, a.rid,
+         coalesce(etl.jtext(r.payload #> '{author,0,display}'), etl.jtext(r.payload #> '{author,display}')),
+         etl.fhir_instant(r.payload ->> 'date'), tn.note_text,
+         etl.redact_note(tn.note_text, p.mrn, p.birth_date, concat_ws(' ', p.given_name, p.family_name)),
+         p.pseudonym
+  FROM t_fhir_apply a
+  JOIN t_fhir_notes tn ON tn.document_id = a.document_id AND tn.note_text IS NOT NULL
+  JOIN landing.raw_documents r ON r.document_id = a.document_id
+  JOIN clinical.patients p ON p.patient_key = a.patient_key
+  WHERE a.rtype = 'DocumentReference' AND a.outcome IS NULL;
+  UPDATE t_fhir_apply SET outcome = 'loaded' WHERE rtype = 'DocumentReference' AND outcome IS NULL;
+END
+$function$;
+-- grants on function etl.step_fhir_notes() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.step_fhir_outcomes(p_batch_id bigint)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  UPDATE t_fhir_apply SET outcome = 'loaded' WHERE outcome IS NULL;
+  INSERT INTO etl.fhir_resources AS x (source_system, resource_type, resource_id, document_id, last_updated, patient_key, visit_key, visit_date)
+  SELECT a.ss, a.rtype, a.rid, a.document_id, a.last_updated, a.patient_key, a.visit_key, a.visit_date
+  FROM t_fhir_apply a WHERE a.outcome = 'loaded'
+  ON CONFLICT (source_system, resource_type, resource_id) DO UPDATE SET
+    document_id = excluded.document_id, last_updated = excluded.last_updated, patient_key = excluded.patient_key,
+    visit_key = excluded.visit_key, visit_date = excluded.visit_date;
+  INSERT INTO etl.document_problems (document_id, batch_id, field, problem)
+  SELECT a.document_id, coalesce(p_batch_id, a.batch_id), a.rtype || c.field, c.problem
+  FROM t_fhir_apply a
+  JOIN landing.raw_documents r ON r.document_id = a.document_id
+  LEFT JOIN t_fhir_notes tn ON tn.document_id = a.document_id
+  CROSS JOIN LATERAL (VALUES
+    ('.birthDate', CASE WHEN a.rtype = 'Patient' AND r.payload ? 'birthDate' AND etl.to_date(r.payload ->> 'birthDate') IS NULL
+                        THEN 'not a full date (YYYY-MM-DD): birth_date is NULL' END),
+    ('.gender', CASE WHEN a.rtype = 'Patient' AND r.payload ? 'gender' AND etl.sex_of(r.payload -> 'gender') IS NULL
+                     THEN 'not one of ' || array_to_string(etl.sex_codes(), ', ') END),
+    ('.class.code', CASE WHEN a.rtype = 'Encounter' AND etl.visit_type_of_class(r.payload #>> '{class,code}') IS NULL
+                         THEN 'not a v3-ActEncounterCode healthetl maps: visit_type is NULL' END),
+    ('.period.end', CASE WHEN a.rtype = 'Encounter' AND r.payload #> '{period,end}' IS NOT NULL
+                              AND etl.to_timestamptz(r.payload #>> '{period,end}') IS NULL AND etl.to_visit_date(r.payload #>> '{period,end}') IS NULL
+                         THEN 'not a valid dateTime' END),
+    ('.content', CASE WHEN a.rtype = 'DocumentReference' AND tn.note_text IS NULL
+                      THEN 'no text/plain attachment: not in provider_notes' END)
+  ) AS c(field, problem)
+  WHERE a.outcome = 'loaded' AND c.problem IS NOT NULL
+  ON CONFLICT DO NOTHING;
+  INSERT INTO t_outcome SELECT a.document_id, a.outcome FROM t_fhir_apply a;
+END
+$function$;
+-- grants on function etl.step_fhir_outcomes(p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.step_fhir_patients(p_batch_id bigint)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  INSERT INTO etl.patient_keys (source_system, source_patient_id)
+  SELECT a.ss, a.pid FROM t_fhir_apply a WHERE a.rtype = 'Patient' AND a.patient_key IS NULL
+  ORDER BY a.document_id
+  ON CONFLICT DO NOTHING;
+  UPDATE t_fhir_apply a SET patient_key = k.patient_key
+  FROM etl.patient_keys k
+  WHERE a.patient_key IS NULL AND k.source_system = a.ss AND k.source_patient_id = a.pid;
+
+  INSERT INTO clinical.patients AS t (
+    patient_key, source_system, source_patient_id, mrn, ssn, name_prefix, given_name, family_name, name_suffix,
+    birth_date, sex, phone, email, address_lines, city, state, postal_code, country, deceased, deceased_at,
+    source_updated_at, document_id, content_sha256, batch_id, loaded_at, pseudonym)
+  SELECT a.patient_key, a.ss, a.pid,
+         jsonb_path_query_first(r.payload, '$.identifier[*] ? (@.type.coding[*].code == "MR").value') #>> '{}',
+         jsonb_path_query_first(r.payload, '$.identifier[*] ? (@.type.coding[*].code == "SS" || @.system == "http://hl7.org/fhir/sid/us-ssn").value') #>> '{}',
+         (SELECT string_agg(x, ' ') FROM jsonb_path_query(n.n, '$.prefix[*] ? (@.type() == "string")') j(x0), LATERAL (SELECT j.x0 #>> '{}' AS x) y),
+         (SELECT string_agg(x, ' ') FROM jsonb_path_query(n.n, '$.given[*] ? (@.type() == "string")') j(x0), LATERAL (SELECT j.x0 #>> '{}' AS x) y),
+         etl.jtext(n.n -> 'family'),
+         (SELECT string_agg(x, ' ') FROM jsonb_path_query(n.n, '$.suffix[*] ? (@.type() == "string")') j(x0), LATERAL (SELECT j.x0 #>> '{}' AS x) y),
+         etl.to_date(r.payload ->> 'birthDate'), etl.sex_of(r.payload -> 'gender'),
+         jsonb_path_query_first(r.payload, '$.telecom[*] ? (@.system == "phone").value') #>> '{}',
+         jsonb_path_query_first(r.payload, '$.telecom[*] ? (@.system == "email").value') #>> '{}',
+         ARRAY(SELECT l #>> '{}' FROM jsonb_path_query(ad.a, '$.line[*] ? (@.type() == "string")') l),
+         etl.jtext(ad.a -> 'city'), etl.jtext(ad.a -> 'state'), etl.jtext(ad.a -> 'postalCode'), etl.jtext(ad.a -> 'country'),
+         CASE WHEN jsonb_typeof(r.payload -> 'deceasedBoolean') = 'boolean' THEN (r.payload -> 'deceasedBoolean')::boolean
+              WHEN r.payload ? 'deceasedDateTime' THEN true END,
+         etl.fhir_instant(r.payload ->> 'deceasedDateTime'),
+         a.last_updated, a.document_id, a.content_sha256, coalesce(p_batch_id, a.batch_id), now(),
+         etl.keyed_uuid(k.key, a.ss, a.pid)
+  FROM t_fhir_apply a
+  JOIN landing.raw_documents r ON r.document_id = a.document_id
+  CROSS JOIN LATERAL (SELECT coalesce(jsonb_path_query_first(r.payload, '$.name[*] ? (@.use == "official")'), r.payload -> 'name' -> 0) AS n) n
+  CROSS JOIN LATERAL (SELECT coalesce(jsonb_path_query_first(r.payload, '$.address[*] ? (@.use == "home")'), r.payload -> 'address' -> 0) AS a) ad
+  CROSS JOIN (SELECT s.key FROM etl.secret_keys s WHERE s.purpose = 'pseudonym') k
+  WHERE a.rtype = 'Patient'
+  ON CONFLICT (patient_key) DO UPDATE SET
+    mrn = excluded.mrn, ssn = excluded.ssn, name_prefix = excluded.name_prefix, given_name = excluded.given_name,
+    family_name = excluded.family_name, name_suffix = excluded.name_suffix, birth_date = excluded.birth_date,
+    sex = excluded.sex, phone = excluded.phone, email = excluded.email, address_lines = excluded.address_lines,
+    city = excluded.city, state = excluded.state, postal_code = excluded.postal_code, country = excluded.country,
+    deceased = excluded.deceased, deceased_at = excluded.deceased_at, source_updated_at = excluded.source_updated_at,
+    document_id = excluded.document_id, content_sha256 = excluded.content_sha256, batch_id = excluded.batch_id,
+    loaded_at = excluded.loaded_at;
+  -- A new birth date moves every visit's stored age.
+  UPDATE clinical.visits v SET age_at_visit = date_part('year', age(v.visit_date, p.birth_date))::int
+  FROM t_fhir_apply a JOIN clinical.patients p ON p.patient_key = a.patient_key
+  WHERE a.rtype = 'Patient' AND a.current_doc IS NOT NULL AND v.patient_key = a.patient_key
+    AND v.age_at_visit IS DISTINCT FROM date_part('year', age(v.visit_date, p.birth_date))::int;
+  UPDATE t_fhir_apply SET outcome = 'loaded' WHERE rtype = 'Patient';
+END
+$function$;
+-- grants on function etl.step_fhir_patients(p_batch_id bigint) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.step_fhir_rules()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  INSERT INTO t_errors
+  SELECT f.document_id, ARRAY[0, c.n], f.rtype || c.field, f.rtype || c.field || ': ' || c.msg
+  FROM t_fhir f
+  JOIN landing.raw_documents r ON r.document_id = f.document_id
+  LEFT JOIN t_fhir_notes tn ON tn.document_id = f.document_id
+  CROSS JOIN LATERAL (SELECT r.payload AS p,
+                             r.payload #>> '{period,start}' AS start_raw,
+                             etl.to_visit_date(r.payload #>> '{period,start}') AS start_d,
+                             etl.fhir_coding(CASE f.rtype WHEN 'MedicationRequest' THEN r.payload -> 'medicationCodeableConcept'
+                                                          ELSE r.payload -> 'code' END) AS coding) x
+  CROSS JOIN LATERAL (VALUES
+    (1, '', CASE WHEN f.doc_type <> 'object' THEN format('is not a JSON object (found %s)', f.doc_type) END),
+    (2, '.id', CASE WHEN f.doc_type = 'object' AND (f.rid IS NULL OR f.rid = '') THEN 'is required (a string)'
+                    WHEN octet_length(f.rid) > etl.max_key_bytes() THEN format('is longer than %s bytes', etl.max_key_bytes()) END),
+    (3, '.subject.reference', CASE WHEN f.rtype IN ('Encounter', 'Condition', 'MedicationRequest', 'Procedure', 'DocumentReference')
+                                    AND f.pid IS NULL
+                                   THEN CASE WHEN coalesce(x.p #>> '{subject,reference}', '') = '' THEN 'is required'
+                                             ELSE format('%s is not a Patient reference', to_jsonb(x.p #>> '{subject,reference}')) END END),
+    (4, '.period.start', CASE WHEN f.rtype = 'Encounter' THEN
+                           CASE WHEN x.start_raw IS NULL THEN 'is required'
+                                WHEN x.start_d IS NULL THEN format('%s is not a valid date or dateTime', to_jsonb(x.start_raw))
+                                WHEN NOT etl.visit_year_ok(x.start_d, f.received_at) THEN format('%s is outside the years healthetl keeps (1900 to next year)', to_jsonb(x.start_raw)) END END),
+    (5, CASE f.rtype WHEN 'MedicationRequest' THEN '.medicationCodeableConcept.coding.code' ELSE '.code.coding.code' END,
+        CASE WHEN f.rtype IN ('Condition', 'MedicationRequest', 'Procedure') AND coalesce(etl.jtext(x.coding -> 'code'), '') = ''
+             THEN 'is required' END),
+    (6, CASE f.rtype WHEN 'DocumentReference' THEN '.context.encounter' ELSE '.encounter' END,
+        CASE WHEN f.rtype IN ('Condition', 'MedicationRequest', 'Procedure', 'DocumentReference') AND f.eid IS NULL
+             THEN 'is required (an Encounter reference: healthetl links every diagnosis, treatment and note to its visit)' END),
+    (7, '.content.attachment.data', CASE WHEN tn.note_text = '' THEN 'is not base64-encoded UTF-8 text' END)
+  ) AS c(n, field, msg)
+  WHERE c.msg IS NOT NULL
+    AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id);
+  -- The Encounter a resource names belongs to another patient (loaded, or arriving now): as joins,
+  -- not a subquery per resource.
+  INSERT INTO t_errors
+  SELECT DISTINCT f.document_id, ARRAY[0, 6], f.rtype || x.field, f.rtype || x.field || ': ' || format('Encounter/%s belongs to another patient', f.eid)
+  FROM t_fhir f
+  LEFT JOIN etl.patient_keys k ON k.source_system = f.ss AND k.source_patient_id = f.pid
+  LEFT JOIN etl.fhir_resources e ON e.source_system = f.ss AND e.resource_type = 'Encounter' AND e.resource_id = f.eid
+  LEFT JOIN t_fhir n ON n.rtype = 'Encounter' AND n.ss = f.ss AND n.rid = f.eid
+  CROSS JOIN LATERAL (SELECT CASE f.rtype WHEN 'DocumentReference' THEN '.context.encounter' ELSE '.encounter' END AS field) x
+  WHERE f.eid IS NOT NULL AND f.pid IS NOT NULL AND f.rtype IN ('Condition', 'MedicationRequest', 'Procedure', 'DocumentReference')
+    AND ((e.resource_id IS NOT NULL AND e.patient_key IS DISTINCT FROM k.patient_key) OR n.pid <> f.pid)
+    AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id);
+END
+$function$;
+-- grants on function etl.step_fhir_rules() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.step_fhir_treatments()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  INSERT INTO clinical.treatments (patient_key, visit_key, visit_date, position, source_treatment_id, treatment_type,
+                                   code, code_system, name, dose, route, frequency, start_date, end_date, pseudonym)
+  SELECT a.patient_key, a.visit_key, a.visit_date, 0, a.rid,
+         CASE a.rtype WHEN 'Procedure' THEN 'procedure' ELSE 'medication' END,
+         etl.jtext(c.coding -> 'code'), etl.code_system_of(etl.jtext(c.coding -> 'system')),
+         left(coalesce(etl.jtext(c.coding -> 'display'), etl.jtext(c.concept -> 'text')), etl.max_key_bytes()),
+         nullif(concat_ws(' ', etl.jtext(d.d #> '{doseAndRate,0,doseQuantity,value}'), etl.jtext(d.d #> '{doseAndRate,0,doseQuantity,unit}')), ''),
+         coalesce(etl.jtext(d.d #> '{route,text}'), etl.jtext(d.d #> '{route,coding,0,display}')),
+         coalesce(etl.jtext(d.d -> 'text'),
+                  CASE WHEN d.d #> '{timing,repeat,frequency}' IS NOT NULL
+                       THEN format('%s per %s %s', d.d #>> '{timing,repeat,frequency}', d.d #>> '{timing,repeat,period}',
+                                   d.d #>> '{timing,repeat,periodUnit}') END),
+         CASE a.rtype WHEN 'Procedure' THEN etl.to_visit_date(coalesce(r.payload #>> '{performedPeriod,start}', r.payload ->> 'performedDateTime'))
+                      ELSE etl.to_visit_date(r.payload ->> 'authoredOn') END,
+         CASE a.rtype WHEN 'Procedure' THEN etl.to_visit_date(r.payload #>> '{performedPeriod,end}')
+                      ELSE etl.to_visit_date(r.payload #>> '{dispenseRequest,validityPeriod,end}') END,
+         p.pseudonym
+  FROM t_fhir_apply a
+  JOIN landing.raw_documents r ON r.document_id = a.document_id
+  JOIN clinical.patients p ON p.patient_key = a.patient_key
+  CROSS JOIN LATERAL (SELECT CASE a.rtype WHEN 'Procedure' THEN r.payload -> 'code' ELSE r.payload -> 'medicationCodeableConcept' END AS concept) cc
+  CROSS JOIN LATERAL (SELECT cc.concept, etl.fhir_coding(cc.concept) AS coding) c
+  CROSS JOIN LATERAL (SELECT r.payload #> '{dosageInstruction,0}' AS d) d
+  WHERE a.rtype IN ('MedicationRequest', 'Procedure') AND a.outcome IS NULL;
+  UPDATE t_fhir_apply SET outcome = 'loaded' WHERE rtype IN ('MedicationRequest', 'Procedure') AND outcome IS NULL;
+END
+$function$;
+-- grants on function etl.step_fhir_treatments() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.step_fhir_versions()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  CREATE TEMP TABLE t_fhir_apply ON COMMIT DROP AS
+  WITH ranked AS (
+    SELECT f.*, row_number() OVER (PARTITION BY f.ss, f.rtype, f.rid
+                                   ORDER BY coalesce(f.last_updated, '-infinity') DESC, f.document_id DESC) AS rn
+    FROM t_fhir f
+    WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id)
+  )
+  SELECT r.*, x.document_id AS current_doc, x.visit_key AS current_visit_key, x.visit_date AS current_visit_date,
+         (x.document_id IS NOT NULL AND
+          (coalesce(x.last_updated, '-infinity'), x.document_id) > (coalesce(r.last_updated, '-infinity'), r.document_id)) AS older,
+         k.patient_key, NULL::bigint AS visit_key, NULL::date AS visit_date, NULL::text AS outcome
+  FROM ranked r
+  LEFT JOIN etl.fhir_resources x ON x.source_system = r.ss AND x.resource_type = r.rtype AND x.resource_id = r.rid
+  LEFT JOIN etl.patient_keys k ON k.source_system = r.ss AND k.source_patient_id = r.pid;
+  INSERT INTO t_outcome SELECT document_id, 'superseded' FROM t_fhir_apply WHERE rn > 1 OR older;
+  DELETE FROM t_fhir_apply WHERE rn > 1 OR older;
+  CREATE UNIQUE INDEX ON t_fhir_apply (document_id);
+  ANALYZE t_fhir_apply;
+END
+$function$;
+-- grants on function etl.step_fhir_versions() (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.step_insert_visits()
  RETURNS void
@@ -2557,14 +3165,17 @@ BEGIN
   INSERT INTO t_new_rejects
   SELECT r.content_sha256, r.document_id, r.batch_id, r.source_file, r.line, r.item, r.byte_offset, '$', x.reason, ARRAY[x.reason]
   FROM t_poison p
-  JOIN t_docs d ON d.document_id = p.document_id
   JOIN landing.raw_documents r ON r.document_id = p.document_id
   CROSS JOIN LATERAL (SELECT format('$: PostgreSQL refused the document while transforming it (SQLSTATE %s)', p.sqlstate) AS reason) x
-  WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id);
+  WHERE (EXISTS (SELECT 1 FROM t_docs d WHERE d.document_id = p.document_id)
+         OR EXISTS (SELECT 1 FROM t_fhir f WHERE f.document_id = p.document_id))
+    AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id);
   PERFORM etl.record_rejects();
   INSERT INTO t_outcome
-  SELECT p.document_id, 'rejected' FROM t_poison p JOIN t_docs d ON d.document_id = p.document_id
-  WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id);
+  SELECT p.document_id, 'rejected' FROM t_poison p
+  WHERE (EXISTS (SELECT 1 FROM t_docs d WHERE d.document_id = p.document_id)
+         OR EXISTS (SELECT 1 FROM t_fhir f WHERE f.document_id = p.document_id))
+    AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = p.document_id);
 END
 $function$;
 -- grants on function etl.step_poison() (besides its owner): none
@@ -2937,13 +3548,16 @@ AS $function$
 BEGIN
   -- Validation: every staged document gets one outcome, or goes on to the snapshot step.
   PERFORM etl.step_documents(p_batch_id, p_shard, p_shards, p_only);
+  PERFORM etl.step_fhir_documents(p_batch_id, p_shard, p_shards, p_only);
   PERFORM etl.step_earlier_duplicates();
+  PERFORM etl.step_fhir_duplicates();
   PERFORM etl.step_erased();
   PERFORM etl.step_poison();
   PERFORM etl.step_document_rules();
   PERFORM etl.step_visits();
   PERFORM etl.step_visit_rules();
   PERFORM etl.step_child_rules();
+  PERFORM etl.step_fhir_rules();
   PERFORM etl.step_rejects();
   PERFORM etl.step_batch_copies();
   -- Snapshots: the newest document per patient replaces what the patient had.
@@ -2958,6 +3572,16 @@ BEGIN
   PERFORM etl.step_treatments(p_batch_id);
   PERFORM etl.step_provider_notes(p_batch_id);
   PERFORM etl.step_problems(p_batch_id);
+  -- FHIR: each resource replaces its own earlier version; patients, then encounters, then what
+  -- hangs off an encounter, so a whole export resolves in one pass.
+  PERFORM etl.step_fhir_versions();
+  PERFORM etl.step_fhir_patients(p_batch_id);
+  PERFORM etl.step_fhir_encounters(p_batch_id, p_shard, p_shards);
+  PERFORM etl.step_fhir_links();
+  PERFORM etl.step_fhir_conditions();
+  PERFORM etl.step_fhir_treatments();
+  PERFORM etl.step_fhir_notes();
+  PERFORM etl.step_fhir_outcomes(p_batch_id);
   PERFORM etl.step_outcomes(p_batch_id, p_shards);
 END
 $function$;
@@ -3015,6 +3639,13 @@ CREATE OR REPLACE FUNCTION etl.visit_type_of(t text)
 RETURN CASE WHEN (t = ANY (etl.visit_types())) THEN t ELSE NULL::text END;
 -- grants on function etl.visit_type_of(t text) (besides its owner): none
 
+CREATE OR REPLACE FUNCTION etl.visit_type_of_class(p_code text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN (p_code = 'AMB'::text) THEN 'outpatient'::text WHEN (p_code = ANY (ARRAY['IMP'::text, 'ACUTE'::text, 'NONAC'::text])) THEN 'inpatient'::text WHEN (p_code = 'EMER'::text) THEN 'emergency'::text WHEN (p_code = 'VR'::text) THEN 'telehealth'::text WHEN (p_code = ANY (ARRAY['HH'::text, 'FLD'::text, 'OBSENC'::text, 'PRENC'::text, 'SS'::text])) THEN 'other'::text ELSE NULL::text END;
+-- grants on function etl.visit_type_of_class(p_code text) (besides its owner): none
+
 CREATE OR REPLACE FUNCTION etl.visit_types()
  RETURNS text[]
  LANGUAGE sql
@@ -3047,15 +3678,21 @@ CREATE TABLE landing.raw_documents (
   received_at timestamp with time zone DEFAULT now() NOT NULL,
   status text DEFAULT 'staged'::text NOT NULL,
   payload jsonb,
+  resource_type text,
+  source_system text,
   CONSTRAINT raw_documents_batch_id_fkey FOREIGN KEY (batch_id) REFERENCES etl.batches(batch_id),
-  CONSTRAINT raw_documents_format_check CHECK ((format = ANY (ARRAY['ndjson'::text, 'json'::text]))),
+  CONSTRAINT raw_documents_format_check CHECK ((format = ANY (ARRAY['ndjson'::text, 'json'::text, 'fhir-r4'::text]))),
   CONSTRAINT raw_documents_pkey PRIMARY KEY (document_id),
-  CONSTRAINT raw_documents_status_check CHECK ((status = ANY (ARRAY['staged'::text, 'loaded'::text, 'rejected'::text, 'duplicate'::text, 'superseded'::text, 'erased'::text])))
+  CONSTRAINT raw_documents_status_check CHECK ((status = ANY (ARRAY['staged'::text, 'loaded'::text, 'rejected'::text, 'duplicate'::text, 'superseded'::text, 'erased'::text, 'waiting'::text])))
 );
 CREATE INDEX raw_documents_batch_status_idx ON landing.raw_documents USING btree (batch_id, status);
+CREATE INDEX raw_documents_fhir_directory_idx ON landing.raw_documents USING btree (resource_type, ((payload ->> 'id'::text))) WHERE (resource_type = ANY (ARRAY['Practitioner'::text, 'Organization'::text]));
 CREATE UNIQUE INDEX raw_documents_pkey ON landing.raw_documents USING btree (document_id);
 CREATE INDEX raw_documents_sha256_idx ON landing.raw_documents USING btree (content_sha256);
+CREATE INDEX raw_documents_waiting_idx ON landing.raw_documents USING btree (document_id) WHERE (status = 'waiting'::text);
 COMMENT ON TABLE landing.raw_documents IS 'Every received document, as received. Unknown fields stay here.';
+COMMENT ON COLUMN landing.raw_documents.resource_type IS 'FHIR resourceType of a fhir-r4 row; NULL for patient documents.';
+COMMENT ON COLUMN landing.raw_documents.source_system IS 'Source system a fhir-r4 row was loaded under (healthetl load --source-system); NULL for patient documents, which name theirs.';
 -- grants on table landing.raw_documents (besides its owner): healthetl_loader INSERT
 
 CREATE SEQUENCE landing.raw_documents_document_id_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1;
