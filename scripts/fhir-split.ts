@@ -12,6 +12,9 @@ export type FhirPiece =
   | { kind: 'reject'; bytes: Buffer | null; item: number | null; reason: string };
 
 const RESOURCE_TYPE = Buffer.from('"resourceType"', 'utf8');
+// Bulk exports (and most writers) put resourceType first: then the type is read without parsing
+// the document (which the loader has already checked is well-formed JSON).
+const LEADING_TYPE = /^[ \t\r\n]*\{[ \t\r\n]*"resourceType"[ \t\r\n]*:[ \t\r\n]*"([A-Za-z]{1,64})"/;
 
 function isObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
@@ -26,6 +29,8 @@ function isObject(v: unknown): v is Record<string, unknown> {
 export function fhirPieces(bytes: Buffer, mode: FhirMode, item: number | null): FhirPiece[] | null {
   // Cheap test first: most patient documents never mention the key, and are not parsed here.
   if (mode === 'auto' && bytes.indexOf(RESOURCE_TYPE) === -1) return null;
+  const leading = LEADING_TYPE.exec(bytes.toString('latin1', 0, Math.min(bytes.length, 128)));
+  if (leading && leading[1] !== 'Bundle') return [{ kind: 'resource', bytes, resourceType: leading[1], item }];
   let doc: unknown;
   try {
     doc = JSON.parse(bytes.toString('utf8'));
