@@ -8,6 +8,7 @@
 -- every later transform of its shard looks at it again. etl.fhir_resources is the version index:
 -- the current landing row of each (source system, type, id), with the patient and visit it became.
 -- Restated: etl.step_documents (patient documents only), etl.step_poison (any landing row),
+-- etl.replay_patients (FHIR patients are kept),
 -- etl.transform_documents (the FHIR steps), etl.ensure_batch_partitions (Encounter years),
 -- etl.stage_known_file (copies the new columns), etl.erase_patient and etl.erase_patient_rows
 -- (FHIR resources name their patient by reference), etl.purge (keeps what FHIR still needs),
@@ -569,6 +570,76 @@ BEGIN
 END
 $$;
 
+-- A patient is loaded either from patient documents or from FHIR resources, never both: a
+-- patient document's snapshot would delete the FHIR rows (and leave etl.fhir_resources pointing
+-- at visits that are gone), a FHIR Patient would overwrite a snapshot's patient row.
+CREATE FUNCTION etl.step_source_kinds() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  INSERT INTO t_errors
+  SELECT d.document_id, ARRAY[0, 9], 'source_system',
+         format('source_system: patient %s of %s is loaded from FHIR resources; a patient document may not replace it (send it under another source_system)',
+                to_jsonb(k.source_patient_id), to_jsonb(k.source_system))
+  FROM t_docs d
+  JOIN etl.patient_keys k ON k.source_system = etl.source_system_of(d.source_system) AND k.source_patient_id = etl.patient_id_of(d.patient_id)
+  JOIN clinical.patients p ON p.patient_key = k.patient_key
+  JOIN landing.raw_documents r ON r.document_id = p.document_id AND r.format = 'fhir-r4'
+  WHERE d.doc_type = 'object' AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id);
+  INSERT INTO t_errors
+  SELECT f.document_id, ARRAY[0, 9], f.rtype || x.field,
+         format('%s%s: patient %s of %s is loaded from patient documents; load FHIR resources under another --source-system',
+                f.rtype, x.field, to_jsonb(f.pid), to_jsonb(f.ss))
+  FROM t_fhir f
+  CROSS JOIN LATERAL (SELECT CASE f.rtype WHEN 'Patient' THEN '.id' ELSE '.subject' END AS field) x
+  JOIN etl.patient_keys k ON k.source_system = f.ss AND k.source_patient_id = f.pid
+  JOIN clinical.patients p ON p.patient_key = k.patient_key
+  JOIN landing.raw_documents r ON r.document_id = p.document_id AND r.format <> 'fhir-r4'
+  WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id);
+END
+$$;
+
+-- Replay re-derives patients from their current patient document; FHIR patients are kept as they are.
+CREATE OR REPLACE FUNCTION etl.replay_patients(p_patient_keys bigint[])
+ RETURNS TABLE(patient_key bigint, outcome text, field text)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_batch bigint;
+  v_documents bigint[];
+BEGIN
+  PERFORM etl.lock_out_transforms();
+  DROP TABLE IF EXISTS pg_temp.t_replay;
+  CREATE TEMP TABLE t_replay ON COMMIT DROP AS
+  SELECT p.patient_key, p.document_id, d.batch_id, (d.payload IS NULL) AS no_payload, NULL::text AS outcome, NULL::text AS field,
+         d.format
+  FROM clinical.patients p
+  JOIN landing.raw_documents d ON d.document_id = p.document_id
+  WHERE p.patient_key = ANY (p_patient_keys);
+  UPDATE t_replay r SET outcome = 'kept', field = '$payload' WHERE r.no_payload;
+  -- A FHIR patient is many resources, not one snapshot: replayed by loading its resources again.
+  UPDATE t_replay r SET outcome = 'kept', field = '$fhir' WHERE r.outcome IS NULL AND r.format = 'fhir-r4';
+  -- Each source batch is a pass of the steps, whose temporary tables hold locks to the commit: a
+  -- few hundred passes ran out of lock memory (max_locks_per_transaction). The caller chunks.
+  IF (SELECT count(DISTINCT r.batch_id) FROM t_replay r WHERE r.outcome IS NULL) > 50 THEN
+    RAISE EXCEPTION 'the patients given come from more than 50 batches: replay them in smaller groups'
+      USING ERRCODE = 'HE007', HINT = 'healthetl replay groups patients by batch; from SQL, pass the patients of at most 50 batches per call.';
+  END IF;
+  FOR v_batch, v_documents IN
+    SELECT r.batch_id, array_agg(r.document_id) FROM t_replay r WHERE r.outcome IS NULL GROUP BY r.batch_id ORDER BY r.batch_id
+  LOOP
+    PERFORM etl.step_settings();
+    PERFORM etl.replay_documents(v_batch, v_documents);
+    UPDATE t_replay r
+    SET outcome = CASE WHEN o.status = 'loaded' THEN 'replayed' ELSE 'kept' END,
+        field = CASE WHEN o.status = 'identity' THEN '$identity'
+                     ELSE (SELECT e.field FROM t_errors e WHERE e.document_id = r.document_id ORDER BY e.sort_key LIMIT 1) END
+    FROM t_outcome o WHERE o.document_id = r.document_id;
+  END LOOP;
+  RETURN QUERY SELECT r.patient_key, r.outcome, r.field FROM t_replay r ORDER BY r.patient_key;
+END
+$function$;
+
 -- A batch's transform: validation, then the documents' snapshots, then the FHIR resources.
 CREATE OR REPLACE FUNCTION etl.transform_documents(p_batch_id bigint, p_shard int, p_shards int, p_only bigint[]) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -585,6 +656,7 @@ BEGIN
   PERFORM etl.step_visit_rules();
   PERFORM etl.step_child_rules();
   PERFORM etl.step_fhir_rules();
+  PERFORM etl.step_source_kinds();
   PERFORM etl.step_rejects();
   PERFORM etl.step_batch_copies();
   -- Snapshots: the newest document per patient replaces what the patient had.
@@ -1348,6 +1420,46 @@ BEGIN
 END
 $function$;
 
+-- The previous etl.replay_patients (0007), whole.
+CREATE OR REPLACE FUNCTION etl.replay_patients(p_patient_keys bigint[])
+ RETURNS TABLE(patient_key bigint, outcome text, field text)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_batch bigint;
+  v_documents bigint[];
+BEGIN
+  PERFORM etl.lock_out_transforms();
+  DROP TABLE IF EXISTS pg_temp.t_replay;
+  CREATE TEMP TABLE t_replay ON COMMIT DROP AS
+  SELECT p.patient_key, p.document_id, d.batch_id, (d.payload IS NULL) AS no_payload, NULL::text AS outcome, NULL::text AS field
+  FROM clinical.patients p
+  JOIN landing.raw_documents d ON d.document_id = p.document_id
+  WHERE p.patient_key = ANY (p_patient_keys);
+  UPDATE t_replay r SET outcome = 'kept', field = '$payload' WHERE r.no_payload;
+  -- Each source batch is a pass of the steps, whose temporary tables hold locks to the commit: a
+  -- few hundred passes ran out of lock memory (max_locks_per_transaction). The caller chunks.
+  IF (SELECT count(DISTINCT r.batch_id) FROM t_replay r WHERE r.outcome IS NULL) > 50 THEN
+    RAISE EXCEPTION 'the patients given come from more than 50 batches: replay them in smaller groups'
+      USING ERRCODE = 'HE007', HINT = 'healthetl replay groups patients by batch; from SQL, pass the patients of at most 50 batches per call.';
+  END IF;
+  FOR v_batch, v_documents IN
+    SELECT r.batch_id, array_agg(r.document_id) FROM t_replay r WHERE r.outcome IS NULL GROUP BY r.batch_id ORDER BY r.batch_id
+  LOOP
+    PERFORM etl.step_settings();
+    PERFORM etl.replay_documents(v_batch, v_documents);
+    UPDATE t_replay r
+    SET outcome = CASE WHEN o.status = 'loaded' THEN 'replayed' ELSE 'kept' END,
+        field = CASE WHEN o.status = 'identity' THEN '$identity'
+                     ELSE (SELECT e.field FROM t_errors e WHERE e.document_id = r.document_id ORDER BY e.sort_key LIMIT 1) END
+    FROM t_outcome o WHERE o.document_id = r.document_id;
+  END LOOP;
+  RETURN QUERY SELECT r.patient_key, r.outcome, r.field FROM t_replay r ORDER BY r.patient_key;
+END
+$function$;
+
+DROP FUNCTION etl.step_source_kinds();
 DROP FUNCTION etl.step_fhir_outcomes(bigint), etl.step_fhir_notes(), etl.step_fhir_treatments(), etl.step_fhir_conditions(),
   etl.step_fhir_links(), etl.step_fhir_encounters(bigint, int, int), etl.step_fhir_patients(bigint), etl.step_fhir_versions(),
   etl.step_fhir_rules(), etl.step_fhir_duplicates(), etl.step_fhir_documents(bigint, int, int, bigint[]);

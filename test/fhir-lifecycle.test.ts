@@ -170,3 +170,58 @@ describe('a FHIR batch transformed in shards by patient', () => {
     expect(await f.db.query(`SELECT count(*)::int AS n FROM landing.raw_documents WHERE status <> 'loaded'`)).toEqual([{ n: 0 }]);
   });
 });
+
+describe('a patient comes from patient documents or from FHIR resources, never both', () => {
+  const f = useFhirDatabase();
+
+  test('a patient document for a FHIR patient is rejected, and a FHIR Patient for a documents patient; replay leaves FHIR patients be', async () => {
+    await f.load([file(patient('k1', 'Kind'), encounter('ke1', 'k1', '2024-05-05T10:00:00Z'))]);
+    const doc = path.join(tmp, `doc-${++fileNo}.ndjson`);
+    writeFileSync(
+      doc,
+      [
+        { patient_id: 'k1', source_system: 'fhir', visits: [] }, // would delete k1's FHIR visit
+        { patient_id: 'd1', source_system: 'fhir', visits: [{ visit_id: 'dv1', visit_date: '2024-01-01' }] },
+      ]
+        .map((d) => JSON.stringify(d))
+        .join('\n') + '\n',
+    );
+    const docs = await f.load([doc]);
+    const fhirForDoc = await f.load([file(patient('d1', 'Doc'))]);
+    const rejects = await f.db.query(
+      `SELECT batch_id::int AS batch, field, reason FROM etl.rejected_documents WHERE batch_id IN ($1, $2) ORDER BY batch_id`,
+      [docs.batchId, fhirForDoc.batchId],
+    );
+    expect(rejects).toEqual([
+      {
+        batch: docs.batchId,
+        field: 'source_system',
+        reason:
+          'source_system: patient "k1" of "fhir" is loaded from FHIR resources; a patient document may not replace it (send it under another source_system)',
+      },
+      {
+        batch: fhirForDoc.batchId,
+        field: 'Patient.id',
+        reason: 'Patient.id: patient "d1" of "fhir" is loaded from patient documents; load FHIR resources under another --source-system',
+      },
+    ]);
+    // k1 keeps its FHIR visit; d1 keeps its document's visit.
+    expect(await f.db.query(`SELECT source_visit_id FROM clinical.visits ORDER BY 1`)).toEqual([
+      { source_visit_id: 'dv1' },
+      { source_visit_id: 'ke1' },
+    ]);
+    // Replay re-derives the documents patient and leaves the FHIR one as it is.
+    const replayed = await f.db.query(
+      `SELECT p.source_patient_id AS id, r.outcome, r.field FROM etl.replay_patients(ARRAY(SELECT patient_key FROM clinical.patients)) r
+       JOIN clinical.patients p USING (patient_key) ORDER BY 1`,
+    );
+    expect(replayed).toEqual([
+      { id: 'd1', outcome: 'replayed', field: null },
+      { id: 'k1', outcome: 'kept', field: '$fhir' },
+    ]);
+    expect(await f.db.query(`SELECT source_visit_id FROM clinical.visits ORDER BY 1`)).toEqual([
+      { source_visit_id: 'dv1' },
+      { source_visit_id: 'ke1' },
+    ]);
+  });
+});
