@@ -4,10 +4,13 @@
 // design on a sample, extrapolated, (4) a second `run` of the same files, (5) the loader's peak
 // RSS on a large file as NDJSON and as one JSON array, (6) analyst queries on the loaded data:
 // the masked views (analytics.*, as healthetl_analyst) against the same questions on the base
-// tables (bench-analyst.ts). Prints a table and the ratios; --json writes them with N, the
-// PostgreSQL version and the machine. A benchmark, not a test: nothing here asserts a speed (a
-// ratio over its target is flagged), but it fails when the loaded rows do not match the generated
-// ones, or the masked views answer differently from the base tables.
+// tables (bench-analyst.ts), (9) a FHIR R4 bulk export (generate-fhir.ts, ~515 resources per
+// FHIR patient; --fhir-patients, default N/50) through `healthetl run` into a fresh database of its
+// own, in resources/s and MB/s against the MB/s of (1) (bench-fhir.ts). Prints a table and the
+// ratios; --json writes them with N, the PostgreSQL version and the machine. A benchmark, not a
+// test: nothing here asserts a speed (a ratio over its target is flagged), but it fails when the
+// loaded rows do not match the generated ones (the FHIR run: after printing its table), or the
+// masked views answer differently from the base tables.
 import { spawn } from 'node:child_process';
 import { createReadStream } from 'node:fs';
 import { createInterface } from 'node:readline';
@@ -22,6 +25,7 @@ import { from as copyFrom } from 'pg-copy-streams';
 import { z } from 'zod';
 import { analystQueries, analystTable, DEFAULT_ANALYST_RUNS, type AnalystReport } from './bench-analyst.ts';
 import { biQueries, biTable, type BiQueryResult } from './bench-bi.ts';
+import { benchFhir, fhirTable, FHIR_PATIENTS_PER_DOCUMENT_PATIENT, type FhirBenchReport } from './bench-fhir.ts';
 import { queryOn, sql } from './db.ts';
 import { migrate } from './migrate.ts';
 import { DEFAULT_SHARDS } from './transform.ts';
@@ -41,11 +45,13 @@ type Args = {
   shards?: number;
   analystRuns: number;
   analystYear?: number | 'all';
+  fhirPatients: number;
 };
 
 const USAGE =
   'usage: npm run bench -- [--patients N=50000] [--seed S=42] [--rss-mb MB=2048 (0 skips)] [--row-sample K=2000] [--json [file]] [--smoke] [--keep] [--shards N (default: as healthetl run)]\n' +
   `       [--analyst-runs N=${DEFAULT_ANALYST_RUNS} (0 skips the analyst queries)] [--analyst-year YEAR|all (default: the last whole year of visits)]\n` +
+  '       [--fhir-patients N (default: patients / 50, at most 10 with --smoke; 0 skips the FHIR run)]\n' +
   'Uses DATABASE_URL (a server where the user may create databases), else an embedded PostgreSQL.\n';
 
 function parseBenchArgs(argv: string[]): Args {
@@ -67,6 +73,7 @@ function parseBenchArgs(argv: string[]): Args {
         shards: { type: 'string' },
         'analyst-runs': { type: 'string', default: String(DEFAULT_ANALYST_RUNS) },
         'analyst-year': { type: 'string' },
+        'fhir-patients': { type: 'string' },
         help: { type: 'boolean', short: 'h', default: false },
       },
     }));
@@ -89,9 +96,14 @@ function parseBenchArgs(argv: string[]): Args {
     analystRuns: Number(values['analyst-runs']),
     analystYear:
       values['analyst-year'] === undefined ? undefined : values['analyst-year'] === 'all' ? 'all' : Number(values['analyst-year']),
+    fhirPatients:
+      values['fhir-patients'] === undefined
+        ? Math.max(1, Math.round(Number(values.patients) * FHIR_PATIENTS_PER_DOCUMENT_PATIENT))
+        : Number(values['fhir-patients']),
   };
   if (!Number.isSafeInteger(a.patients) || a.patients < 1) throw new Error('--patients must be a whole number >= 1');
   if (!Number.isSafeInteger(a.analystRuns) || a.analystRuns < 0) throw new Error('--analyst-runs must be a whole number >= 0');
+  if (!Number.isSafeInteger(a.fhirPatients) || a.fhirPatients < 0) throw new Error('--fhir-patients must be a whole number >= 0');
   if (a.analystYear !== undefined && a.analystYear !== 'all' && !(Number.isSafeInteger(a.analystYear) && a.analystYear >= 1900)) {
     throw new Error('--analyst-year must be a year (1900 or later) or all');
   }
@@ -99,6 +111,7 @@ function parseBenchArgs(argv: string[]): Args {
     a.rssMb = Math.min(a.rssMb, 8);
     a.rowSample = Math.min(a.rowSample, 100);
     a.analystRuns = Math.min(a.analystRuns, 3);
+    a.fhirPatients = Math.min(a.fhirPatients, 10);
   }
   return a;
 }
@@ -434,6 +447,28 @@ async function main(): Promise<void> {
         await queryOn(c, TRUNCATE_ALL);
       }
 
+      // (9) FHIR R4: a generated bulk export, `healthetl run` on its directory, in a fresh database.
+      let fhir: FhirBenchReport | undefined;
+      if (args.fhirPatients > 0) {
+        const fhirDb = `${dbName}_fhir`;
+        await queryOn(admin, sql.unsafe`CREATE DATABASE ${sql.identifier([fhirDb])}`);
+        try {
+          fhir = await benchFhir(withDatabase(adminUrl, fhirDb), {
+            patients: args.fhirPatients,
+            seed: args.seed,
+            dir: path.join(work, 'fhir'),
+            cliArgs: shardArgs,
+            runCli,
+            log,
+          });
+        } finally {
+          if (!args.keep)
+            await queryOn(admin, sql.unsafe`DROP DATABASE IF EXISTS ${sql.identifier([fhirDb])} WITH (FORCE)`).catch(() => undefined);
+          await rm(path.join(work, 'fhir'), { recursive: true, force: true });
+        }
+      }
+      const e2eMbPerS = mb / e2e.seconds;
+
       const ratios = {
         e2e_over_lower_bound: round(e2e.seconds / lower.seconds),
         row_by_row_over_e2e: round(rbSeconds / e2e.seconds),
@@ -444,6 +479,7 @@ async function main(): Promise<void> {
         row_by_row_over_lower_bound: round(rbSeconds / lower.seconds),
         dq_batch_over_transform: round(dqBatch.seconds / phases.transform),
         dq_all_over_transform: round(dqAll.seconds / phases.transform),
+        ...(fhir && { fhir_mb_per_s_over_documents: round(fhir.mb_per_s / e2eMbPerS) }),
       };
       const result = {
         date: new Date().toISOString(),
@@ -466,17 +502,20 @@ async function main(): Promise<void> {
         analyst_queries: analyst,
         bi_queries: bi,
         analyst_runs: args.analystRuns,
+        fhir,
         targets: {
           e2e_over_lower_bound: '<= 1.5',
           row_by_row_over_e2e: '>= 30',
           e2e_over_second_run: '>= 10',
           loader_peak_rss_mb_for_2gb: '< 300',
           analyst_masked_over_base: '<= 1.2 (each query)',
+          fhir_mb_per_s_over_documents: '>= 0.7',
         },
       };
       printTable(result);
       if (args.json === true) process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
       else if (args.json) await writeFile(args.json, `${JSON.stringify(result, null, 2)}\n`);
+      if (fhir?.problems.length) throw new Error(`the FHIR run is broken: ${fhir.problems.join('; ')}`);
     } finally {
       await c.end().catch(() => undefined);
       if (!args.keep)
@@ -523,6 +562,7 @@ function printTable(r: {
   analyst_queries?: AnalystReport;
   bi_queries?: BiQueryResult[];
   analyst_runs: number;
+  fhir?: FhirBenchReport;
   date: string;
 }): void {
   const w = (s: string, n: number) => s.padEnd(n);
@@ -543,6 +583,7 @@ function printTable(r: {
     `floors: staging alone / lower bound = ${r.ratios.stage_over_lower_bound}; row by row / lower bound = ${r.ratios.row_by_row_over_lower_bound}`,
     ...(r.analyst_queries ? ['', ...analystTable(r.analyst_queries)] : []),
     ...(r.bi_queries ? ['', ...biTable(r.bi_queries, r.analyst_runs)] : []),
+    ...(r.fhir ? ['', ...fhirTable(r.fhir, r.ratios.fhir_mb_per_s_over_documents!)] : []),
   ];
   process.stdout.write(`${lines.join('\n')}\n`);
 }
