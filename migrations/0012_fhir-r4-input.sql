@@ -980,11 +980,13 @@ FROM clinical.diagnoses d;
 COMMENT ON COLUMN analytics.diagnoses.onset_date IS 'When the condition began (FHIR Condition.onsetDateTime; NULL for patient documents).';
 COMMENT ON COLUMN analytics.diagnoses.clinical_status IS 'FHIR Condition.clinicalStatus code: active, recurrence, relapse, inactive, remission or resolved (NULL for patient documents).';
 
--- A death year is a date element: suppressed, like the birth year, for anyone 90 or over today.
+-- A death year is a date element: suppressed, like the birth year, for anyone 90 or over today
+-- (who keeps '90+' as age); below that, the age stops at death.
 CREATE OR REPLACE VIEW deid.patients AS
 SELECT k.research_id,
        CASE WHEN x.age < 90 THEN extract(year FROM p.birth_date)::int END AS birth_year,
-       CASE WHEN x.age >= 90 THEN '90+' ELSE x.age::text END AS age,
+       CASE WHEN x.age >= 90 THEN '90+'
+            ELSE date_part('year', age(coalesce(p.deceased_at::date, current_date), p.birth_date))::int::text END AS age,
        p.sex,
        p.state,
        CASE WHEN p.postal_code ~ '^[0-9]{5}(-?[0-9]{4})?$'
@@ -996,6 +998,7 @@ SELECT k.research_id,
 FROM clinical.patients p
 JOIN etl.patient_keys k ON k.patient_key = p.patient_key
 CROSS JOIN LATERAL (SELECT date_part('year', age(current_date, p.birth_date))::int AS age) x;
+COMMENT ON COLUMN deid.patients.age IS 'Age in whole years today, or at death for a patient who died; ''90+'' for anyone who is (or would be) 90 or over today.';
 COMMENT ON COLUMN deid.patients.deceased IS 'Whether the source says the patient died (NULL: not stated).';
 COMMENT ON COLUMN deid.patients.death_year IS 'Year of death; NULL when not stated, and for patients who would be 90 or over today.';
 

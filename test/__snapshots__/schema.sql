@@ -481,7 +481,7 @@ CREATE VIEW deid.patients AS
         END AS birth_year,
         CASE
             WHEN (x.age >= 90) THEN '90+'::text
-            ELSE (x.age)::text
+            ELSE ((date_part('year'::text, age((COALESCE((p.deceased_at)::date, CURRENT_DATE))::timestamp with time zone, (p.birth_date)::timestamp with time zone)))::integer)::text
         END AS age,
     p.sex,
     p.state,
@@ -506,7 +506,7 @@ CREATE VIEW deid.patients AS
 COMMENT ON VIEW deid.patients IS 'One row per patient (HIPAA Safe Harbor): no identifiers, no full dates, ages over 89 grouped, ZIP to 3 digits.';
 COMMENT ON COLUMN deid.patients.research_id IS 'Random research id (not derived from any identifier; not the analytics pseudonym, so the tiers cannot be linked).';
 COMMENT ON COLUMN deid.patients.birth_year IS 'Year of birth; NULL for patients aged 90 or over.';
-COMMENT ON COLUMN deid.patients.age IS 'Age in whole years today, as text; 90+ for every age over 89.';
+COMMENT ON COLUMN deid.patients.age IS 'Age in whole years today, or at death for a patient who died; ''90+'' for anyone who is (or would be) 90 or over today.';
 COMMENT ON COLUMN deid.patients.sex IS 'female, male, other or unknown.';
 COMMENT ON COLUMN deid.patients.state IS 'State of residence.';
 COMMENT ON COLUMN deid.patients.zip3 IS 'First 3 digits of a US ZIP code; 000 for the restricted prefixes (etl.restricted_zip3); NULL for non-US postal codes.';
@@ -1637,14 +1637,14 @@ CREATE OR REPLACE FUNCTION etl.fhir_name_text(n jsonb)
 RETURN NULLIF(concat_ws(' '::text, (SELECT string_agg(x.value, ' '::text) AS string_agg FROM jsonb_array_elements_text(CASE WHEN (jsonb_typeof((fhir_name_text.n -> 'prefix'::text)) = 'array'::text) THEN (fhir_name_text.n -> 'prefix'::text) ELSE '[]'::jsonb END) x(value)), (SELECT string_agg(x.value, ' '::text) AS string_agg FROM jsonb_array_elements_text(CASE WHEN (jsonb_typeof((fhir_name_text.n -> 'given'::text)) = 'array'::text) THEN (fhir_name_text.n -> 'given'::text) ELSE '[]'::jsonb END) x(value)), etl.jtext((n -> 'family'::text))), ''::text);
 -- grants on function etl.fhir_name_text(n jsonb) (besides its owner): none
 
-CREATE OR REPLACE FUNCTION etl.fhir_note_text(p jsonb)
+CREATE OR REPLACE FUNCTION etl.fhir_note_text(p_content jsonb)
  RETURNS text
  LANGUAGE plpgsql
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
-  v_data text := jsonb_path_query_first(p, '$.content[*].attachment ? (@.contentType starts with "text/plain").data') #>> '{}';
+  v_data text := jsonb_path_query_first(p_content, '$[*].attachment ? (@.contentType starts with "text/plain").data') #>> '{}';
 BEGIN
   IF v_data IS NULL THEN
     RETURN NULL;
@@ -1654,7 +1654,7 @@ EXCEPTION WHEN invalid_parameter_value OR character_not_in_repertoire OR untrans
   RETURN '';
 END
 $function$;
--- grants on function etl.fhir_note_text(p jsonb) (besides its owner): none
+-- grants on function etl.fhir_note_text(p_content jsonb) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.fhir_patient_id(p_type text, p jsonb)
  RETURNS text
@@ -2175,11 +2175,14 @@ BEGIN
   PERFORM etl.lock_out_transforms();
   DROP TABLE IF EXISTS pg_temp.t_replay;
   CREATE TEMP TABLE t_replay ON COMMIT DROP AS
-  SELECT p.patient_key, p.document_id, d.batch_id, (d.payload IS NULL) AS no_payload, NULL::text AS outcome, NULL::text AS field
+  SELECT p.patient_key, p.document_id, d.batch_id, (d.payload IS NULL) AS no_payload, NULL::text AS outcome, NULL::text AS field,
+         d.format
   FROM clinical.patients p
   JOIN landing.raw_documents d ON d.document_id = p.document_id
   WHERE p.patient_key = ANY (p_patient_keys);
   UPDATE t_replay r SET outcome = 'kept', field = '$payload' WHERE r.no_payload;
+  -- A FHIR patient is many resources, not one snapshot: replayed by loading its resources again.
+  UPDATE t_replay r SET outcome = 'kept', field = '$fhir' WHERE r.outcome IS NULL AND r.format = 'fhir-r4';
   -- Each source batch is a pass of the steps, whose temporary tables hold locks to the commit: a
   -- few hundred passes ran out of lock memory (max_locks_per_transaction). The caller chunks.
   IF (SELECT count(DISTINCT r.batch_id) FROM t_replay r WHERE r.outcome IS NULL) > 50 THEN
@@ -2580,7 +2583,7 @@ BEGIN
   FROM t_fhir_apply a
   JOIN landing.raw_documents r ON r.document_id = a.document_id
   JOIN clinical.patients p ON p.patient_key = a.patient_key
-  CROSS JOIN LATERAL (SELECT etl.fhir_coding(r.payload -> 'code') AS coding) c
+  CROSS JOIN LATERAL (SELECT a.coding) c
   WHERE a.rtype = 'Condition' AND a.outcome IS NULL;
   UPDATE t_fhir_apply SET outcome = 'loaded' WHERE rtype = 'Condition' AND outcome IS NULL;
 END
@@ -2594,31 +2597,39 @@ CREATE OR REPLACE FUNCTION etl.step_fhir_documents(p_batch_id bigint, p_shard in
 AS $function$
 BEGIN
   CREATE TEMP TABLE t_fhir ON COMMIT DROP AS
-  SELECT r.document_id, r.batch_id, r.content_sha256, r.received_at, r.status AS was, r.resource_type AS rtype,
-         coalesce(r.source_system, 'fhir') AS ss, jsonb_typeof(r.payload) AS doc_type,
-         CASE WHEN jsonb_typeof(r.payload -> 'id') = 'string' THEN r.payload ->> 'id' END AS rid,
-         etl.fhir_patient_id(r.resource_type, r.payload) AS pid,
-         etl.fhir_encounter_id(r.resource_type, r.payload) AS eid,
-         etl.fhir_instant(r.payload #>> '{meta,lastUpdated}') AS last_updated
-  FROM (SELECT * FROM landing.raw_documents r
-        WHERE r.batch_id = p_batch_id AND r.status = 'staged' AND r.format = 'fhir-r4'
-          AND (p_only IS NULL OR r.document_id = ANY (p_only))
-        UNION ALL
-        SELECT * FROM landing.raw_documents r WHERE p_only IS NULL AND r.status = 'waiting'
-        UNION ALL
-        SELECT * FROM landing.raw_documents r
-        WHERE p_batch_id IS NULL AND r.document_id = ANY (p_only) AND r.format = 'fhir-r4'
-        OFFSET 0) r
-  WHERE p_shards = 1
-     OR etl.shard_of(to_jsonb(coalesce(r.source_system, 'fhir')), to_jsonb(etl.fhir_patient_id(r.resource_type, r.payload)), p_shards) = p_shard;
+  SELECT * FROM (
+    SELECT r.document_id, r.batch_id, r.content_sha256, r.received_at, r.status AS was, r.resource_type AS rtype,
+           coalesce(r.source_system, 'fhir') AS ss, r.doc_type,
+           CASE WHEN jsonb_typeof(x.id) = 'string' THEN x.id #>> '{}' END AS rid,
+           CASE WHEN r.resource_type = 'Patient' THEN etl.jtext(x.id)
+                ELSE etl.fhir_ref_id(coalesce(x.subject ->> 'reference', x.patient ->> 'reference'), 'Patient') END AS pid,
+           etl.fhir_ref_id(CASE WHEN r.resource_type = 'DocumentReference'
+                                THEN coalesce(x.context #>> '{encounter,0,reference}', x.context #>> '{encounter,reference}')
+                                ELSE x.encounter ->> 'reference' END, 'Encounter') AS eid,
+           etl.fhir_instant(x.meta ->> 'lastUpdated') AS last_updated,
+           x.subject ->> 'reference' AS subject_ref,
+           CASE WHEN r.resource_type = 'Encounter' THEN x.period ->> 'start' END AS start_raw,
+           etl.fhir_coding(CASE r.resource_type WHEN 'MedicationRequest' THEN x."medicationCodeableConcept"
+                                                WHEN 'Condition' THEN x.code WHEN 'Procedure' THEN x.code END) AS coding,
+           CASE WHEN r.resource_type = 'DocumentReference' THEN etl.fhir_note_text(x.content) END AS note_text,
+           CASE WHEN r.resource_type = 'DocumentReference' THEN coalesce(x.author #>> '{0,display}', x.author ->> 'display') END AS note_author,
+           CASE WHEN r.resource_type = 'DocumentReference' THEN etl.fhir_instant(x.date #>> '{}') END AS note_date
+    FROM (SELECT r.*, jsonb_typeof(r.payload) AS doc_type FROM landing.raw_documents r
+          WHERE r.batch_id = p_batch_id AND r.status = 'staged' AND r.format = 'fhir-r4'
+            AND (p_only IS NULL OR r.document_id = ANY (p_only))
+          UNION ALL
+          SELECT r.*, jsonb_typeof(r.payload) FROM landing.raw_documents r WHERE p_only IS NULL AND r.status = 'waiting'
+          UNION ALL
+          SELECT r.*, jsonb_typeof(r.payload) FROM landing.raw_documents r
+          WHERE p_batch_id IS NULL AND r.document_id = ANY (p_only) AND r.format = 'fhir-r4'
+          OFFSET 0) r
+    CROSS JOIN LATERAL jsonb_to_record(CASE WHEN r.doc_type = 'object' THEN r.payload ELSE '{}'::jsonb END)
+      AS x(id jsonb, subject jsonb, patient jsonb, encounter jsonb, context jsonb, meta jsonb, period jsonb, code jsonb,
+           "medicationCodeableConcept" jsonb, content jsonb, author jsonb, date jsonb)
+  ) f
+  WHERE p_shards = 1 OR etl.shard_of(to_jsonb(f.ss), to_jsonb(f.pid), p_shards) = p_shard;
   CREATE UNIQUE INDEX ON t_fhir (document_id);
   ANALYZE t_fhir;
-  -- Decoded once: the rules reject undecodable notes, the notes step inserts the text.
-  CREATE TEMP TABLE t_fhir_notes ON COMMIT DROP AS
-  SELECT f.document_id, etl.fhir_note_text(r.payload) AS note_text
-  FROM t_fhir f JOIN landing.raw_documents r ON r.document_id = f.document_id
-  WHERE f.rtype = 'DocumentReference';
-  CREATE UNIQUE INDEX ON t_fhir_notes (document_id);
 END
 $function$;
 -- grants on function etl.step_fhir_documents(p_batch_id bigint, p_shard integer, p_shards integer, p_only bigint[]) (besides its owner): none
@@ -2765,16 +2776,12 @@ AS $function$
 BEGIN
   INSERT INTO clinical.provider_notes (patient_key, visit_key, visit_date, position, source_note_id, author, written_at,
                                        note_text, note_text_redacted, pseudonym)
-  SELECT a.patient_key, a.visit_key, a.visit_date, 0, a.rid,
-         coalesce(etl.jtext(r.payload #> '{author,0,display}'), etl.jtext(r.payload #> '{author,display}')),
-         etl.fhir_instant(r.payload ->> 'date'), tn.note_text,
-         etl.redact_note(tn.note_text, p.mrn, p.birth_date, concat_ws(' ', p.given_name, p.family_name)),
+  SELECT a.patient_key, a.visit_key, a.visit_date, 0, a.rid, a.note_author, a.note_date, a.note_text,
+         etl.redact_note(a.note_text, p.mrn, p.birth_date, concat_ws(' ', p.given_name, p.family_name)),
          p.pseudonym
   FROM t_fhir_apply a
-  JOIN t_fhir_notes tn ON tn.document_id = a.document_id AND tn.note_text IS NOT NULL
-  JOIN landing.raw_documents r ON r.document_id = a.document_id
   JOIN clinical.patients p ON p.patient_key = a.patient_key
-  WHERE a.rtype = 'DocumentReference' AND a.outcome IS NULL;
+  WHERE a.rtype = 'DocumentReference' AND a.outcome IS NULL AND a.note_text IS NOT NULL;
   UPDATE t_fhir_apply SET outcome = 'loaded' WHERE rtype = 'DocumentReference' AND outcome IS NULL;
 END
 $function$;
@@ -2796,8 +2803,7 @@ BEGIN
   INSERT INTO etl.document_problems (document_id, batch_id, field, problem)
   SELECT a.document_id, coalesce(p_batch_id, a.batch_id), a.rtype || c.field, c.problem
   FROM t_fhir_apply a
-  JOIN landing.raw_documents r ON r.document_id = a.document_id
-  LEFT JOIN t_fhir_notes tn ON tn.document_id = a.document_id
+  LEFT JOIN landing.raw_documents r ON r.document_id = a.document_id AND a.rtype IN ('Patient', 'Encounter')
   CROSS JOIN LATERAL (VALUES
     ('.birthDate', CASE WHEN a.rtype = 'Patient' AND r.payload ? 'birthDate' AND etl.to_date(r.payload ->> 'birthDate') IS NULL
                         THEN 'not a full date (YYYY-MM-DD): birth_date is NULL' END),
@@ -2808,10 +2814,10 @@ BEGIN
     ('.period.end', CASE WHEN a.rtype = 'Encounter' AND r.payload #> '{period,end}' IS NOT NULL
                               AND etl.to_timestamptz(r.payload #>> '{period,end}') IS NULL AND etl.to_visit_date(r.payload #>> '{period,end}') IS NULL
                          THEN 'not a valid dateTime' END),
-    ('.content', CASE WHEN a.rtype = 'DocumentReference' AND tn.note_text IS NULL
+    ('.content', CASE WHEN a.rtype = 'DocumentReference' AND a.note_text IS NULL
                       THEN 'no text/plain attachment: not in provider_notes' END)
   ) AS c(field, problem)
-  WHERE a.outcome = 'loaded' AND c.problem IS NOT NULL
+  WHERE a.outcome = 'loaded' AND a.rtype IN ('Patient', 'Encounter', 'DocumentReference') AND c.problem IS NOT NULL
   ON CONFLICT DO NOTHING;
   INSERT INTO t_outcome SELECT a.document_id, a.outcome FROM t_fhir_apply a;
 END
@@ -2886,21 +2892,15 @@ BEGIN
   INSERT INTO t_errors
   SELECT f.document_id, ARRAY[0, c.n], f.rtype || c.field, f.rtype || c.field || ': ' || c.msg
   FROM t_fhir f
-  JOIN landing.raw_documents r ON r.document_id = f.document_id
-  LEFT JOIN t_fhir_notes tn ON tn.document_id = f.document_id
-  CROSS JOIN LATERAL (SELECT r.payload AS p,
-                             r.payload #>> '{period,start}' AS start_raw,
-                             etl.to_visit_date(r.payload #>> '{period,start}') AS start_d,
-                             etl.fhir_coding(CASE f.rtype WHEN 'MedicationRequest' THEN r.payload -> 'medicationCodeableConcept'
-                                                          ELSE r.payload -> 'code' END) AS coding) x
+  CROSS JOIN LATERAL (SELECT f.start_raw, etl.to_visit_date(f.start_raw) AS start_d, f.coding) x
   CROSS JOIN LATERAL (VALUES
     (1, '', CASE WHEN f.doc_type <> 'object' THEN format('is not a JSON object (found %s)', f.doc_type) END),
     (2, '.id', CASE WHEN f.doc_type = 'object' AND (f.rid IS NULL OR f.rid = '') THEN 'is required (a string)'
                     WHEN octet_length(f.rid) > etl.max_key_bytes() THEN format('is longer than %s bytes', etl.max_key_bytes()) END),
     (3, '.subject.reference', CASE WHEN f.rtype IN ('Encounter', 'Condition', 'MedicationRequest', 'Procedure', 'DocumentReference')
                                     AND f.pid IS NULL
-                                   THEN CASE WHEN coalesce(x.p #>> '{subject,reference}', '') = '' THEN 'is required'
-                                             ELSE format('%s is not a Patient reference', to_jsonb(x.p #>> '{subject,reference}')) END END),
+                                   THEN CASE WHEN coalesce(f.subject_ref, '') = '' THEN 'is required'
+                                             ELSE format('%s is not a Patient reference', to_jsonb(f.subject_ref)) END END),
     (4, '.period.start', CASE WHEN f.rtype = 'Encounter' THEN
                            CASE WHEN x.start_raw IS NULL THEN 'is required'
                                 WHEN x.start_d IS NULL THEN format('%s is not a valid date or dateTime', to_jsonb(x.start_raw))
@@ -2911,7 +2911,7 @@ BEGIN
     (6, CASE f.rtype WHEN 'DocumentReference' THEN '.context.encounter' ELSE '.encounter' END,
         CASE WHEN f.rtype IN ('Condition', 'MedicationRequest', 'Procedure', 'DocumentReference') AND f.eid IS NULL
              THEN 'is required (an Encounter reference: healthetl links every diagnosis, treatment and note to its visit)' END),
-    (7, '.content.attachment.data', CASE WHEN tn.note_text = '' THEN 'is not base64-encoded UTF-8 text' END)
+    (7, '.content.attachment.data', CASE WHEN f.note_text = '' THEN 'is not base64-encoded UTF-8 text' END)
   ) AS c(n, field, msg)
   WHERE c.msg IS NOT NULL
     AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id);
@@ -2958,7 +2958,7 @@ BEGIN
   JOIN landing.raw_documents r ON r.document_id = a.document_id
   JOIN clinical.patients p ON p.patient_key = a.patient_key
   CROSS JOIN LATERAL (SELECT CASE a.rtype WHEN 'Procedure' THEN r.payload -> 'code' ELSE r.payload -> 'medicationCodeableConcept' END AS concept) cc
-  CROSS JOIN LATERAL (SELECT cc.concept, etl.fhir_coding(cc.concept) AS coding) c
+  CROSS JOIN LATERAL (SELECT cc.concept, a.coding) c
   CROSS JOIN LATERAL (SELECT r.payload #> '{dosageInstruction,0}' AS d) d
   WHERE a.rtype IN ('MedicationRequest', 'Procedure') AND a.outcome IS NULL;
   UPDATE t_fhir_apply SET outcome = 'loaded' WHERE rtype IN ('MedicationRequest', 'Procedure') AND outcome IS NULL;
@@ -3327,6 +3327,35 @@ END
 $function$;
 -- grants on function etl.step_snapshots() (besides its owner): none
 
+CREATE OR REPLACE FUNCTION etl.step_source_kinds()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  INSERT INTO t_errors
+  SELECT d.document_id, ARRAY[0, 9], 'source_system',
+         format('source_system: patient %s of %s is loaded from FHIR resources; a patient document may not replace it (send it under another source_system)',
+                to_jsonb(k.source_patient_id), to_jsonb(k.source_system))
+  FROM t_docs d
+  JOIN etl.patient_keys k ON k.source_system = etl.source_system_of(d.source_system) AND k.source_patient_id = etl.patient_id_of(d.patient_id)
+  JOIN clinical.patients p ON p.patient_key = k.patient_key
+  JOIN landing.raw_documents r ON r.document_id = p.document_id AND r.format = 'fhir-r4'
+  WHERE d.doc_type = 'object' AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id);
+  INSERT INTO t_errors
+  SELECT f.document_id, ARRAY[0, 9], f.rtype || x.field,
+         format('%s%s: patient %s of %s is loaded from patient documents; load FHIR resources under another --source-system',
+                f.rtype, x.field, to_jsonb(f.pid), to_jsonb(f.ss))
+  FROM t_fhir f
+  CROSS JOIN LATERAL (SELECT CASE f.rtype WHEN 'Patient' THEN '.id' ELSE '.subject' END AS field) x
+  JOIN etl.patient_keys k ON k.source_system = f.ss AND k.source_patient_id = f.pid
+  JOIN clinical.patients p ON p.patient_key = k.patient_key
+  JOIN landing.raw_documents r ON r.document_id = p.document_id AND r.format <> 'fhir-r4'
+  WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id);
+END
+$function$;
+-- grants on function etl.step_source_kinds() (besides its owner): none
+
 CREATE OR REPLACE FUNCTION etl.step_treatments(p_batch_id bigint)
  RETURNS void
  LANGUAGE plpgsql
@@ -3558,6 +3587,7 @@ BEGIN
   PERFORM etl.step_visit_rules();
   PERFORM etl.step_child_rules();
   PERFORM etl.step_fhir_rules();
+  PERFORM etl.step_source_kinds();
   PERFORM etl.step_rejects();
   PERFORM etl.step_batch_copies();
   -- Snapshots: the newest document per patient replaces what the patient had.
