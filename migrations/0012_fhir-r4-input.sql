@@ -214,14 +214,17 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   INSERT INTO t_outcome
   SELECT f.document_id, 'duplicate'
-  FROM (SELECT t.document_id, t.was, t.content_sha256,
-               row_number() OVER (PARTITION BY t.content_sha256 ORDER BY t.document_id) AS copy_no
-        FROM t_fhir t) f
+  FROM t_fhir f
   WHERE f.was = 'staged'
-    AND (f.copy_no > 1
-         OR EXISTS (SELECT 1 FROM landing.raw_documents o
-                    WHERE o.content_sha256 = f.content_sha256 AND o.document_id <> f.document_id
-                      AND o.status IN ('loaded', 'superseded', 'duplicate', 'waiting')));
+    AND EXISTS (SELECT 1 FROM landing.raw_documents o
+                WHERE o.content_sha256 = f.content_sha256 AND o.document_id <> f.document_id
+                  AND o.status IN ('loaded', 'superseded', 'duplicate', 'waiting'));
+  INSERT INTO t_outcome
+  SELECT f.document_id, 'duplicate'
+  FROM (SELECT t.document_id, t.was, row_number() OVER (PARTITION BY t.content_sha256 ORDER BY t.document_id) AS copy_no
+        FROM t_fhir t) f
+  WHERE f.was = 'staged' AND f.copy_no > 1
+    AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id);
   IF EXISTS (SELECT 1 FROM etl.erasures e WHERE e.lifted_at IS NULL) THEN
     INSERT INTO t_outcome
     SELECT f.document_id, 'erased'
@@ -241,7 +244,14 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   INSERT INTO t_errors
   SELECT f.document_id, ARRAY[0, c.n], f.rtype || c.field, f.rtype || c.field || ': ' || c.msg
-  FROM t_fhir f
+  -- Only the resources a cheap screen flags get their reasons worked out (nearly none, usually).
+  FROM (SELECT * FROM t_fhir t
+        WHERE t.doc_type <> 'object' OR t.rid IS NULL OR t.rid = '' OR octet_length(t.rid) > etl.max_key_bytes()
+           OR (t.pid IS NULL AND t.rtype IN ('Encounter', 'Condition', 'MedicationRequest', 'Procedure', 'DocumentReference'))
+           OR (t.rtype = 'Encounter' AND NOT coalesce(etl.visit_year_ok(etl.to_visit_date(t.start_raw), t.received_at), false))
+           OR (t.rtype IN ('Condition', 'MedicationRequest', 'Procedure') AND coalesce(etl.jtext(t.coding -> 'code'), '') = '')
+           OR (t.eid IS NULL AND t.rtype IN ('Condition', 'MedicationRequest', 'Procedure', 'DocumentReference'))
+           OR t.note_text = '') f
   CROSS JOIN LATERAL (SELECT f.start_raw, etl.to_visit_date(f.start_raw) AS start_d, f.coding) x
   CROSS JOIN LATERAL (VALUES
     (1, '', CASE WHEN f.doc_type <> 'object' THEN format('is not a JSON object (found %s)', f.doc_type) END),
@@ -281,14 +291,16 @@ END
 $$;
 
 -- Versions: per resource, the newest (meta.lastUpdated, else arrival) applies; older ones, and
--- anything older than what is current, are superseded. t_fhir_apply holds what goes on.
+-- anything older than what is current, are superseded. t_fhir_apply holds what goes on, narrow
+-- (its rows are updated step by step; the extracted fields stay in t_fhir); outcome NULL: loaded.
 CREATE FUNCTION etl.step_fhir_versions() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   CREATE TEMP TABLE t_fhir_apply ON COMMIT DROP AS
   WITH ranked AS (
-    SELECT f.*, row_number() OVER (PARTITION BY f.ss, f.rtype, f.rid
-                                   ORDER BY coalesce(f.last_updated, '-infinity') DESC, f.document_id DESC) AS rn
+    SELECT f.document_id, f.batch_id, f.rtype, f.ss, f.rid, f.pid, f.eid, f.last_updated,
+           row_number() OVER (PARTITION BY f.ss, f.rtype, f.rid
+                              ORDER BY coalesce(f.last_updated, '-infinity') DESC, f.document_id DESC) AS rn
     FROM t_fhir f
     WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id)
   )
@@ -337,7 +349,7 @@ BEGIN
          CASE WHEN jsonb_typeof(r.payload -> 'deceasedBoolean') = 'boolean' THEN (r.payload -> 'deceasedBoolean')::boolean
               WHEN r.payload ? 'deceasedDateTime' THEN true END,
          etl.fhir_instant(r.payload ->> 'deceasedDateTime'),
-         a.last_updated, a.document_id, a.content_sha256, coalesce(p_batch_id, a.batch_id), now(),
+         a.last_updated, a.document_id, r.content_sha256, coalesce(p_batch_id, a.batch_id), now(),
          etl.keyed_uuid(k.key, a.ss, a.pid)
   FROM t_fhir_apply a
   JOIN landing.raw_documents r ON r.document_id = a.document_id
@@ -354,11 +366,13 @@ BEGIN
     document_id = excluded.document_id, content_sha256 = excluded.content_sha256, batch_id = excluded.batch_id,
     loaded_at = excluded.loaded_at;
   -- A new birth date moves every visit's stored age.
+  IF NOT EXISTS (SELECT 1 FROM t_fhir_apply a WHERE a.rtype = 'Patient' AND a.current_doc IS NOT NULL) THEN
+    RETURN;
+  END IF;
   UPDATE clinical.visits v SET age_at_visit = date_part('year', age(v.visit_date, p.birth_date))::int
   FROM t_fhir_apply a JOIN clinical.patients p ON p.patient_key = a.patient_key
   WHERE a.rtype = 'Patient' AND a.current_doc IS NOT NULL AND v.patient_key = a.patient_key
     AND v.age_at_visit IS DISTINCT FROM date_part('year', age(v.visit_date, p.birth_date))::int;
-  UPDATE t_fhir_apply SET outcome = 'loaded' WHERE rtype = 'Patient';
 END
 $$;
 
@@ -378,7 +392,7 @@ BEGIN
          etl.to_visit_date(r.payload #>> '{period,start}') AS visit_date, a.rid,
          etl.to_timestamptz(r.payload #>> '{period,start}') AS visit_start,
          etl.to_timestamptz(r.payload #>> '{period,end}') AS visit_end,
-         etl.to_visit_date(r.payload #>> '{period,end}') AS discharge_date,
+         etl.to_visit_date(r.payload #>> '{period,end}') AS discharge_date, r.payload #>> '{period,end}' AS end_raw,
          r.payload #>> '{class,code}' AS class_code,
          r.payload -> 'serviceProvider' AS org_ref,
          (SELECT i FROM jsonb_path_query(r.payload, '$.participant[*].individual') i LIMIT 1) AS prac_ref,
@@ -387,9 +401,13 @@ BEGIN
   JOIN landing.raw_documents r ON r.document_id = a.document_id
   WHERE a.rtype = 'Encounter' AND a.outcome IS NULL;
 
-  DELETE FROM clinical.visits v USING t_fhir_visits t
-  WHERE t.current_visit_key IS NOT NULL AND v.patient_key = t.patient_key AND v.visit_key = t.current_visit_key
-    AND v.visit_date = t.current_visit_date;
+  ANALYZE t_fhir_visits;
+  -- New versions only (a first load has none: no statement then touches the clinical tables' other rows).
+  IF EXISTS (SELECT 1 FROM t_fhir_visits t WHERE t.current_visit_key IS NOT NULL) THEN
+    DELETE FROM clinical.visits v USING t_fhir_visits t
+    WHERE t.current_visit_key IS NOT NULL AND v.patient_key = t.patient_key AND v.visit_key = t.current_visit_key
+      AND v.visit_date = t.current_visit_date;
+  END IF;
   SELECT array_agg(DISTINCT extract(year FROM t.visit_date)::int) INTO v_years FROM t_fhir_visits t;
   IF p_shards = 1 THEN
     PERFORM etl.ensure_visit_partitions(v_years);
@@ -423,12 +441,14 @@ BEGIN
                      ORDER BY o.document_id DESC LIMIT 1) prac ON true;
 
   -- A visit whose date moved takes its children along (they carry visit_date for pruning).
-  UPDATE clinical.diagnoses c SET visit_date = t.visit_date FROM t_fhir_visits t
-  WHERE t.current_visit_key IS NOT NULL AND t.visit_date <> t.current_visit_date AND c.patient_key = t.patient_key AND c.visit_key = t.visit_key;
-  UPDATE clinical.treatments c SET visit_date = t.visit_date FROM t_fhir_visits t
-  WHERE t.current_visit_key IS NOT NULL AND t.visit_date <> t.current_visit_date AND c.patient_key = t.patient_key AND c.visit_key = t.visit_key;
-  UPDATE clinical.provider_notes c SET visit_date = t.visit_date FROM t_fhir_visits t
-  WHERE t.current_visit_key IS NOT NULL AND t.visit_date <> t.current_visit_date AND c.patient_key = t.patient_key AND c.visit_key = t.visit_key;
+  IF EXISTS (SELECT 1 FROM t_fhir_visits t WHERE t.current_visit_key IS NOT NULL AND t.visit_date <> t.current_visit_date) THEN
+    UPDATE clinical.diagnoses c SET visit_date = t.visit_date FROM t_fhir_visits t
+    WHERE t.current_visit_key IS NOT NULL AND t.visit_date <> t.current_visit_date AND c.patient_key = t.patient_key AND c.visit_key = t.visit_key;
+    UPDATE clinical.treatments c SET visit_date = t.visit_date FROM t_fhir_visits t
+    WHERE t.current_visit_key IS NOT NULL AND t.visit_date <> t.current_visit_date AND c.patient_key = t.patient_key AND c.visit_key = t.visit_key;
+    UPDATE clinical.provider_notes c SET visit_date = t.visit_date FROM t_fhir_visits t
+    WHERE t.current_visit_key IS NOT NULL AND t.visit_date <> t.current_visit_date AND c.patient_key = t.patient_key AND c.visit_key = t.visit_key;
+  END IF;
 
   UPDATE t_fhir_apply a SET outcome = 'loaded', visit_key = t.visit_key, visit_date = t.visit_date
   FROM t_fhir_visits t WHERE t.document_id = a.document_id;
@@ -452,6 +472,10 @@ BEGIN
   UPDATE t_fhir_apply a SET outcome = 'waiting'
   WHERE a.rtype IN ('Condition', 'MedicationRequest', 'Procedure', 'DocumentReference') AND a.visit_key IS NULL;
 
+  IF NOT EXISTS (SELECT 1 FROM t_fhir_apply a WHERE a.current_doc IS NOT NULL AND a.outcome IS NULL
+                 AND a.rtype IN ('Condition', 'MedicationRequest', 'Procedure', 'DocumentReference')) THEN
+    RETURN;  -- a first load: nothing to replace
+  END IF;
   DELETE FROM clinical.diagnoses c USING t_fhir_apply a
   WHERE a.rtype = 'Condition' AND a.current_doc IS NOT NULL AND a.outcome IS NULL
     AND c.patient_key = a.patient_key AND c.source_diagnosis_id = a.rid;
@@ -477,11 +501,10 @@ BEGIN
          p.pseudonym, a.rid, etl.fhir_instant(r.payload ->> 'onsetDateTime'),
          etl.jtext(r.payload #> '{clinicalStatus,coding,0,code}')
   FROM t_fhir_apply a
+  JOIN t_fhir c ON c.document_id = a.document_id
   JOIN landing.raw_documents r ON r.document_id = a.document_id
   JOIN clinical.patients p ON p.patient_key = a.patient_key
-  CROSS JOIN LATERAL (SELECT a.coding) c
   WHERE a.rtype = 'Condition' AND a.outcome IS NULL;
-  UPDATE t_fhir_apply SET outcome = 'loaded' WHERE rtype = 'Condition' AND outcome IS NULL;
 END
 $$;
 
@@ -511,10 +534,10 @@ BEGIN
   JOIN landing.raw_documents r ON r.document_id = a.document_id
   JOIN clinical.patients p ON p.patient_key = a.patient_key
   CROSS JOIN LATERAL (SELECT CASE a.rtype WHEN 'Procedure' THEN r.payload -> 'code' ELSE r.payload -> 'medicationCodeableConcept' END AS concept) cc
-  CROSS JOIN LATERAL (SELECT cc.concept, a.coding) c
+  JOIN t_fhir f ON f.document_id = a.document_id
+  CROSS JOIN LATERAL (SELECT cc.concept, f.coding) c
   CROSS JOIN LATERAL (SELECT r.payload #> '{dosageInstruction,0}' AS d) d
   WHERE a.rtype IN ('MedicationRequest', 'Procedure') AND a.outcome IS NULL;
-  UPDATE t_fhir_apply SET outcome = 'loaded' WHERE rtype IN ('MedicationRequest', 'Procedure') AND outcome IS NULL;
 END
 $$;
 
@@ -525,13 +548,13 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   INSERT INTO clinical.provider_notes (patient_key, visit_key, visit_date, position, source_note_id, author, written_at,
                                        note_text, note_text_redacted, pseudonym)
-  SELECT a.patient_key, a.visit_key, a.visit_date, 0, a.rid, a.note_author, a.note_date, a.note_text,
-         etl.redact_note(a.note_text, p.mrn, p.birth_date, concat_ws(' ', p.given_name, p.family_name)),
+  SELECT a.patient_key, a.visit_key, a.visit_date, 0, a.rid, f.note_author, f.note_date, f.note_text,
+         etl.redact_note(f.note_text, p.mrn, p.birth_date, concat_ws(' ', p.given_name, p.family_name)),
          p.pseudonym
   FROM t_fhir_apply a
+  JOIN t_fhir f ON f.document_id = a.document_id AND f.note_text IS NOT NULL
   JOIN clinical.patients p ON p.patient_key = a.patient_key
-  WHERE a.rtype = 'DocumentReference' AND a.outcome IS NULL AND a.note_text IS NOT NULL;
-  UPDATE t_fhir_apply SET outcome = 'loaded' WHERE rtype = 'DocumentReference' AND outcome IS NULL;
+  WHERE a.rtype = 'DocumentReference' AND a.outcome IS NULL;
 END
 $$;
 
@@ -540,33 +563,33 @@ $$;
 CREATE FUNCTION etl.step_fhir_outcomes(p_batch_id bigint) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-  UPDATE t_fhir_apply SET outcome = 'loaded' WHERE outcome IS NULL;
   INSERT INTO etl.fhir_resources AS x (source_system, resource_type, resource_id, document_id, last_updated, patient_key, visit_key, visit_date)
   SELECT a.ss, a.rtype, a.rid, a.document_id, a.last_updated, a.patient_key, a.visit_key, a.visit_date
-  FROM t_fhir_apply a WHERE a.outcome = 'loaded'
+  FROM t_fhir_apply a WHERE coalesce(a.outcome, 'loaded') = 'loaded'
   ON CONFLICT (source_system, resource_type, resource_id) DO UPDATE SET
     document_id = excluded.document_id, last_updated = excluded.last_updated, patient_key = excluded.patient_key,
     visit_key = excluded.visit_key, visit_date = excluded.visit_date;
   INSERT INTO etl.document_problems (document_id, batch_id, field, problem)
   SELECT a.document_id, coalesce(p_batch_id, a.batch_id), a.rtype || c.field, c.problem
   FROM t_fhir_apply a
-  LEFT JOIN landing.raw_documents r ON r.document_id = a.document_id AND a.rtype IN ('Patient', 'Encounter')
+  JOIN t_fhir f ON f.document_id = a.document_id
+  LEFT JOIN landing.raw_documents r ON r.document_id = a.document_id AND a.rtype = 'Patient'
+  LEFT JOIN t_fhir_visits v ON v.document_id = a.document_id
   CROSS JOIN LATERAL (VALUES
     ('.birthDate', CASE WHEN a.rtype = 'Patient' AND r.payload ? 'birthDate' AND etl.to_date(r.payload ->> 'birthDate') IS NULL
                         THEN 'not a full date (YYYY-MM-DD): birth_date is NULL' END),
     ('.gender', CASE WHEN a.rtype = 'Patient' AND r.payload ? 'gender' AND etl.sex_of(r.payload -> 'gender') IS NULL
                      THEN 'not one of ' || array_to_string(etl.sex_codes(), ', ') END),
-    ('.class.code', CASE WHEN a.rtype = 'Encounter' AND etl.visit_type_of_class(r.payload #>> '{class,code}') IS NULL
+    ('.class.code', CASE WHEN a.rtype = 'Encounter' AND etl.visit_type_of_class(v.class_code) IS NULL
                          THEN 'not a v3-ActEncounterCode healthetl maps: visit_type is NULL' END),
-    ('.period.end', CASE WHEN a.rtype = 'Encounter' AND r.payload #> '{period,end}' IS NOT NULL
-                              AND etl.to_timestamptz(r.payload #>> '{period,end}') IS NULL AND etl.to_visit_date(r.payload #>> '{period,end}') IS NULL
+    ('.period.end', CASE WHEN a.rtype = 'Encounter' AND v.end_raw IS NOT NULL AND v.visit_end IS NULL AND v.discharge_date IS NULL
                          THEN 'not a valid dateTime' END),
-    ('.content', CASE WHEN a.rtype = 'DocumentReference' AND a.note_text IS NULL
+    ('.content', CASE WHEN a.rtype = 'DocumentReference' AND f.note_text IS NULL
                       THEN 'no text/plain attachment: not in provider_notes' END)
   ) AS c(field, problem)
-  WHERE a.outcome = 'loaded' AND a.rtype IN ('Patient', 'Encounter', 'DocumentReference') AND c.problem IS NOT NULL
+  WHERE a.outcome IS DISTINCT FROM 'waiting' AND a.rtype IN ('Patient', 'Encounter', 'DocumentReference') AND c.problem IS NOT NULL
   ON CONFLICT DO NOTHING;
-  INSERT INTO t_outcome SELECT a.document_id, a.outcome FROM t_fhir_apply a;
+  INSERT INTO t_outcome SELECT a.document_id, coalesce(a.outcome, 'loaded') FROM t_fhir_apply a;
 END
 $$;
 
