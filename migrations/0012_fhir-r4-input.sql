@@ -188,20 +188,24 @@ BEGIN
            CASE WHEN r.resource_type = 'DocumentReference' THEN etl.fhir_note_text(x.content) END AS note_text,
            CASE WHEN r.resource_type = 'DocumentReference' THEN coalesce(x.author #>> '{0,display}', x.author ->> 'display') END AS note_author,
            CASE WHEN r.resource_type = 'DocumentReference' THEN etl.fhir_instant(x.date #>> '{}') END AS note_date
-    FROM (SELECT r.*, jsonb_typeof(r.payload) AS doc_type FROM landing.raw_documents r
-          WHERE r.batch_id = p_batch_id AND r.status = 'staged' AND r.format = 'fhir-r4'
-            AND (p_only IS NULL OR r.document_id = ANY (p_only))
-          UNION ALL
-          SELECT r.*, jsonb_typeof(r.payload) FROM landing.raw_documents r WHERE p_only IS NULL AND r.status = 'waiting'
-          UNION ALL
-          SELECT r.*, jsonb_typeof(r.payload) FROM landing.raw_documents r
-          WHERE p_batch_id IS NULL AND r.document_id = ANY (p_only) AND r.format = 'fhir-r4'
+    -- A shard keeps its own rows before the extraction (notes decoded, codings picked) is done.
+    FROM (SELECT r.* FROM (
+            SELECT r.*, jsonb_typeof(r.payload) AS doc_type FROM landing.raw_documents r
+            WHERE r.batch_id = p_batch_id AND r.status = 'staged' AND r.format = 'fhir-r4'
+              AND (p_only IS NULL OR r.document_id = ANY (p_only))
+            UNION ALL
+            SELECT r.*, jsonb_typeof(r.payload) FROM landing.raw_documents r WHERE p_only IS NULL AND r.status = 'waiting'
+            UNION ALL
+            SELECT r.*, jsonb_typeof(r.payload) FROM landing.raw_documents r
+            WHERE p_batch_id IS NULL AND r.document_id = ANY (p_only) AND r.format = 'fhir-r4'
+            OFFSET 0) r
+          WHERE p_shards = 1
+             OR etl.shard_of(to_jsonb(coalesce(r.source_system, 'fhir')), to_jsonb(etl.fhir_patient_id(r.resource_type, r.payload)), p_shards) = p_shard
           OFFSET 0) r
     CROSS JOIN LATERAL jsonb_to_record(CASE WHEN r.doc_type = 'object' THEN r.payload ELSE '{}'::jsonb END)
       AS x(id jsonb, subject jsonb, patient jsonb, encounter jsonb, context jsonb, meta jsonb, period jsonb, code jsonb,
            "medicationCodeableConcept" jsonb, content jsonb, author jsonb, date jsonb)
-  ) f
-  WHERE p_shards = 1 OR etl.shard_of(to_jsonb(f.ss), to_jsonb(f.pid), p_shards) = p_shard;
+  ) f;
   CREATE UNIQUE INDEX ON t_fhir (document_id);
   ANALYZE t_fhir;
 END
