@@ -8,7 +8,8 @@
 -- every later transform of its shard looks at it again. etl.fhir_resources is the version index:
 -- the current landing row of each (source system, type, id), with the patient and visit it became.
 -- Restated: etl.step_documents (patient documents only), etl.step_poison (any landing row),
--- etl.replay_patients (FHIR patients are kept),
+-- etl.replay_patients (FHIR patients are kept), etl.step_erased (FHIR resources too),
+-- etl.step_visit_partitions (through etl.need_visit_partitions, which the Encounters share),
 -- etl.transform_documents (the FHIR steps), etl.ensure_batch_partitions (Encounter years),
 -- etl.stage_known_file (copies the new columns), etl.erase_patient and etl.erase_patient_rows
 -- (FHIR resources name their patient by reference), etl.purge (keeps what FHIR still needs),
@@ -75,12 +76,23 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN p_type = 'Patient' THEN etl.jtext(p -> 'id')
             ELSE etl.fhir_ref_id(coalesce(p #>> '{subject,reference}', p #>> '{patient,reference}'), 'Patient') END;
 
--- The Encounter a clinical resource belongs to (DocumentReference.context.encounter is a list in R4).
-CREATE FUNCTION etl.fhir_encounter_id(p_type text, p jsonb) RETURNS text
+-- The Encounter a clinical resource belongs to, from its encounter and context elements
+-- (DocumentReference.context.encounter is a list in R4).
+CREATE FUNCTION etl.fhir_encounter_id(p_type text, p_encounter jsonb, p_context jsonb) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN etl.fhir_ref_id(CASE WHEN p_type = 'DocumentReference'
-                            THEN coalesce(p #>> '{context,encounter,0,reference}', p #>> '{context,encounter,reference}')
-                            ELSE p #>> '{encounter,reference}' END, 'Encounter');
+                            THEN coalesce(p_context #>> '{encounter,0,reference}', p_context #>> '{encounter,reference}')
+                            ELSE p_encounter ->> 'reference' END, 'Encounter');
+
+-- The shard of a FHIR resource: its patient's (patient documents: etl.shard_of on their fields).
+CREATE FUNCTION etl.fhir_shard_of(p_source_system text, p_patient_id text, p_shards int) RETURNS int
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN etl.shard_of(to_jsonb(coalesce(p_source_system, 'fhir')), to_jsonb(p_patient_id), p_shards);
+
+-- The string elements of a JSON array (or a lone string), joined by spaces; NULL when there are none.
+CREATE FUNCTION etl.fhir_strings(j jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN (SELECT string_agg(x #>> '{}', ' ') FROM jsonb_path_query(j, '$[*] ? (@.type() == "string")') x);
 
 -- A FHIR date or dateTime as a timestamp (a date alone: its midnight UTC); NULL when it is neither.
 CREATE FUNCTION etl.fhir_instant(t text) RETURNS timestamptz
@@ -115,10 +127,7 @@ RETURN CASE WHEN p_code = 'AMB' THEN 'outpatient'
 -- A name (HumanName) as one line: prefix, given names, family, suffix.
 CREATE FUNCTION etl.fhir_name_text(n jsonb) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN nullif(concat_ws(' ',
-  (SELECT string_agg(x, ' ') FROM jsonb_array_elements_text(CASE WHEN jsonb_typeof(n -> 'prefix') = 'array' THEN n -> 'prefix' ELSE '[]' END) x),
-  (SELECT string_agg(x, ' ') FROM jsonb_array_elements_text(CASE WHEN jsonb_typeof(n -> 'given') = 'array' THEN n -> 'given' ELSE '[]' END) x),
-  etl.jtext(n -> 'family')), '');
+RETURN nullif(concat_ws(' ', etl.fhir_strings(n -> 'prefix'), etl.fhir_strings(n -> 'given'), etl.jtext(n -> 'family')), '');
 
 -- The text of a DocumentReference's first text/plain attachment (from its content), decoded; NULL
 -- when there is none, '' marks data that is not base64 of UTF-8 text (a rule rejects it).
@@ -175,11 +184,7 @@ BEGIN
     SELECT r.document_id, r.batch_id, r.content_sha256, r.received_at, r.status AS was, r.resource_type AS rtype,
            coalesce(r.source_system, 'fhir') AS ss, r.doc_type,
            CASE WHEN jsonb_typeof(x.id) = 'string' THEN x.id #>> '{}' END AS rid,
-           CASE WHEN r.resource_type = 'Patient' THEN etl.jtext(x.id)
-                ELSE etl.fhir_ref_id(coalesce(x.subject ->> 'reference', x.patient ->> 'reference'), 'Patient') END AS pid,
-           etl.fhir_ref_id(CASE WHEN r.resource_type = 'DocumentReference'
-                                THEN coalesce(x.context #>> '{encounter,0,reference}', x.context #>> '{encounter,reference}')
-                                ELSE x.encounter ->> 'reference' END, 'Encounter') AS eid,
+           r.pid, etl.fhir_encounter_id(r.resource_type, x.encounter, x.context) AS eid,
            etl.fhir_instant(x.meta ->> 'lastUpdated') AS last_updated,
            x.subject ->> 'reference' AS subject_ref,
            CASE WHEN r.resource_type = 'Encounter' THEN x.period ->> 'start' END AS start_raw,
@@ -190,6 +195,7 @@ BEGIN
            CASE WHEN r.resource_type = 'DocumentReference' THEN etl.fhir_instant(x.date #>> '{}') END AS note_date
     -- A shard keeps its own rows before the extraction (notes decoded, codings picked) is done.
     FROM (SELECT r.* FROM (
+           SELECT r.*, etl.fhir_patient_id(r.resource_type, r.payload) AS pid FROM (
             SELECT r.*, jsonb_typeof(r.payload) AS doc_type FROM landing.raw_documents r
             WHERE r.batch_id = p_batch_id AND r.status = 'staged' AND r.format = 'fhir-r4'
               AND (p_only IS NULL OR r.document_id = ANY (p_only))
@@ -199,8 +205,8 @@ BEGIN
             SELECT r.*, jsonb_typeof(r.payload) FROM landing.raw_documents r
             WHERE p_batch_id IS NULL AND r.document_id = ANY (p_only) AND r.format = 'fhir-r4'
             OFFSET 0) r
-          WHERE p_shards = 1
-             OR etl.shard_of(to_jsonb(coalesce(r.source_system, 'fhir')), to_jsonb(etl.fhir_patient_id(r.resource_type, r.payload)), p_shards) = p_shard
+           OFFSET 0) r
+          WHERE p_shards = 1 OR etl.fhir_shard_of(r.source_system, r.pid, p_shards) = p_shard
           OFFSET 0) r
     CROSS JOIN LATERAL jsonb_to_record(CASE WHEN r.doc_type = 'object' THEN r.payload ELSE '{}'::jsonb END)
       AS x(id jsonb, subject jsonb, patient jsonb, encounter jsonb, context jsonb, meta jsonb, period jsonb, code jsonb,
@@ -211,8 +217,7 @@ BEGIN
 END
 $$;
 
--- FHIR outcomes decided before the rules: identical bytes seen before or earlier in this batch
--- (duplicate), and resources of an erased patient (erased).
+-- FHIR resources whose identical bytes were seen before or earlier in this batch: duplicates.
 CREATE FUNCTION etl.step_fhir_duplicates() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -229,14 +234,24 @@ BEGIN
         FROM t_fhir t) f
   WHERE f.was = 'staged' AND f.copy_no > 1
     AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id);
+END
+$$;
+
+-- Reads t_docs, t_fhir, t_outcome, etl.erasures; writes t_outcome 'erased' for the documents and
+-- FHIR resources of erased patients (not lifted), before any rule looks at them.
+CREATE OR REPLACE FUNCTION etl.step_erased() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
   IF EXISTS (SELECT 1 FROM etl.erasures e WHERE e.lifted_at IS NULL) THEN
     INSERT INTO t_outcome
-    SELECT f.document_id, 'erased'
-    FROM t_fhir f
-    CROSS JOIN (SELECT s.key FROM etl.secret_keys s WHERE s.purpose = 'erasure') k
-    WHERE f.pid IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id)
-      AND etl.keyed_hash(k.key, f.ss, f.pid) IN (SELECT e.subject_hash FROM etl.erasures e WHERE e.lifted_at IS NULL);
+    SELECT s.document_id, 'erased'
+    FROM (SELECT d.document_id, etl.source_system_of(d.source_system) AS ss, etl.patient_id_of(d.patient_id) AS pid
+          FROM t_docs d WHERE d.doc_type = 'object'
+          UNION ALL
+          SELECT f.document_id, f.ss, f.pid FROM t_fhir f WHERE f.pid IS NOT NULL) s
+    CROSS JOIN (SELECT k.key FROM etl.secret_keys k WHERE k.purpose = 'erasure') k
+    WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = s.document_id)
+      AND etl.keyed_hash(k.key, s.ss, s.pid) IN (SELECT e.subject_hash FROM etl.erasures e WHERE e.lifted_at IS NULL);
   END IF;
 END
 $$;
@@ -294,6 +309,32 @@ BEGIN
 END
 $$;
 
+-- The visits partitions for these years: created in a whole-batch transform; in a shard they must
+-- exist already (etl.ensure_batch_partitions made them in its own transaction), else HE005.
+CREATE FUNCTION etl.need_visit_partitions(p_years int[], p_batch_id bigint, p_shard int, p_shards int) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF p_shards = 1 THEN
+    PERFORM etl.ensure_visit_partitions(p_years);
+  ELSIF EXISTS (SELECT 1 FROM unnest(p_years) y
+                WHERE y IS NOT NULL AND to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL) THEN
+    RAISE EXCEPTION 'batch %, shard % of %: a visits partition it needs does not exist', p_batch_id, p_shard, p_shards
+      USING ERRCODE = 'HE005',
+            HINT = 'Run "healthetl transform" again (it creates them first); from SQL, call etl.ensure_batch_partitions(batch_id, shard, shards) in its own transaction before the shard.';
+  END IF;
+END
+$$;
+
+-- The partitions the patient documents' visits need (etl.need_visit_partitions).
+CREATE OR REPLACE FUNCTION etl.step_visit_partitions(p_batch_id bigint, p_shard int, p_shards int) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM etl.need_visit_partitions(
+    ARRAY(SELECT DISTINCT extract(year FROM tv.visit_date)::int FROM t_visits tv JOIN t_apply a ON a.document_id = tv.document_id),
+    p_batch_id, p_shard, p_shards);
+END
+$$;
+
 -- Versions: per resource, the newest (meta.lastUpdated, else arrival) applies; older ones, and
 -- anything older than what is current, are superseded. t_fhir_apply holds what goes on, narrow
 -- (its rows are updated step by step; the extracted fields stay in t_fhir); outcome NULL: loaded.
@@ -341,10 +382,8 @@ BEGIN
   SELECT a.patient_key, a.ss, a.pid,
          jsonb_path_query_first(r.payload, '$.identifier[*] ? (@.type.coding[*].code == "MR").value') #>> '{}',
          jsonb_path_query_first(r.payload, '$.identifier[*] ? (@.type.coding[*].code == "SS" || @.system == "http://hl7.org/fhir/sid/us-ssn").value') #>> '{}',
-         (SELECT string_agg(x, ' ') FROM jsonb_path_query(n.n, '$.prefix[*] ? (@.type() == "string")') j(x0), LATERAL (SELECT j.x0 #>> '{}' AS x) y),
-         (SELECT string_agg(x, ' ') FROM jsonb_path_query(n.n, '$.given[*] ? (@.type() == "string")') j(x0), LATERAL (SELECT j.x0 #>> '{}' AS x) y),
-         etl.jtext(n.n -> 'family'),
-         (SELECT string_agg(x, ' ') FROM jsonb_path_query(n.n, '$.suffix[*] ? (@.type() == "string")') j(x0), LATERAL (SELECT j.x0 #>> '{}' AS x) y),
+         etl.fhir_strings(n.n -> 'prefix'), etl.fhir_strings(n.n -> 'given'), etl.jtext(n.n -> 'family'),
+         etl.fhir_strings(n.n -> 'suffix'),
          etl.to_date(r.payload ->> 'birthDate'), etl.sex_of(r.payload -> 'gender'),
          jsonb_path_query_first(r.payload, '$.telecom[*] ? (@.system == "phone").value') #>> '{}',
          jsonb_path_query_first(r.payload, '$.telecom[*] ? (@.system == "email").value') #>> '{}',
@@ -386,8 +425,6 @@ $$;
 -- Organization in landing (staged or loaded, in any shard: they have no patient), else NULL.
 CREATE FUNCTION etl.step_fhir_encounters(p_batch_id bigint, p_shard int, p_shards int) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-  v_years int[];
 BEGIN
   UPDATE t_fhir_apply a SET outcome = 'waiting'
   WHERE a.rtype = 'Encounter' AND NOT EXISTS (SELECT 1 FROM clinical.patients p WHERE p.patient_key = a.patient_key);
@@ -412,15 +449,8 @@ BEGIN
     WHERE t.current_visit_key IS NOT NULL AND v.patient_key = t.patient_key AND v.visit_key = t.current_visit_key
       AND v.visit_date = t.current_visit_date;
   END IF;
-  SELECT array_agg(DISTINCT extract(year FROM t.visit_date)::int) INTO v_years FROM t_fhir_visits t;
-  IF p_shards = 1 THEN
-    PERFORM etl.ensure_visit_partitions(v_years);
-  ELSIF EXISTS (SELECT 1 FROM unnest(v_years) y
-                WHERE y IS NOT NULL AND to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL) THEN
-    RAISE EXCEPTION 'batch %, shard % of %: a visits partition it needs does not exist', p_batch_id, p_shard, p_shards
-      USING ERRCODE = 'HE005',
-            HINT = 'Run "healthetl transform" again (it creates them first); from SQL, call etl.ensure_batch_partitions(batch_id, shard, shards) in its own transaction before the shard.';
-  END IF;
+  PERFORM etl.need_visit_partitions(ARRAY(SELECT DISTINCT extract(year FROM t.visit_date)::int FROM t_fhir_visits t),
+                                    p_batch_id, p_shard, p_shards);
 
   INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, visit_start, visit_end, discharge_date,
                                visit_type, facility_id, facility_name, provider_npi, provider_name, position, pseudonym,
@@ -757,7 +787,7 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = of
     FROM landing.raw_documents r
     WHERE ((r.batch_id = p_batch_id AND r.status = 'staged') OR r.status = 'waiting')
       AND r.format = 'fhir-r4' AND r.resource_type = 'Encounter'
-      AND etl.shard_of(to_jsonb(coalesce(r.source_system, 'fhir')), to_jsonb(etl.fhir_patient_id(r.resource_type, r.payload)), p_shards) = p_shard
+      AND etl.fhir_shard_of(r.source_system, etl.fhir_patient_id(r.resource_type, r.payload), p_shards) = p_shard
       AND etl.visit_year_ok(etl.to_visit_date(r.payload #>> '{period,start}'), r.received_at)))
 $$;
 
@@ -1489,12 +1519,54 @@ BEGIN
 END
 $function$;
 
+-- The previous etl.step_visit_partitions (0005) and etl.step_erased (0010), whole.
+CREATE OR REPLACE FUNCTION etl.step_visit_partitions(p_batch_id bigint, p_shard integer, p_shards integer)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_years int[];
+BEGIN
+  SELECT array_agg(DISTINCT extract(year FROM tv.visit_date)::int) INTO v_years
+  FROM t_visits tv JOIN t_apply a ON a.document_id = tv.document_id;
+  IF p_shards = 1 THEN
+    PERFORM etl.ensure_visit_partitions(v_years);
+  ELSIF EXISTS (SELECT 1 FROM unnest(v_years) y
+                WHERE y IS NOT NULL AND to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL) THEN
+    RAISE EXCEPTION 'batch %, shard % of %: a visits partition it needs does not exist', p_batch_id, p_shard, p_shards
+      USING ERRCODE = 'HE005',
+            HINT = 'Run "healthetl transform" again (it creates them first); from SQL, call etl.ensure_batch_partitions(batch_id, shard, shards) in its own transaction before the shard.';
+  END IF;
+END
+$function$;
+
+CREATE OR REPLACE FUNCTION etl.step_erased()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  IF EXISTS (SELECT 1 FROM etl.erasures e WHERE e.lifted_at IS NULL) THEN
+    INSERT INTO t_outcome
+    SELECT d.document_id, 'erased'
+    FROM t_docs d
+    CROSS JOIN (SELECT s.key FROM etl.secret_keys s WHERE s.purpose = 'erasure') k
+    WHERE d.doc_type = 'object'
+      AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id)
+      AND etl.keyed_hash(k.key, etl.source_system_of(d.source_system), etl.patient_id_of(d.patient_id))
+          IN (SELECT e.subject_hash FROM etl.erasures e WHERE e.lifted_at IS NULL);
+  END IF;
+END
+$function$;
+
+DROP FUNCTION etl.need_visit_partitions(int[], bigint, int, int);
 DROP FUNCTION etl.step_source_kinds();
 DROP FUNCTION etl.step_fhir_outcomes(bigint), etl.step_fhir_notes(), etl.step_fhir_treatments(), etl.step_fhir_conditions(),
   etl.step_fhir_links(), etl.step_fhir_encounters(bigint, int, int), etl.step_fhir_patients(bigint), etl.step_fhir_versions(),
   etl.step_fhir_rules(), etl.step_fhir_duplicates(), etl.step_fhir_documents(bigint, int, int, bigint[]);
 DROP FUNCTION etl.fhir_note_text(jsonb), etl.fhir_name_text(jsonb), etl.visit_type_of_class(text), etl.fhir_coding(jsonb),
-  etl.code_system_of(text), etl.fhir_instant(text), etl.fhir_encounter_id(text, jsonb), etl.fhir_patient_id(text, jsonb),
+  etl.code_system_of(text), etl.fhir_instant(text), etl.fhir_encounter_id(text, jsonb, jsonb), etl.fhir_shard_of(text, text, int), etl.fhir_strings(jsonb), etl.fhir_patient_id(text, jsonb),
   etl.fhir_conditional_value(text), etl.fhir_ref_id(text, text);
 ALTER TABLE clinical.diagnoses DROP COLUMN source_diagnosis_id, DROP COLUMN onset_at, DROP COLUMN clinical_status;
 ALTER TABLE clinical.visits DROP COLUMN visit_end;

@@ -10,7 +10,7 @@ import { createGunzip } from 'node:zlib';
 import type pg from 'pg';
 import { z } from 'zod';
 import { copyRows, encodeRow, type FhirColumns, type StagedDoc } from './copy-binary.ts';
-import { fhirPieces, type FhirMode } from './fhir-split.ts';
+import { fhirPieces, type FhirMode, type FhirPiece } from './fhir-split.ts';
 import { connectPg, NoResult, queryOn, sql, type Timeouts, DEFAULT_TIMEOUTS } from './db.ts';
 import { fileErrorText, isConnectionError, isDataError, isServerError, serverRefusedReason } from './errors.ts';
 import { maybeGunzip, type Input } from './inputs.ts';
@@ -114,6 +114,9 @@ export const DEFAULT_FHIR_SOURCE_SYSTEM = 'fhir';
 
 const ZERO_SHA = '0'.repeat(64);
 
+/** What one read event stages: a patient document, a FHIR resource, or a reject. */
+type Piece = FhirPiece | { kind: 'document'; bytes: Buffer; item: number | null };
+
 /** One file's documents into its transaction: COPY in chunks, each under a savepoint; rejects through etl.stage_rejects. */
 class FileStager {
   private docs: StagedDoc[] = [];
@@ -141,12 +144,23 @@ class FileStager {
   private readonly sourceSystem: Buffer;
   private readonly resourceTypes = new Map<string, FhirColumns>();
 
-  /** A document that is FHIR: one landing row per resource (a Bundle's entries), each with its position. */
-  private async addFhir(ev: Extract<ReadEvent, { kind: 'document' }>): Promise<boolean> {
-    const pieces = fhirPieces(ev.bytes, this.fhirMode, ev.item);
-    if (pieces === null) return false;
-    this.documents += pieces.length - 1;
+  /** The FHIR columns of a resource of this type (one buffer per type, not per row). */
+  private columnsOf(resourceType: string): FhirColumns {
+    let columns = this.resourceTypes.get(resourceType);
+    if (!columns) {
+      columns = { resourceType: Buffer.from(resourceType, 'utf8'), sourceSystem: this.sourceSystem };
+      this.resourceTypes.set(resourceType, columns);
+    }
+    return columns;
+  }
+
+  /** One document, or a FHIR document's resources (a Bundle's entries): a landing row or a reject each. */
+  async add(ev: ReadEvent): Promise<void> {
+    if (ev.kind === 'file-error') throw new Error('file errors are handled by the caller');
+    const fhir = ev.kind === 'document' ? fhirPieces(ev.bytes, this.fhirMode, ev.item) : null;
+    const pieces: Piece[] = fhir ?? [ev.kind === 'reject' ? ev : { kind: 'document', bytes: ev.bytes, item: ev.item }];
     for (const piece of pieces) {
+      this.documents++;
       const sha = piece.bytes ? createHash('sha256').update(piece.bytes).digest() : null;
       if (piece.kind === 'reject') {
         this.rejects.push({
@@ -155,41 +169,15 @@ class FileStager {
           byteOffset: ev.byteOffset,
           sha256: sha ? sha.toString('hex') : ZERO_SHA,
           reason: piece.reason,
-          fhir: true,
+          fhir: fhir !== null,
         });
         continue;
       }
-      let fhir = this.resourceTypes.get(piece.resourceType);
-      if (!fhir) {
-        fhir = { resourceType: Buffer.from(piece.resourceType, 'utf8'), sourceSystem: this.sourceSystem };
-        this.resourceTypes.set(piece.resourceType, fhir);
-      }
-      this.docs.push({ line: ev.line, item: piece.item, byteOffset: ev.byteOffset, bytes: piece.bytes, sha256: sha!, fhir });
+      const columns = piece.kind === 'resource' ? this.columnsOf(piece.resourceType) : undefined;
+      this.docs.push({ line: ev.line, item: piece.item, byteOffset: ev.byteOffset, bytes: piece.bytes, sha256: sha!, fhir: columns });
       this.bytes += piece.bytes.length;
     }
     if (this.rejects.length >= 1000) await this.flushRejects();
-    if (this.bytes >= this.chunkBytes) await this.flushDocs();
-    return true;
-  }
-
-  async add(ev: ReadEvent): Promise<void> {
-    if (ev.kind === 'file-error') throw new Error('file errors are handled by the caller');
-    this.documents++;
-    if (ev.kind === 'document' && (await this.addFhir(ev))) return;
-    const sha = ev.bytes ? createHash('sha256').update(ev.bytes).digest() : null;
-    if (ev.kind === 'reject') {
-      this.rejects.push({
-        line: ev.line,
-        item: ev.item,
-        byteOffset: ev.byteOffset,
-        sha256: sha ? sha.toString('hex') : ZERO_SHA,
-        reason: ev.reason,
-      });
-      if (this.rejects.length >= 1000) await this.flushRejects();
-      return;
-    }
-    this.docs.push({ line: ev.line, item: ev.item, byteOffset: ev.byteOffset, bytes: ev.bytes, sha256: sha! });
-    this.bytes += ev.bytes.length;
     if (this.bytes >= this.chunkBytes) await this.flushDocs();
   }
 

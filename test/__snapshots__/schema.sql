@@ -1479,7 +1479,7 @@ AS $function$
     FROM landing.raw_documents r
     WHERE ((r.batch_id = p_batch_id AND r.status = 'staged') OR r.status = 'waiting')
       AND r.format = 'fhir-r4' AND r.resource_type = 'Encounter'
-      AND etl.shard_of(to_jsonb(coalesce(r.source_system, 'fhir')), to_jsonb(etl.fhir_patient_id(r.resource_type, r.payload)), p_shards) = p_shard
+      AND etl.fhir_shard_of(r.source_system, etl.fhir_patient_id(r.resource_type, r.payload), p_shards) = p_shard
       AND etl.visit_year_ok(etl.to_visit_date(r.payload #>> '{period,start}'), r.received_at)))
 $function$;
 -- grants on function etl.ensure_batch_partitions(p_batch_id bigint, p_shard integer, p_shards integer) (besides its owner): healthetl_loader EXECUTE
@@ -1616,12 +1616,12 @@ CREATE OR REPLACE FUNCTION etl.fhir_conditional_value(p_ref text)
 RETURN "substring"(p_ref, '^[A-Za-z]+\?identifier=[^|]*\|(.+)$'::text);
 -- grants on function etl.fhir_conditional_value(p_ref text) (besides its owner): none
 
-CREATE OR REPLACE FUNCTION etl.fhir_encounter_id(p_type text, p jsonb)
+CREATE OR REPLACE FUNCTION etl.fhir_encounter_id(p_type text, p_encounter jsonb, p_context jsonb)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-RETURN etl.fhir_ref_id(CASE WHEN (p_type = 'DocumentReference'::text) THEN COALESCE((p #>> '{context,encounter,0,reference}'::text[]), (p #>> '{context,encounter,reference}'::text[])) ELSE (p #>> '{encounter,reference}'::text[]) END, 'Encounter'::text);
--- grants on function etl.fhir_encounter_id(p_type text, p jsonb) (besides its owner): none
+RETURN etl.fhir_ref_id(CASE WHEN (p_type = 'DocumentReference'::text) THEN COALESCE((p_context #>> '{encounter,0,reference}'::text[]), (p_context #>> '{encounter,reference}'::text[])) ELSE (p_encounter ->> 'reference'::text) END, 'Encounter'::text);
+-- grants on function etl.fhir_encounter_id(p_type text, p_encounter jsonb, p_context jsonb) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.fhir_instant(t text)
  RETURNS timestamp with time zone
@@ -1634,7 +1634,7 @@ CREATE OR REPLACE FUNCTION etl.fhir_name_text(n jsonb)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-RETURN NULLIF(concat_ws(' '::text, (SELECT string_agg(x.value, ' '::text) AS string_agg FROM jsonb_array_elements_text(CASE WHEN (jsonb_typeof((fhir_name_text.n -> 'prefix'::text)) = 'array'::text) THEN (fhir_name_text.n -> 'prefix'::text) ELSE '[]'::jsonb END) x(value)), (SELECT string_agg(x.value, ' '::text) AS string_agg FROM jsonb_array_elements_text(CASE WHEN (jsonb_typeof((fhir_name_text.n -> 'given'::text)) = 'array'::text) THEN (fhir_name_text.n -> 'given'::text) ELSE '[]'::jsonb END) x(value)), etl.jtext((n -> 'family'::text))), ''::text);
+RETURN NULLIF(concat_ws(' '::text, etl.fhir_strings((n -> 'prefix'::text)), etl.fhir_strings((n -> 'given'::text)), etl.jtext((n -> 'family'::text))), ''::text);
 -- grants on function etl.fhir_name_text(n jsonb) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.fhir_note_text(p_content jsonb)
@@ -1669,6 +1669,20 @@ CREATE OR REPLACE FUNCTION etl.fhir_ref_id(p_ref text, p_type text)
  IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN (p_ref ~~ 'urn:uuid:%'::text) THEN substr(p_ref, 10) ELSE "substring"(p_ref, (('(?:^|/)'::text || p_type) || '/([A-Za-z0-9.-]+)(?:/_history/[^/]*)?$'::text)) END;
 -- grants on function etl.fhir_ref_id(p_ref text, p_type text) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.fhir_shard_of(p_source_system text, p_patient_id text, p_shards integer)
+ RETURNS integer
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN etl.shard_of(to_jsonb(COALESCE(p_source_system, 'fhir'::text)), to_jsonb(p_patient_id), p_shards);
+-- grants on function etl.fhir_shard_of(p_source_system text, p_patient_id text, p_shards integer) (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.fhir_strings(j jsonb)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN (SELECT string_agg((x.x #>> '{}'::text[]), ' '::text) AS string_agg FROM jsonb_path_query(fhir_strings.j, '$[*]?(@.type() == "string")'::jsonpath) x(x));
+-- grants on function etl.fhir_strings(j jsonb) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.find_poison(p_batch_id bigint, p_shard integer, p_shards integer, p_sqlstate text)
  RETURNS integer
@@ -1917,6 +1931,24 @@ CREATE OR REPLACE FUNCTION etl.max_key_bytes()
  IMMUTABLE PARALLEL SAFE
 RETURN 1000;
 -- grants on function etl.max_key_bytes() (besides its owner): none
+
+CREATE OR REPLACE FUNCTION etl.need_visit_partitions(p_years integer[], p_batch_id bigint, p_shard integer, p_shards integer)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  IF p_shards = 1 THEN
+    PERFORM etl.ensure_visit_partitions(p_years);
+  ELSIF EXISTS (SELECT 1 FROM unnest(p_years) y
+                WHERE y IS NOT NULL AND to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL) THEN
+    RAISE EXCEPTION 'batch %, shard % of %: a visits partition it needs does not exist', p_batch_id, p_shard, p_shards
+      USING ERRCODE = 'HE005',
+            HINT = 'Run "healthetl transform" again (it creates them first); from SQL, call etl.ensure_batch_partitions(batch_id, shard, shards) in its own transaction before the shard.';
+  END IF;
+END
+$function$;
+-- grants on function etl.need_visit_partitions(p_years integer[], p_batch_id bigint, p_shard integer, p_shards integer) (besides its owner): none
 
 CREATE OR REPLACE FUNCTION etl.patient_id_from_text(p_patient_id text)
  RETURNS text
@@ -2555,13 +2587,14 @@ AS $function$
 BEGIN
   IF EXISTS (SELECT 1 FROM etl.erasures e WHERE e.lifted_at IS NULL) THEN
     INSERT INTO t_outcome
-    SELECT d.document_id, 'erased'
-    FROM t_docs d
-    CROSS JOIN (SELECT s.key FROM etl.secret_keys s WHERE s.purpose = 'erasure') k
-    WHERE d.doc_type = 'object'
-      AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = d.document_id)
-      AND etl.keyed_hash(k.key, etl.source_system_of(d.source_system), etl.patient_id_of(d.patient_id))
-          IN (SELECT e.subject_hash FROM etl.erasures e WHERE e.lifted_at IS NULL);
+    SELECT s.document_id, 'erased'
+    FROM (SELECT d.document_id, etl.source_system_of(d.source_system) AS ss, etl.patient_id_of(d.patient_id) AS pid
+          FROM t_docs d WHERE d.doc_type = 'object'
+          UNION ALL
+          SELECT f.document_id, f.ss, f.pid FROM t_fhir f WHERE f.pid IS NOT NULL) s
+    CROSS JOIN (SELECT k.key FROM etl.secret_keys k WHERE k.purpose = 'erasure') k
+    WHERE NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = s.document_id)
+      AND etl.keyed_hash(k.key, s.ss, s.pid) IN (SELECT e.subject_hash FROM etl.erasures e WHERE e.lifted_at IS NULL);
   END IF;
 END
 $function$;
@@ -2600,11 +2633,7 @@ BEGIN
     SELECT r.document_id, r.batch_id, r.content_sha256, r.received_at, r.status AS was, r.resource_type AS rtype,
            coalesce(r.source_system, 'fhir') AS ss, r.doc_type,
            CASE WHEN jsonb_typeof(x.id) = 'string' THEN x.id #>> '{}' END AS rid,
-           CASE WHEN r.resource_type = 'Patient' THEN etl.jtext(x.id)
-                ELSE etl.fhir_ref_id(coalesce(x.subject ->> 'reference', x.patient ->> 'reference'), 'Patient') END AS pid,
-           etl.fhir_ref_id(CASE WHEN r.resource_type = 'DocumentReference'
-                                THEN coalesce(x.context #>> '{encounter,0,reference}', x.context #>> '{encounter,reference}')
-                                ELSE x.encounter ->> 'reference' END, 'Encounter') AS eid,
+           r.pid, etl.fhir_encounter_id(r.resource_type, x.encounter, x.context) AS eid,
            etl.fhir_instant(x.meta ->> 'lastUpdated') AS last_updated,
            x.subject ->> 'reference' AS subject_ref,
            CASE WHEN r.resource_type = 'Encounter' THEN x.period ->> 'start' END AS start_raw,
@@ -2615,6 +2644,7 @@ BEGIN
            CASE WHEN r.resource_type = 'DocumentReference' THEN etl.fhir_instant(x.date #>> '{}') END AS note_date
     -- A shard keeps its own rows before the extraction (notes decoded, codings picked) is done.
     FROM (SELECT r.* FROM (
+           SELECT r.*, etl.fhir_patient_id(r.resource_type, r.payload) AS pid FROM (
             SELECT r.*, jsonb_typeof(r.payload) AS doc_type FROM landing.raw_documents r
             WHERE r.batch_id = p_batch_id AND r.status = 'staged' AND r.format = 'fhir-r4'
               AND (p_only IS NULL OR r.document_id = ANY (p_only))
@@ -2624,8 +2654,8 @@ BEGIN
             SELECT r.*, jsonb_typeof(r.payload) FROM landing.raw_documents r
             WHERE p_batch_id IS NULL AND r.document_id = ANY (p_only) AND r.format = 'fhir-r4'
             OFFSET 0) r
-          WHERE p_shards = 1
-             OR etl.shard_of(to_jsonb(coalesce(r.source_system, 'fhir')), to_jsonb(etl.fhir_patient_id(r.resource_type, r.payload)), p_shards) = p_shard
+           OFFSET 0) r
+          WHERE p_shards = 1 OR etl.fhir_shard_of(r.source_system, r.pid, p_shards) = p_shard
           OFFSET 0) r
     CROSS JOIN LATERAL jsonb_to_record(CASE WHEN r.doc_type = 'object' THEN r.payload ELSE '{}'::jsonb END)
       AS x(id jsonb, subject jsonb, patient jsonb, encounter jsonb, context jsonb, meta jsonb, period jsonb, code jsonb,
@@ -2656,15 +2686,6 @@ BEGIN
         FROM t_fhir t) f
   WHERE f.was = 'staged' AND f.copy_no > 1
     AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id);
-  IF EXISTS (SELECT 1 FROM etl.erasures e WHERE e.lifted_at IS NULL) THEN
-    INSERT INTO t_outcome
-    SELECT f.document_id, 'erased'
-    FROM t_fhir f
-    CROSS JOIN (SELECT s.key FROM etl.secret_keys s WHERE s.purpose = 'erasure') k
-    WHERE f.pid IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM t_outcome o WHERE o.document_id = f.document_id)
-      AND etl.keyed_hash(k.key, f.ss, f.pid) IN (SELECT e.subject_hash FROM etl.erasures e WHERE e.lifted_at IS NULL);
-  END IF;
 END
 $function$;
 -- grants on function etl.step_fhir_duplicates() (besides its owner): none
@@ -2674,8 +2695,6 @@ CREATE OR REPLACE FUNCTION etl.step_fhir_encounters(p_batch_id bigint, p_shard i
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-DECLARE
-  v_years int[];
 BEGIN
   UPDATE t_fhir_apply a SET outcome = 'waiting'
   WHERE a.rtype = 'Encounter' AND NOT EXISTS (SELECT 1 FROM clinical.patients p WHERE p.patient_key = a.patient_key);
@@ -2700,15 +2719,8 @@ BEGIN
     WHERE t.current_visit_key IS NOT NULL AND v.patient_key = t.patient_key AND v.visit_key = t.current_visit_key
       AND v.visit_date = t.current_visit_date;
   END IF;
-  SELECT array_agg(DISTINCT extract(year FROM t.visit_date)::int) INTO v_years FROM t_fhir_visits t;
-  IF p_shards = 1 THEN
-    PERFORM etl.ensure_visit_partitions(v_years);
-  ELSIF EXISTS (SELECT 1 FROM unnest(v_years) y
-                WHERE y IS NOT NULL AND to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL) THEN
-    RAISE EXCEPTION 'batch %, shard % of %: a visits partition it needs does not exist', p_batch_id, p_shard, p_shards
-      USING ERRCODE = 'HE005',
-            HINT = 'Run "healthetl transform" again (it creates them first); from SQL, call etl.ensure_batch_partitions(batch_id, shard, shards) in its own transaction before the shard.';
-  END IF;
+  PERFORM etl.need_visit_partitions(ARRAY(SELECT DISTINCT extract(year FROM t.visit_date)::int FROM t_fhir_visits t),
+                                    p_batch_id, p_shard, p_shards);
 
   INSERT INTO clinical.visits (patient_key, visit_key, visit_date, source_visit_id, visit_start, visit_end, discharge_date,
                                visit_type, facility_id, facility_name, provider_npi, provider_name, position, pseudonym,
@@ -2861,10 +2873,8 @@ BEGIN
   SELECT a.patient_key, a.ss, a.pid,
          jsonb_path_query_first(r.payload, '$.identifier[*] ? (@.type.coding[*].code == "MR").value') #>> '{}',
          jsonb_path_query_first(r.payload, '$.identifier[*] ? (@.type.coding[*].code == "SS" || @.system == "http://hl7.org/fhir/sid/us-ssn").value') #>> '{}',
-         (SELECT string_agg(x, ' ') FROM jsonb_path_query(n.n, '$.prefix[*] ? (@.type() == "string")') j(x0), LATERAL (SELECT j.x0 #>> '{}' AS x) y),
-         (SELECT string_agg(x, ' ') FROM jsonb_path_query(n.n, '$.given[*] ? (@.type() == "string")') j(x0), LATERAL (SELECT j.x0 #>> '{}' AS x) y),
-         etl.jtext(n.n -> 'family'),
-         (SELECT string_agg(x, ' ') FROM jsonb_path_query(n.n, '$.suffix[*] ? (@.type() == "string")') j(x0), LATERAL (SELECT j.x0 #>> '{}' AS x) y),
+         etl.fhir_strings(n.n -> 'prefix'), etl.fhir_strings(n.n -> 'given'), etl.jtext(n.n -> 'family'),
+         etl.fhir_strings(n.n -> 'suffix'),
          etl.to_date(r.payload ->> 'birthDate'), etl.sex_of(r.payload -> 'gender'),
          jsonb_path_query_first(r.payload, '$.telecom[*] ? (@.system == "phone").value') #>> '{}',
          jsonb_path_query_first(r.payload, '$.telecom[*] ? (@.system == "email").value') #>> '{}',
@@ -3429,19 +3439,10 @@ CREATE OR REPLACE FUNCTION etl.step_visit_partitions(p_batch_id bigint, p_shard 
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-DECLARE
-  v_years int[];
 BEGIN
-  SELECT array_agg(DISTINCT extract(year FROM tv.visit_date)::int) INTO v_years
-  FROM t_visits tv JOIN t_apply a ON a.document_id = tv.document_id;
-  IF p_shards = 1 THEN
-    PERFORM etl.ensure_visit_partitions(v_years);
-  ELSIF EXISTS (SELECT 1 FROM unnest(v_years) y
-                WHERE y IS NOT NULL AND to_regclass(format('clinical.%I', etl.visit_partition_name(y))) IS NULL) THEN
-    RAISE EXCEPTION 'batch %, shard % of %: a visits partition it needs does not exist', p_batch_id, p_shard, p_shards
-      USING ERRCODE = 'HE005',
-            HINT = 'Run "healthetl transform" again (it creates them first); from SQL, call etl.ensure_batch_partitions(batch_id, shard, shards) in its own transaction before the shard.';
-  END IF;
+  PERFORM etl.need_visit_partitions(
+    ARRAY(SELECT DISTINCT extract(year FROM tv.visit_date)::int FROM t_visits tv JOIN t_apply a ON a.document_id = tv.document_id),
+    p_batch_id, p_shard, p_shards);
 END
 $function$;
 -- grants on function etl.step_visit_partitions(p_batch_id bigint, p_shard integer, p_shards integer) (besides its owner): none
